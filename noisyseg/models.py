@@ -1,0 +1,113 @@
+"""U-Net factory over MONAI networks, 2D and 3D.
+
+The networks output one **logit** channel for "lesion" (shape ``(N, 1, *spatial)``); the losses in
+:mod:`noisyseg.losses` apply the sigmoid themselves. Spatial sizes of the input must be divisible
+by ``prod(strides)`` (``2 ** (depth - 1)`` with the default strides of 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from torch import nn
+
+NormName = Literal["instance", "batch", "group", "none"]
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    """Everything needed to rebuild a network (stored in checkpoints and MLflow params).
+
+    Attributes:
+        spatial_dims: 2 or 3.
+        in_channels: image channels (e.g. 4 MRI sequences, 3 for RGB).
+        out_channels: 1 (binary lesion logit).
+        channels: feature maps per level, e.g. ``(16, 32, 64, 128)``; depth = its length.
+        strides: downsampling per level transition; ``len(channels) - 1`` entries.
+        num_res_units: residual units per block (MONAI ``UNet``).
+        norm: ``instance`` (3D default, nnU-Net's choice), ``batch``, ``group`` or ``none``.
+        dropout: dropout probability.
+    """
+
+    spatial_dims: int = 3
+    in_channels: int = 1
+    out_channels: int = 1
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = field(default=())
+    num_res_units: int = 2
+    norm: NormName = "instance"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if len(self.channels) < 2:
+            raise ValueError(f"a U-Net needs at least 2 levels, got channels={self.channels}")
+        if not self.strides:
+            object.__setattr__(self, "strides", (2,) * (len(self.channels) - 1))
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError(
+                f"strides needs len(channels) - 1 = {len(self.channels) - 1} entries, "
+                f"got {self.strides}"
+            )
+        if self.norm not in ("instance", "batch", "group", "none"):
+            raise ValueError(f"unknown norm {self.norm!r}")
+
+    @property
+    def divisor(self) -> int:
+        """Input spatial sizes must be multiples of this."""
+        result = 1
+        for stride in self.strides:
+            result *= stride
+        return result
+
+    def to_dict(self) -> dict:
+        """Plain-data form (lists, not tuples), for YAML/JSON/checkpoints."""
+        data = asdict(self)
+        data["channels"] = list(self.channels)
+        data["strides"] = list(self.strides)
+        return data
+
+
+def _monai_norm(norm: NormName):
+    if norm == "instance":
+        return ("instance", {"affine": True})
+    if norm == "batch":
+        return "batch"
+    if norm == "group":
+        return ("group", {"num_groups": 8})
+    return None
+
+
+def build_unet(spec: UNetSpec | None = None, **overrides) -> nn.Module:
+    """Build a MONAI ``UNet`` from a :class:`UNetSpec` (or keyword overrides of the default).
+
+    Default: 3D, 1 input channel, 1 output logit, channels ``(16, 32, 64, 128)``, strides 2,
+    two residual units, instance norm — the network DESIGN.md and the benchmarks time.
+
+    Example::
+
+        net = build_unet(spatial_dims=2, in_channels=3, channels=(16, 32, 64, 128, 256))
+    """
+    from monai.networks.nets import UNet
+
+    if spec is None:
+        spec = UNetSpec(**overrides)
+    elif overrides:
+        spec = UNetSpec(**{**spec.to_dict(), **overrides})
+    return UNet(
+        spatial_dims=spec.spatial_dims,
+        in_channels=spec.in_channels,
+        out_channels=spec.out_channels,
+        channels=tuple(spec.channels),
+        strides=tuple(spec.strides),
+        num_res_units=spec.num_res_units,
+        norm=_monai_norm(spec.norm),
+        dropout=spec.dropout,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
