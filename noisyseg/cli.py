@@ -14,10 +14,11 @@ import sys
 
 from noisyseg.errors import NoisysegInputError
 
-# (module, human label). Order is the order shown in --help.
+# Modules that register verbs, in the order shown in --help.
 _COMMAND_MODULES: list[str] = [
     "noisyseg.storage.commands",  # synth, ingest, corrupt, info
-    "noisyseg.distributed.commands",  # train, evaluate, predict
+    "noisyseg.distributed.commands",  # train
+    "noisyseg.distributed.inference_commands",  # evaluate, predict
     "noisyseg.tuning.commands",  # tune
     "noisyseg.benchmarking.commands",  # benchmark, demo
 ]
