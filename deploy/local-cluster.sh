@@ -1,0 +1,350 @@
+#!/usr/bin/env bash
+# A two-node Ray cluster plus an MLflow tracking server on this machine, all on 127.0.0.1.
+#
+#   deploy/local-cluster.sh up     [--dir DIR] [--head-cpus N] [--worker-cpus N]
+#   deploy/local-cluster.sh status [--dir DIR]
+#   deploy/local-cluster.sh down   [--dir DIR]
+#
+# `up` starts, each in its own process group (setsid):
+#   * MLflow:       mlflow server on SQLite (DIR/mlflow.db), artifacts served from DIR/artifacts
+#   * Ray head:     ray start --head --block, custom resource {"node1": 1}, dashboard + job server
+#   * Ray worker:   ray start --block --address <head>, custom resource {"node2": 1}
+# Every port is picked free at start-up (nothing collides with other Ray clusters on the
+# machine). Each Ray node gets its own short, unique --temp-dir under /tmp/nsr-<id>/ (Unix
+# socket paths must stay under ~107 characters, so DIR itself is not used). `down` stops exactly
+# those process groups, then anything whose command line still names the unique temp dir.
+# It never runs `ray stop` and never kills by process name.
+#
+# It writes DIR/cluster.env to `source`:
+#   RAY_ADDRESS=http://127.0.0.1:<dashboard>   (for `ray job submit` / JobSubmissionClient)
+#   RAY_GCS_ADDRESS=127.0.0.1:<gcs>            (for ray.init(address=...))
+#   MLFLOW_TRACKING_URI=http://127.0.0.1:<port>
+#   RAY_AUTH_MODE=disabled|token  (+ RAY_AUTH_TOKEN_PATH in token mode)
+#
+# Environment knobs:
+#   RAY_AUTH_MODE        "disabled" (default here: loopback only) or "token". In token mode a
+#                        fresh random token is written to DIR/auth_token (mode 600) unless
+#                        RAY_AUTH_TOKEN_PATH already names one; ~/.ray/auth_token is never touched.
+#   NOISYSEG_PYTHON      python whose bin/ holds ray, mlflow, noisyseg (default: the repo's .venv,
+#                        else python3 on PATH)
+#   OBJECT_STORE_BYTES   object store per node (default 200000000)
+#   STARTUP_TIMEOUT      seconds to wait for each service (default 90)
+set -euo pipefail
+
+usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+
+die() { echo "local-cluster: $*" >&2; exit 1; }
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$SCRIPT_DIR")
+
+CMD=${1:-}
+[[ -n "$CMD" ]] || { usage; exit 2; }
+shift
+DIR=${NOISYSEG_CLUSTER_DIR:-$REPO_DIR/.local-cluster}
+HEAD_CPUS=1
+WORKER_CPUS=1
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dir) DIR=$2; shift 2 ;;
+    --head-cpus) HEAD_CPUS=$2; shift 2 ;;
+    --worker-cpus) WORKER_CPUS=$2; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; die "unknown option: $1" ;;
+  esac
+done
+mkdir -p "$DIR"
+DIR=$(cd "$DIR" && pwd)
+STATE="$DIR/state"
+ENV_FILE="$DIR/cluster.env"
+
+if [[ -n "${NOISYSEG_PYTHON:-}" ]]; then
+  PYTHON=$NOISYSEG_PYTHON
+elif [[ -x "$REPO_DIR/.venv/bin/python" ]]; then
+  PYTHON=$REPO_DIR/.venv/bin/python
+else
+  PYTHON=$(command -v python3) || die "no python3 found; set NOISYSEG_PYTHON"
+fi
+BIN_DIR=$(dirname "$PYTHON")
+RAY="$BIN_DIR/ray"
+MLFLOW="$BIN_DIR/mlflow"
+STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-90}
+OBJECT_STORE_BYTES=${OBJECT_STORE_BYTES:-200000000}
+
+# ----------------------------------------------------------------------------------- helpers
+# Free TCP ports in 20000-32767 (below Linux's ephemeral range, so the kernel will not hand
+# them to outgoing connections meanwhile); the last two blocks are worker-port ranges.
+pick_ports() {  # pick_ports N_SINGLE N_RANGES RANGE_LEN
+  "$PYTHON" - "$@" <<'EOF'
+import random, socket, sys
+n_single, n_ranges, range_len = map(int, sys.argv[1:])
+taken = set()
+def free(port):
+    if port in taken:
+        return False
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+out = []
+while len(out) < n_single:
+    p = random.randint(20000, 32767)
+    if free(p):
+        taken.add(p); out.append(str(p))
+for _ in range(n_ranges):
+    for _attempt in range(200):
+        base = random.randint(20000, 32767 - range_len)
+        block = range(base, base + range_len)
+        if all(free(p) for p in block):
+            taken.update(block); out.append(f"{base}:{base + range_len - 1}")
+            break
+    else:
+        sys.exit("no free port range")
+print(" ".join(out))
+EOF
+}
+
+# http_get URL [TOKEN] -> body on stdout, rc 0 on HTTP 200
+http_get() {
+  "$PYTHON" - "$@" <<'EOF'
+import sys, urllib.request
+req = urllib.request.Request(sys.argv[1])
+if len(sys.argv) > 2 and sys.argv[2]:
+    req.add_header("Authorization", f"Bearer {sys.argv[2]}")
+try:
+    with urllib.request.urlopen(req, timeout=5) as r:
+        sys.stdout.write(r.read().decode())
+except Exception:
+    sys.exit(1)
+EOF
+}
+
+alive_nodes() {  # number of ALIVE nodes the state API reports
+  http_get "http://127.0.0.1:$DASH_PORT/api/v0/nodes?limit=100" "$(auth_token)" | "$PYTHON" -c '
+import json, sys
+data = json.load(sys.stdin)
+rows = data.get("data", {}).get("result", {}).get("result", [])
+print(sum(1 for r in rows if r.get("state") == "ALIVE"))' 2>/dev/null || echo 0
+}
+
+auth_token() {
+  if [[ "${RAY_AUTH_MODE:-disabled}" == token && -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
+    cat "$RAY_AUTH_TOKEN_PATH"
+  fi
+}
+
+pgid_of() { ps -o pgid= -p "$1" 2>/dev/null | tr -d ' '; }
+
+# pids whose command line names TEMP_ROOT, plus every member of the recorded process groups
+our_pids() {
+  "$PYTHON" - "${TEMP_ROOT:-}" "${HEAD_PGID:-}" "${WORKER_PGID:-}" "${MLFLOW_PGID:-}" <<'EOF'
+import os, sys
+temp_root = sys.argv[1].encode()
+pgids = {int(g) for g in sys.argv[2:] if g}
+me = {os.getpid(), os.getppid()}
+for entry in os.listdir("/proc"):
+    if not entry.isdigit() or int(entry) in me:
+        continue
+    pid = int(entry)
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        continue
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] == b"Z":  # zombie: already dead, waiting for its parent
+        continue
+    if int(fields[2]) in pgids or (temp_root and temp_root in cmdline):
+        print(pid)
+EOF
+}
+
+wait_for() {  # wait_for DESCRIPTION PID LOG COMMAND...
+  local what=$1 pid=$2 log=$3; shift 3
+  local deadline=$((SECONDS + STARTUP_TIMEOUT))
+  until "$@"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -n 30 "$log" >&2 || true
+      stop_all
+      die "$what exited during start-up (log: $log)"
+    fi
+    if (( SECONDS > deadline )); then
+      tail -n 30 "$log" >&2 || true
+      stop_all
+      die "$what not ready after ${STARTUP_TIMEOUT}s (log: $log)"
+    fi
+    sleep 0.5
+  done
+}
+
+load_state() {
+  [[ -f "$STATE" ]] || return 1
+  # shellcheck disable=SC1090
+  source "$STATE"
+}
+
+stop_all() {
+  local pgid pids deadline
+  for pgid in ${WORKER_PGID:-} ${HEAD_PGID:-} ${MLFLOW_PGID:-}; do
+    kill -TERM -- "-$pgid" 2>/dev/null || true
+  done
+  deadline=$((SECONDS + 20))
+  while pids=$(our_pids) && [[ -n "$pids" ]] && (( SECONDS < deadline )); do
+    sleep 0.5
+  done
+  pids=$(our_pids)
+  if [[ -n "$pids" ]]; then
+    for pgid in ${WORKER_PGID:-} ${HEAD_PGID:-} ${MLFLOW_PGID:-}; do
+      kill -KILL -- "-$pgid" 2>/dev/null || true
+    done
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+    sleep 0.5
+  fi
+  if [[ -n "${TEMP_ROOT:-}" && "$TEMP_ROOT" == /tmp/nsr-* ]]; then
+    rm -rf -- "$TEMP_ROOT"
+  fi
+  rm -f -- "$STATE" "$ENV_FILE"
+  pids=$(our_pids)
+  [[ -z "$pids" ]] || die "processes still running after down: $pids"
+}
+
+# ----------------------------------------------------------------------------------- verbs
+cmd_up() {
+  if load_state; then
+    if [[ -n "$(our_pids)" ]]; then
+      die "already up in $DIR (run: $0 down --dir $DIR)"
+    fi
+    stop_all
+  fi
+  [[ -x "$RAY" ]] || die "ray not found at $RAY (set NOISYSEG_PYTHON)"
+  [[ -x "$MLFLOW" ]] || die "mlflow not found at $MLFLOW (set NOISYSEG_PYTHON)"
+  export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+  case "$RAY_AUTH_MODE" in
+    disabled) unset RAY_AUTH_TOKEN_PATH RAY_AUTH_TOKEN ;;
+    token)
+      if [[ -z "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
+        export RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
+        (umask 077; "$PYTHON" -c 'import secrets; print(secrets.token_hex(32))' \
+          > "$RAY_AUTH_TOKEN_PATH")
+      fi
+      unset RAY_AUTH_TOKEN ;;
+    *) die "RAY_AUTH_MODE must be 'disabled' or 'token', got '$RAY_AUTH_MODE'" ;;
+  esac
+  export RAY_USAGE_STATS_ENABLED=0
+
+  local ports
+  ports=$(pick_ports 16 2 40) || die "could not find free ports"
+  read -r GCS_PORT DASH_PORT CLIENT_PORT MLFLOW_PORT \
+    H_NM H_OM H_AGENT H_AGENT_GRPC H_RTENV H_METRICS \
+    W_NM W_OM W_AGENT W_AGENT_GRPC W_RTENV W_METRICS H_WORKERS W_WORKERS <<< "$ports"
+  TEMP_ROOT="/tmp/nsr-$("$PYTHON" -c 'import secrets; print(secrets.token_hex(4))')"
+  mkdir -p "$TEMP_ROOT/h" "$TEMP_ROOT/w" "$DIR/logs" "$DIR/artifacts"
+
+  # Written before anything starts so that `down` can always clean up a half start.
+  write_state() {
+    cat > "$STATE" <<EOF
+TEMP_ROOT=$TEMP_ROOT
+GCS_PORT=$GCS_PORT
+DASH_PORT=$DASH_PORT
+MLFLOW_PORT=$MLFLOW_PORT
+RAY_AUTH_MODE=$RAY_AUTH_MODE
+RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-}
+MLFLOW_PGID=${MLFLOW_PGID:-}
+HEAD_PGID=${HEAD_PGID:-}
+WORKER_PGID=${WORKER_PGID:-}
+EOF
+  }
+  write_state
+
+  # MLflow first, so the Ray nodes (and every job they run) inherit MLFLOW_TRACKING_URI.
+  export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$MLFLOW" server \
+    --backend-store-uri "sqlite:///$DIR/mlflow.db" \
+    --artifacts-destination "$DIR/artifacts" \
+    --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    > "$DIR/logs/mlflow.log" 2>&1 < /dev/null &
+  local mlflow_pid=$!
+  MLFLOW_PGID=$(pgid_of "$mlflow_pid"); write_state
+
+  # Jobs run `noisyseg ...` from the same environment as ray itself.
+  export PATH="$BIN_DIR:$PATH"
+  local common=(--block --node-ip-address 127.0.0.1 --disable-usage-stats
+                --object-store-memory "$OBJECT_STORE_BYTES" --num-gpus 0)
+  IFS=: read -r hw_min hw_max <<< "$H_WORKERS"
+  setsid "$RAY" start --head "${common[@]}" --port "$GCS_PORT" \
+    --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" \
+    --ray-client-server-port "$CLIENT_PORT" \
+    --node-manager-port "$H_NM" --object-manager-port "$H_OM" \
+    --dashboard-agent-listen-port "$H_AGENT" --dashboard-agent-grpc-port "$H_AGENT_GRPC" \
+    --runtime-env-agent-port "$H_RTENV" --metrics-export-port "$H_METRICS" \
+    --min-worker-port "$hw_min" --max-worker-port "$hw_max" \
+    --temp-dir "$TEMP_ROOT/h" --num-cpus "$HEAD_CPUS" --resources '{"node1": 1}' \
+    > "$DIR/logs/ray-head.log" 2>&1 < /dev/null &
+  local head_pid=$!
+  HEAD_PGID=$(pgid_of "$head_pid"); write_state
+
+  wait_for "mlflow server" "$mlflow_pid" "$DIR/logs/mlflow.log" \
+    eval 'http_get "$MLFLOW_TRACKING_URI/health" > /dev/null'
+  wait_for "ray head" "$head_pid" "$DIR/logs/ray-head.log" \
+    eval '[[ "$(alive_nodes)" -ge 1 ]]'
+
+  IFS=: read -r ww_min ww_max <<< "$W_WORKERS"
+  setsid "$RAY" start "${common[@]}" --address "127.0.0.1:$GCS_PORT" \
+    --node-manager-port "$W_NM" --object-manager-port "$W_OM" \
+    --dashboard-agent-listen-port "$W_AGENT" --dashboard-agent-grpc-port "$W_AGENT_GRPC" \
+    --runtime-env-agent-port "$W_RTENV" --metrics-export-port "$W_METRICS" \
+    --min-worker-port "$ww_min" --max-worker-port "$ww_max" \
+    --temp-dir "$TEMP_ROOT/w" --num-cpus "$WORKER_CPUS" --resources '{"node2": 1}' \
+    > "$DIR/logs/ray-worker.log" 2>&1 < /dev/null &
+  local worker_pid=$!
+  WORKER_PGID=$(pgid_of "$worker_pid"); write_state
+  wait_for "ray worker node" "$worker_pid" "$DIR/logs/ray-worker.log" \
+    eval '[[ "$(alive_nodes)" -ge 2 ]]'
+
+  {
+    echo "export RAY_ADDRESS=http://127.0.0.1:$DASH_PORT"
+    echo "export RAY_GCS_ADDRESS=127.0.0.1:$GCS_PORT"
+    echo "export MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI"
+    echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE"
+    if [[ "$RAY_AUTH_MODE" == token ]]; then
+      echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
+    fi
+  } > "$ENV_FILE"
+  echo "local cluster up: 2 Ray nodes (head $HEAD_CPUS CPU, worker $WORKER_CPUS CPU), MLflow"
+  echo "  source $ENV_FILE"
+  cat "$ENV_FILE" | sed 's/^/  /'
+}
+
+cmd_status() {
+  load_state || { echo "down (no state in $DIR)"; return 3; }
+  export RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH
+  local nodes mlflow=down
+  nodes=$(alive_nodes)
+  http_get "http://127.0.0.1:$MLFLOW_PORT/health" > /dev/null && mlflow=up
+  echo "ray nodes alive: $nodes  dashboard: http://127.0.0.1:$DASH_PORT"
+  echo "mlflow: $mlflow  http://127.0.0.1:$MLFLOW_PORT"
+  echo "processes: $(our_pids | wc -l)  temp dir: $TEMP_ROOT"
+  [[ "$nodes" -ge 2 && "$mlflow" == up ]]
+}
+
+cmd_down() {
+  if ! load_state; then
+    echo "local cluster: nothing recorded in $DIR"
+    return 0
+  fi
+  stop_all
+  echo "local cluster down ($DIR)"
+}
+
+case "$CMD" in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  -h|--help|help) usage ;;
+  *) usage >&2; exit 2 ;;
+esac

@@ -1,0 +1,420 @@
+"""Storage verbs of the ``noisyseg`` CLI: ``synth``, ``ingest``, ``corrupt``, ``info``.
+
+Heavy modules (phantom generators, Dask jobs) are imported inside the verbs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from noisyseg.errors import NoisysegInputError
+from noisyseg.storage import validate as V
+
+SYNTH_KINDS = ("brain-mets", "skin")
+#: Per-case seed: case i of a run with seed S uses ``S * SEED_STRIDE + i`` (distinct across
+#: runs of different S for fewer than SEED_STRIDE cases).
+SEED_STRIDE = 100003
+SYNTH_META = "index/synth.json"
+
+
+# --------------------------------------------------------------------------------------------
+# synth
+# --------------------------------------------------------------------------------------------
+
+
+def assign_splits(
+    n_cases: int, seed: int, *, test_fraction: float, val_fraction: float, clean_fraction: float
+) -> tuple[list[str], list[bool]]:
+    """Deterministic split and clean flag per case index.
+
+    ``round(test_fraction·N)`` test and ``round(val_fraction·N)`` val cases drawn at random
+    (at least one train case kept); ``max(1, round(clean_fraction·N_train))`` of the train cases
+    flagged clean when ``clean_fraction > 0``.
+    """
+    for name, value in (("test fraction", test_fraction), ("val fraction", val_fraction), ("clean fraction", clean_fraction)):
+        V.check_rate(value, name=name)
+    if n_cases < 1:
+        raise NoisysegInputError(f"--cases must be at least 1, got {n_cases}")
+    rng = np.random.default_rng([int(seed), 7919])
+    order = rng.permutation(n_cases)
+    n_test = int(round(test_fraction * n_cases))
+    n_val = int(round(val_fraction * n_cases))
+    if n_test + n_val >= n_cases:
+        raise NoisysegInputError(
+            f"test fraction {test_fraction} + val fraction {val_fraction} leave no training case "
+            f"out of {n_cases}"
+        )
+    splits = ["train"] * n_cases
+    for i in order[:n_test]:
+        splits[i] = "test"
+    for i in order[n_test : n_test + n_val]:
+        splits[i] = "val"
+    train = [i for i in range(n_cases) if splits[i] == "train"]
+    clean = [False] * n_cases
+    if clean_fraction > 0:
+        n_clean = max(1, int(round(clean_fraction * len(train))))
+        for i in rng.choice(train, size=n_clean, replace=False):
+            clean[int(i)] = True
+    return splits, clean
+
+
+def synth_store(
+    store_url: str,
+    *,
+    kind: str,
+    cases: int,
+    seed: int,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
+    clean_fraction: float = 0.05,
+    overwrite: bool = False,
+    generator: Callable[[int], Any] | None = None,
+    generator_opts: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Write ``cases`` phantom cases into a store; returns the case ids written (not skipped).
+
+    Case ``i`` is ``<kind>-<i:05d>`` made by ``generator(seed * 100003 + i)`` (default: the
+    phantom generator of ``kind``), which returns an object with ``image`` (C, *S) float32,
+    ``label`` (*S) uint8, ``spacing`` (mm), ``channel_names``, ``affine``. Re-running with the
+    same parameters resumes (cases already in the store are skipped); other parameters on an
+    existing store need ``overwrite``.
+    """
+    from noisyseg.storage.store import TRUTH, VolumeStore
+
+    if kind not in SYNTH_KINDS:
+        raise NoisysegInputError(f"--kind must be one of {', '.join(SYNTH_KINDS)}, got {kind!r}")
+    splits, clean = assign_splits(
+        cases, seed, test_fraction=test_fraction, val_fraction=val_fraction, clean_fraction=clean_fraction
+    )
+    opts = dict(generator_opts or {})
+    if generator is None:
+        from noisyseg.storage import phantoms
+
+        fn = phantoms.brain_mets_case if kind == "brain-mets" else phantoms.skin_case
+
+        def generator(case_seed: int) -> Any:
+            return fn(case_seed, **opts)
+
+    params = {
+        "kind": kind,
+        "cases": int(cases),
+        "seed": int(seed),
+        "test_fraction": float(test_fraction),
+        "val_fraction": float(val_fraction),
+        "clean_fraction": float(clean_fraction),
+        "generator_opts": opts,
+    }
+    store = None
+    if not overwrite:
+        try:
+            store = VolumeStore.open(store_url, "r+")
+        except NoisysegInputError:
+            store = None
+    if store is not None:
+        try:
+            old = store._read_json(SYNTH_META)
+        except FileNotFoundError:
+            old = None
+        if old != params:
+            raise NoisysegInputError(
+                "store exists with other contents or synth parameters (pass --overwrite to replace it)",
+                path=str(store_url),
+            )
+        store.cleanup_staging()
+    done = set(store.case_ids()) if store is not None else set()
+    written = []
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn(f"[bold]synth[/bold] {kind}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not progress,
+    )
+    with bar:
+        task = bar.add_task(kind, total=cases)
+        for i in range(cases):
+            cid = f"{kind}-{i:05d}"
+            if cid in done:
+                bar.advance(task)
+                continue
+            case = generator(seed * SEED_STRIDE + i)
+            image = np.asarray(case.image, dtype=np.float32)
+            if store is None:
+                store = VolumeStore.create(
+                    store_url,
+                    spatial_dims=image.ndim - 1,
+                    channel_names=list(case.channel_names),
+                    overwrite=overwrite,
+                    attrs={"synth": params},
+                )
+                store._write_json(SYNTH_META, params)
+            store.write_case(
+                cid,
+                image,
+                {TRUTH: np.asarray(case.label)},
+                spacing=tuple(case.spacing),
+                affine=getattr(case, "affine", None),
+                split=splits[i],
+                clean=clean[i],
+                source=f"synth:{kind}:seed={seed * SEED_STRIDE + i}",
+            )
+            written.append(cid)
+            bar.advance(task)
+    assert store is not None
+    store.compact()
+    return written
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    written = synth_store(
+        args.store,
+        kind=args.kind,
+        cases=args.cases,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction,
+        clean_fraction=args.clean_fraction,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"synth: wrote {len(written)} case(s) ({args.cases} requested) -> {args.store}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# ingest
+# --------------------------------------------------------------------------------------------
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from noisyseg.storage.ingest import ingest_folder
+
+    def on_error(failure: Any) -> None:
+        print(f"noisyseg ingest: error: {failure.line()}", file=sys.stderr, flush=True)
+
+    report = ingest_folder(
+        args.src, args.store, progress=not args.no_progress, overwrite=args.overwrite, on_error=on_error
+    )
+    for note in report.notes:
+        print(f"note: {note}")
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+# --------------------------------------------------------------------------------------------
+# corrupt
+# --------------------------------------------------------------------------------------------
+
+
+def default_label_set_name(mode: str, rate: float, seed: int) -> str:
+    """``censor-random-0.50-s0`` for censoring modes, ``<mode>-<rate>-s<seed>`` otherwise."""
+    prefix = "censor-" if mode in ("random", "size") else ""
+    return f"{prefix}{mode}-{rate:.2f}-s{seed}"
+
+
+def _parse_params(items: Sequence[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise NoisysegInputError(f"--param must be KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _cmd_corrupt(args: argparse.Namespace) -> int:
+    from noisyseg.storage.store import TRUTH, VolumeStore
+
+    rate = V.check_rate(args.rate)
+    store = VolumeStore.open(args.store, "r")
+    source = V.check_label_set_name(args.source)
+    if source not in store.label_sets():
+        raise NoisysegInputError(f"label set {source!r} missing (have: {', '.join(store.label_sets())})", path=args.store)
+    name = V.check_label_set_name(args.name or default_label_set_name(args.mode, rate, args.seed))
+    if name == TRUTH:
+        raise NoisysegInputError("the 'truth' label set is never overwritten", path=args.store)
+    if name in store.label_sets():
+        raise NoisysegInputError(f"label set {name!r} already exists (choose another --name)", path=args.store)
+    from noisyseg.storage.corrupt import corrupt_store
+
+    result = corrupt_store(
+        args.store,
+        source=source,
+        name=name,
+        mode=args.mode,
+        rate=rate,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        **_parse_params(args.param),
+    )
+    print(f"corrupt: wrote label set {name!r} from {source!r} ({args.mode}, rate {rate}, seed {args.seed})")
+    if result is not None and not isinstance(result, (str, bytes)):
+        try:
+            print(json.dumps(result, default=str, indent=None))
+        except TypeError:
+            print(result)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------
+
+
+def store_summary(store: Any) -> dict[str, Any]:
+    """Summary of a store: cases per split, label sets with params and lesion statistics.
+
+    Lesion statistics per label set: number of cases, lesions by status, and quantiles
+    (0, 0.25, 0.5, 0.75, 1) of lesion ``voxels`` and ``volume_mm3`` over lesions not removed.
+    """
+    index = store.index()
+    lesions = store.lesion_table()
+    sets = []
+    for name in store.label_sets():
+        try:
+            params = store.label_set_info(name).get("params", {})
+        except NoisysegInputError:
+            params = {}
+        t = lesions[lesions["label_set"] == name]
+        kept = t[t["status"] != "removed"]
+        stats: dict[str, Any] = {
+            "name": name,
+            "params": params,
+            "cases": int(t["case_id"].nunique()),
+            "lesions": int(len(kept)),
+            "by_status": {s: int((t["status"] == s).sum()) for s in ("present", "removed", "changed")},
+        }
+        for col in ("voxels", "volume_mm3"):
+            vals = kept[col].to_numpy(dtype=np.float64)
+            stats[f"{col}_quantiles"] = (
+                [float(q) for q in np.quantile(vals, [0, 0.25, 0.5, 0.75, 1])] if vals.size else []
+            )
+        sets.append(stats)
+    return {
+        "url": store.url,
+        "spatial_dims": store.spatial_dims,
+        "channel_names": store.channel_names,
+        "cases": int(len(index)),
+        "splits": {s: int((index["split"] == s).sum()) for s in V.SPLITS},
+        "clean": int(index["clean"].sum()) if len(index) else 0,
+        "label_sets": sets,
+    }
+
+
+def _fmt_q(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return " / ".join(f"{v:.4g}" for v in values)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from noisyseg.storage.store import VolumeStore
+
+    store = VolumeStore.open(args.store, "r")
+    summary = store_summary(store)
+    if args.json:
+        print(json.dumps(summary, default=str))
+        return 0
+    import pandas as pd
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    index = store.index()
+    console.print(
+        f"[bold]{store.url}[/bold]: {summary['cases']} cases ({store.spatial_dims}D, channels "
+        f"{', '.join(store.channel_names)}); splits "
+        + ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+        + f"; clean {summary['clean']}"
+    )
+    table = Table(title="cases", show_lines=False)
+    count_cols = [c for c in index.columns if c.startswith("n_lesions_")]
+    for col in ["case_id", "split", "clean", "shape", "spacing", *count_cols]:
+        table.add_column(col.replace("n_lesions_", "lesions:"), overflow="fold")
+    shown = index if args.limit <= 0 else index.head(args.limit)
+    for _, row in shown.iterrows():
+        table.add_row(
+            str(row["case_id"]),
+            str(row["split"]),
+            "yes" if row["clean"] else "",
+            "×".join(str(s) for s in row["shape"]),
+            ", ".join(f"{s:g}" for s in row["spacing"]),
+            *["-" if pd.isna(row[c]) else str(int(row[c])) for c in count_cols],
+        )
+    console.print(table)
+    if len(index) > len(shown):
+        console.print(f"... {len(index) - len(shown)} more case(s) (use --limit 0 to show all)")
+    sets = Table(title="label sets and lesion statistics")
+    for col in ("label set", "params", "cases", "lesions", "removed", "changed", "voxels q0/25/50/75/100", "volume mm³ q0/25/50/75/100"):
+        sets.add_column(col, overflow="fold")
+    for s in summary["label_sets"]:
+        sets.add_row(
+            s["name"],
+            ", ".join(f"{k}={v}" for k, v in s["params"].items()),
+            str(s["cases"]),
+            str(s["lesions"]),
+            str(s["by_status"]["removed"]),
+            str(s["by_status"]["changed"]),
+            _fmt_q(s["voxels_quantiles"]),
+            _fmt_q(s["volume_mm3_quantiles"]),
+        )
+    console.print(sets)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``synth``, ``ingest``, ``corrupt`` and ``info`` verbs."""
+    p = subparsers.add_parser("synth", help="write a store of phantom cases (no scans needed)")
+    p.add_argument("store", help="store path or URL (file://, s3://, gs://)")
+    p.add_argument("--kind", required=True, choices=SYNTH_KINDS)
+    p.add_argument("--cases", type=int, required=True, help="number of cases")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--clean-fraction", type=float, default=0.05, help="share of train cases flagged clean (at least 1 when > 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_synth)
+
+    p = subparsers.add_parser("ingest", help="turn a folder of scans (nnU-Net/MSD NIfTI or 2D images+masks) into a store")
+    p.add_argument("src", help="source folder")
+    p.add_argument("store", help="store path or URL; an existing store is resumed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = subparsers.add_parser("corrupt", help="derive a noisy label set with Dask (truth is never touched)")
+    p.add_argument("store")
+    p.add_argument("--from", dest="source", default="truth", help="source label set (default truth)")
+    p.add_argument("--name", default=None, help="new label set name (default e.g. censor-random-0.50-s0)")
+    p.add_argument("--mode", required=True, help="random | size | polygon | dilate | erode | ...")
+    p.add_argument("--rate", type=float, required=True, help="corruption rate in [0, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", default="threads", help="Dask scheduler: sync | threads | processes | ray")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="extra mode parameter (repeatable)")
+    p.set_defaults(func=_cmd_corrupt)
+
+    p = subparsers.add_parser("info", help="print a store's index, label sets and lesion statistics")
+    p.add_argument("store")
+    p.add_argument("--limit", type=int, default=50, help="cases shown (0: all)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of tables")
+    p.set_defaults(func=_cmd_info)

@@ -1,0 +1,456 @@
+"""Random-patch streams for PyTorch, read straight from the chunked Zarr arrays of a store.
+
+Each patch is a Zarr slice of just the patch region (only the chunks it touches are read and
+decoded), never a whole-volume read.
+
+Sampling (per patch):
+
+* with probability ``foreground_fraction`` (nnU-Net: 1/3) the patch is centred on a foreground
+  voxel: a lesion of the chosen label set is drawn uniformly from the shard's rows of the store's
+  lesion table (status not ``removed``), its bounding box is read (a few KB), and a foreground voxel
+  inside it is drawn uniformly; the patch centre ``origin + patch_size // 2`` is that voxel.
+  Drawing the lesion first (rather than a foreground voxel) gives small lesions the same chance
+  as large ones, which is the point of this project. Cases without lesions fall back to uniform.
+* otherwise the origin is uniform over all positions that keep the patch inside the volume
+  (or, when the volume is smaller than the patch along an axis, that keep the volume inside the
+  patch).
+
+Parts of a patch outside the volume are zero in the image (after normalisation) and zero in the
+label.
+
+Normalisation: per-case, per-channel z-score (nnU-Net's MRI scheme), ``(x - mean_c) / std_c``.
+The statistics come from the store's per-case info when it records them (``channel_mean`` /
+``channel_std``); otherwise each worker process computes them once per case from a strided
+subsample of the image (about 32 points per axis) and caches them. The subsample touches every
+chunk of the image once per case per process, amortised over the whole (infinite) stream.
+
+Sharding: cases are dealt to Ray Train ranks (``case_ids[rank::world_size]``) and then to
+DataLoader workers (``rank_cases[worker::num_workers]``), so shards are disjoint and their union
+is every case. When a level has fewer cases than shards, that level does not split: every shard
+of it samples from all the cases it has, and the shards differ only by their RNG streams (seeded
+by ``(seed, stream, epoch, rank, worker)``), so they are disjoint *sample streams* rather than
+disjoint case sets. The same fallback keeps a 1-case clean subset usable by 8 workers.
+
+Each process opens the store lazily in ``__iter__``: the dataset object itself holds only
+strings and numbers, so it pickles to Ray Train workers and DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from noisyseg.errors import NoisysegInputError
+
+#: Points per axis used for the z-score statistics when the store has none recorded.
+STATS_POINTS_PER_AXIS = 32
+STATS_KEYS = (("channel_mean", "channel_std"), ("mean", "std"), ("intensity_mean", "intensity_std"))
+
+
+def shard_cases(
+    case_ids: Sequence[str], *, rank: int, world_size: int, worker: int, num_workers: int
+) -> list[str]:
+    """The cases one (rank, DataLoader worker) shard samples from.
+
+    Two levels: ``case_ids[rank::world_size]``, then ``[worker::num_workers]`` of that. A level
+    with fewer cases than shards is not split (every shard keeps all its cases; the RNG streams
+    differ instead), so a shard is never empty.
+    """
+    cases = list(case_ids)
+    if not cases:
+        return []
+    if len(cases) >= world_size:
+        cases = cases[rank::world_size]
+    if len(cases) >= num_workers:
+        cases = cases[worker::num_workers]
+    return cases
+
+
+def _case_attrs(store: Any, case_id: str) -> dict:
+    """The case's stored attributes (one small JSON read; ``case_info`` also reads the index)."""
+    attrs = getattr(store, "_case_attrs", None)
+    return dict(attrs(case_id)) if attrs is not None else dict(store.case_info(case_id))
+
+
+class _ShardReader:
+    """Per-process state of one shard: the open store, array handles, stats and lesion boxes."""
+
+    def __init__(self, ds: PatchDataset, cases: list[str]) -> None:
+        from noisyseg.storage.store import VolumeStore
+
+        self.ds = ds
+        self.store = VolumeStore.open(ds.store_url, mode="r")
+        self.cases = cases
+        self.images = {cid: self.store.image(cid) for cid in cases}
+        self.labels = {cid: self.store.labels(cid, ds.label_set) for cid in cases}
+        self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.nd = len(ds.patch_size)
+        for cid in cases:
+            if self.labels[cid].ndim != self.nd:
+                raise NoisysegInputError(
+                    f"patch_size {ds.patch_size} has {self.nd} axes, the volume has "
+                    f"{self.labels[cid].ndim}",
+                    case=cid,
+                    path=ds.store_url,
+                )
+        self.boxes = self._lesion_boxes()
+
+    def _lesion_boxes(self) -> dict[str, np.ndarray]:
+        """Per case: int64 array (n_lesions, 2, nd) of [start, stop) boxes of present lesions."""
+        table = self.store.lesion_table(self.ds.label_set)
+        if len(table) == 0:
+            return {}
+        table = table[table["case_id"].isin(set(self.cases))]
+        if "label_set" in table.columns:
+            table = table[table["label_set"] == self.ds.label_set]
+        if "status" in table.columns:
+            table = table[table["status"] != "removed"]
+        if len(table) == 0:
+            return {}
+        axes = ("z", "y", "x")[-self.nd :]
+        # The store's boxes are [bbox_min, bbox_max) per axis (max exclusive).
+        lo = table[[f"bbox_min_{a}" for a in axes]].to_numpy(np.int64)
+        hi = table[[f"bbox_max_{a}" for a in axes]].to_numpy(np.int64)
+        out: dict[str, np.ndarray] = {}
+        case_col = table["case_id"].to_numpy()
+        for cid in np.unique(case_col):
+            rows = case_col == cid
+            out[str(cid)] = np.stack([lo[rows], hi[rows]], axis=1)
+        return out
+
+    def case_stats(self, cid: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (mean, std) of the case image, float32 arrays of shape (C,)."""
+        if cid in self.stats:
+            return self.stats[cid]
+        info = _case_attrs(self.store, cid)
+        stats = None
+        for mean_key, std_key in STATS_KEYS:
+            if info.get(mean_key) is not None and info.get(std_key) is not None:
+                stats = (
+                    np.asarray(info[mean_key], dtype=np.float32),
+                    np.asarray(info[std_key], dtype=np.float32),
+                )
+                break
+        if stats is None:
+            img = self.images[cid]
+            steps = tuple(max(1, math.ceil(s / STATS_POINTS_PER_AXIS)) for s in img.shape[1:])
+            sub = np.asarray(img[(slice(None),) + tuple(slice(None, None, k) for k in steps)])
+            sub = sub.reshape(sub.shape[0], -1).astype(np.float64)
+            stats = (sub.mean(axis=1).astype(np.float32), sub.std(axis=1).astype(np.float32))
+        mean, std = stats
+        std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
+        self.stats[cid] = (mean, std)
+        return self.stats[cid]
+
+    def foreground_centre(self, cid: str, rng: np.random.Generator) -> np.ndarray | None:
+        """A uniformly drawn foreground voxel of a uniformly drawn lesion of ``cid`` (or None)."""
+        boxes = self.boxes.get(cid)
+        if boxes is None or len(boxes) == 0:
+            return None
+        lo, hi = boxes[rng.integers(len(boxes))]
+        region = np.asarray(self.labels[cid][tuple(slice(a, b) for a, b in zip(lo, hi))])
+        fg = np.argwhere(region > 0)
+        if len(fg) == 0:  # table out of step with the array: treat as no lesion
+            return None
+        return lo + fg[rng.integers(len(fg))]
+
+    def read(self, cid: str, origin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image (C,*P) float32 z-scored and label (1,*P) float32 at ``origin``, zero-padded."""
+        img_arr, lab_arr = self.images[cid], self.labels[cid]
+        shape = np.asarray(lab_arr.shape)
+        size = np.asarray(self.ds.patch_size)
+        start = np.maximum(origin, 0)
+        stop = np.minimum(origin + size, shape)
+        n_channels = img_arr.shape[0]
+        image = np.zeros((n_channels, *self.ds.patch_size), dtype=np.float32)
+        label = np.zeros((1, *self.ds.patch_size), dtype=np.float32)
+        if np.all(stop > start):
+            src = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+            dst = tuple(slice(int(a - o), int(b - o)) for a, b, o in zip(start, stop, origin))
+            mean, std = self.case_stats(cid)
+            block = np.asarray(img_arr[(slice(None),) + src], dtype=np.float32)
+            bshape = (n_channels,) + (1,) * self.nd
+            image[(slice(None),) + dst] = (block - mean.reshape(bshape)) / std.reshape(bshape)
+            label[(0,) + dst] = np.asarray(lab_arr[src])
+        return image, label
+
+
+class PatchDataset(IterableDataset):
+    """Infinite stream of random patches of the given cases.
+
+    Args:
+        store_url: the store (path or fsspec URL).
+        case_ids: cases to sample (before sharding).
+        label_set: label set served as ``label`` and used for foreground oversampling.
+        patch_size: spatial patch size ``P`` (voxels, store axis order ``z, y, x`` / ``y, x``).
+        foreground_fraction: probability that a patch is centred on a lesion voxel.
+        seed: base seed; the stream is a function of ``(seed, stream, epoch, rank, worker)``.
+        rank, world_size: this process's Ray Train rank and the number of ranks.
+        augment: random flips along every spatial axis (image and label together).
+        stream: extra seed component, so two datasets with the same seed (e.g. the noisy and the
+            clean stream) draw independently.
+
+    Yields:
+        ``dict(image=float32 tensor (C, *P), label=float32 tensor (1, *P) in {0, 1},
+        case_id=str, origin=tuple[int, ...])``; ``origin`` is the volume coordinate of the
+        patch's first voxel (may be negative or run past the volume: that part is zero-padded).
+        With ``augment=True`` the flip is applied after reading, ``origin`` is unchanged.
+    """
+
+    def __init__(
+        self,
+        store_url: str,
+        case_ids: list[str],
+        *,
+        label_set: str = "truth",
+        patch_size: tuple[int, ...],
+        foreground_fraction: float = 1 / 3,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: bool = False,
+        stream: int = 0,
+    ) -> None:
+        super().__init__()
+        if not case_ids:
+            raise NoisysegInputError("patch dataset needs at least one case", path=str(store_url))
+        if not (0.0 <= float(foreground_fraction) <= 1.0):
+            raise NoisysegInputError(
+                f"foreground_fraction must lie in [0, 1], got {foreground_fraction!r}"
+            )
+        if any(int(p) < 1 for p in patch_size):
+            raise NoisysegInputError(f"patch_size must be positive, got {tuple(patch_size)}")
+        if not (0 <= rank < world_size):
+            raise NoisysegInputError(f"rank must lie in [0, world_size), got {rank}/{world_size}")
+        self.store_url = str(store_url)
+        self.case_ids = [str(c) for c in case_ids]
+        self.label_set = label_set
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.foreground_fraction = float(foreground_fraction)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.augment = bool(augment)
+        self.stream = int(stream)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start a fresh stream on the next ``iter()`` (like ``DistributedSampler.set_epoch``).
+
+        Without it, every new iterator replays the same patches (the stream is a pure function of
+        the seeds). Call it before creating the DataLoader iterator of each epoch.
+        """
+        self.epoch = int(epoch)
+
+    def shard(self, worker: int = 0, num_workers: int = 1) -> list[str]:
+        """Cases of this rank's DataLoader worker ``worker`` (see :func:`shard_cases`)."""
+        return shard_cases(
+            self.case_ids,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+        )
+
+    def rng_for(self, worker: int) -> np.random.Generator:
+        seq = np.random.SeedSequence([self.seed, self.stream, self.epoch, self.rank, worker])
+        return np.random.default_rng(seq)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # Every per-process resource lives in this generator's frame, never on self.
+        reader = _ShardReader(self, self.shard(worker, num_workers))
+        rng = self.rng_for(worker)
+        return self._generate(reader, rng)
+
+    def _generate(self, reader: _ShardReader, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+        size = np.asarray(self.patch_size)
+        half = size // 2
+        nd = len(size)
+        while True:
+            cid = reader.cases[int(rng.integers(len(reader.cases)))]
+            shape = np.asarray(reader.labels[cid].shape)
+            centre = None
+            if rng.random() < self.foreground_fraction:
+                centre = reader.foreground_centre(cid, rng)
+            if centre is not None:
+                origin = centre - half
+            else:
+                low = np.minimum(0, shape - size)
+                high = np.maximum(0, shape - size)
+                origin = rng.integers(low, high + 1)
+            image, label = reader.read(cid, origin)
+            if self.augment:
+                flips = tuple(1 + d for d in range(nd) if rng.random() < 0.5)
+                if flips:
+                    image = np.ascontiguousarray(np.flip(image, axis=flips))
+                    label = np.ascontiguousarray(np.flip(label, axis=flips))
+            yield {
+                "image": torch.from_numpy(image),
+                "label": torch.from_numpy(label),
+                "case_id": cid,
+                "origin": tuple(int(o) for o in origin),
+            }
+
+
+def _open(store_or_url):
+    from noisyseg.storage.store import VolumeStore
+
+    if isinstance(store_or_url, VolumeStore):
+        return store_or_url
+    return VolumeStore.open(str(store_or_url), mode="r")
+
+
+def select_clean_cases(
+    store_or_url,
+    *,
+    fraction: float | None = None,
+    count: int | None = None,
+    seed: int = 0,
+    split: str = "train",
+) -> list[str]:
+    """Pick the clean subset for reweighting among the cases flagged clean in ``split``.
+
+    Args:
+        store_or_url: a :class:`VolumeStore` or its URL.
+        fraction: subset size as a fraction of the split's size (``round(fraction · N)``, at least
+            one case), e.g. 0.05 = 5 % of the training cases.
+        count: subset size as a number of cases. Exactly one of ``fraction``/``count``.
+        seed: the choice is uniform without replacement, deterministic by seed.
+        split: the split to draw from.
+
+    Returns:
+        The chosen case ids, in store order.
+
+    Raises:
+        NoisysegInputError: neither/both sizes given, a size out of range, or more cases asked
+            for than are flagged clean.
+    """
+    from noisyseg.storage.validate import check_split
+
+    check_split(split)
+    if (fraction is None) == (count is None):
+        raise NoisysegInputError("clean subset: give exactly one of fraction or count")
+    store = _open(store_or_url)
+    n_split = len(store.case_ids(split=split))
+    if fraction is not None:
+        if not (0.0 < float(fraction) <= 1.0):
+            raise NoisysegInputError(f"clean fraction must lie in (0, 1], got {fraction!r}")
+        n = max(1, int(round(float(fraction) * n_split)))
+        asked = f"{fraction:g} of {n_split} {split} cases = {n}"
+    else:
+        if int(count) != count or int(count) < 1:
+            raise NoisysegInputError(f"clean count must be a positive integer, got {count!r}")
+        n = int(count)
+        asked = f"{n}"
+    clean = list(store.case_ids(split=split, clean=True))
+    if n > len(clean):
+        raise NoisysegInputError(
+            f"clean subset larger than the data: asked for {asked} cases, "
+            f"only {len(clean)} {split} cases are flagged clean",
+            path=str(store.url),
+        )
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC1EA]))
+    chosen = set(rng.choice(len(clean), size=n, replace=False).tolist())
+    return [cid for i, cid in enumerate(clean) if i in chosen]
+
+
+@dataclass
+class TrainLoaders:
+    """The two training streams: noisy-label patches and (optionally) clean-label patches."""
+
+    noisy: DataLoader
+    clean: DataLoader | None
+    noisy_case_ids: list[str]
+    clean_case_ids: list[str]
+
+
+def make_train_loaders(
+    store_url: str,
+    *,
+    label_set: str,
+    patch_size: tuple[int, ...],
+    batch_size: int,
+    foreground_fraction: float = 1 / 3,
+    clean_fraction: float | None = None,
+    clean_count: int | None = None,
+    exclude_clean_from_noisy: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    seed: int = 0,
+    augment: bool = False,
+    multiprocessing_context: str | None = None,
+) -> TrainLoaders:
+    """DataLoaders over the training split: ``label_set`` patches, plus a ``truth`` clean stream.
+
+    The clean stream exists when ``clean_fraction`` or ``clean_count`` is given
+    (:func:`select_clean_cases`); it reads the ``truth`` labels of the clean cases. With
+    ``exclude_clean_from_noisy`` the clean cases are left out of the noisy stream.
+    Batches: ``image (B, C, *P)``, ``label (B, 1, *P)``, ``case_id`` list of B strings,
+    ``origin`` list of ``nd`` int tensors of shape (B,).
+    """
+    store = _open(store_url)
+    sets = store.label_sets()
+    for wanted in {label_set, "truth"}:
+        if wanted not in sets:
+            raise NoisysegInputError(
+                f"label set {wanted!r} not found (available: {', '.join(sets) or 'none'})",
+                path=str(store.url),
+            )
+    if len(patch_size) != store.spatial_dims:
+        raise NoisysegInputError(
+            f"patch_size {tuple(patch_size)} has {len(patch_size)} axes, the store has "
+            f"{store.spatial_dims} spatial axes",
+            path=str(store.url),
+        )
+    if batch_size < 1:
+        raise NoisysegInputError(f"batch_size must be >= 1, got {batch_size}")
+    train = list(store.case_ids(split="train"))
+    clean: list[str] = []
+    if clean_fraction is not None or clean_count is not None:
+        clean = select_clean_cases(
+            store, fraction=clean_fraction, count=clean_count, seed=seed, split="train"
+        )
+    noisy = [c for c in train if c not in set(clean)] if exclude_clean_from_noisy else train
+    if not noisy:
+        raise NoisysegInputError(
+            "no training cases left for the noisy stream after removing the clean subset",
+            path=str(store.url),
+        )
+
+    def loader(ds: PatchDataset) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+        )
+
+    common = dict(
+        patch_size=tuple(patch_size),
+        foreground_fraction=foreground_fraction,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        augment=augment,
+    )
+    noisy_ds = PatchDataset(store.url, noisy, label_set=label_set, stream=0, **common)
+    clean_loader = None
+    if clean:
+        clean_ds = PatchDataset(store.url, clean, label_set="truth", stream=1, **common)
+        clean_loader = loader(clean_ds)
+    return TrainLoaders(
+        noisy=loader(noisy_ds),
+        clean=clean_loader,
+        noisy_case_ids=noisy,
+        clean_case_ids=clean,
+    )

@@ -1,0 +1,727 @@
+"""Phantom data for when no scans are at hand: 3D brain-metastasis MRI and 2D dermoscopy images.
+
+Two generators, both deterministic given ``seed`` (only ``np.random.default_rng(seed)`` is used):
+
+- :func:`brain_mets_case` builds a skull-stripped 4-sequence brain MRI (T1, T1c, T2, FLAIR) on the
+  real MNI152 2009a anatomy that ships inside nilearn's wheel (T1 template plus grey- and
+  white-matter probability maps; no download). Per case the anatomy is warped (small random affine
+  plus a smooth random displacement field), tissue fractions drive the four contrasts, and 3-15
+  irregular metastases with a long-tailed diameter distribution are placed in the parenchyma
+  (preferring the grey-white junction). Lesions enhance on T1c (ring enhancement around a necrotic
+  core for the larger ones, solid for small ones) and carry vasogenic oedema that is bright on
+  FLAIR/T2. Partial volume is modelled by super-sampling each lesion, then a smooth bias field,
+  Rician noise and a per-case intensity scale are applied, so the smallest lesions have a low
+  contrast-to-noise ratio.
+- :func:`skin_case` builds an RGB dermoscopy-like image with one irregular pigmented lesion, hairs,
+  skin texture, vignetting and noise.
+
+See ``docs/phantoms.md`` for the measured lesion-size distribution and contrast-to-noise figures.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "BRAIN_CHANNELS",
+    "SKIN_CHANNELS",
+    "TISSUE_CLASSES",
+    "PhantomCase",
+    "brain_mets_case",
+    "skin_case",
+]
+
+#: Channel order of :func:`brain_mets_case` images: native T1, post-contrast T1, T2, T2-FLAIR.
+BRAIN_CHANNELS: list[str] = ["t1", "t1c", "t2", "flair"]
+#: Channel order of :func:`skin_case` images.
+SKIN_CHANNELS: list[str] = ["r", "g", "b"]
+#: Values of :attr:`PhantomCase.tissue` for brain phantoms (hard labels from the tissue fractions).
+TISSUE_CLASSES: dict[int, str] = {0: "background", 1: "csf", 2: "gm", 3: "wm"}
+
+# Relative tissue intensities per channel (white matter of native T1 = 1). Columns: CSF, GM, WM,
+# enhancing lesion, necrotic core, oedema. Literature ordering: T1 WM > GM > CSF; T2 CSF > GM > WM;
+# FLAIR suppresses CSF, GM > WM, oedema brightest; T1c = T1 plus gadolinium enhancement.
+_TISSUE_INTENSITY = np.array(
+    [
+        # csf   gm    wm    enh   necr  oedema
+        [0.30, 0.68, 1.00, 0.62, 0.42, 0.72],  # t1
+        [0.32, 0.70, 1.00, 1.45, 0.40, 0.74],  # t1c (enh is the mean; drawn per lesion)
+        [1.00, 0.60, 0.45, 0.68, 0.95, 0.86],  # t2
+        [0.14, 0.62, 0.48, 0.72, 0.58, 0.96],  # flair
+    ],
+    dtype=np.float32,
+)
+# Template T1 intensities of WM / GM (0..255 scale of the MNI file), used to scale the residual
+# (deep grey nuclei, etc.) that tissue classes alone do not explain.
+_TPL_WM, _TPL_GM = 220.0, 167.0
+
+
+@dataclass
+class PhantomCase:
+    """One generated case.
+
+    Attributes:
+        image: float32, ``(C, Z, Y, X)`` for brain (channels :data:`BRAIN_CHANNELS`, arbitrary
+            MR units, 0 outside the brain) or ``(3, H, W)`` for skin (RGB in [0, 1]).
+        label: uint8 {0, 1}, ``(Z, Y, X)`` / ``(H, W)``: the lesion mask (brain: enhancing lesion
+            including its necrotic core, oedema excluded; skin: the pigmented lesion).
+        spacing: voxel size in mm, axis order of ``label`` (``(z, y, x)`` / ``(y, x)``).
+        channel_names: names of the image channels, in order.
+        affine: 4x4 float64 mapping array indices ``(z, y, x, 1)`` to RAS world mm (the MNI frame
+            before the per-case warp), or ``None`` for 2D.
+        lesions: one dict per lesion, as generated (JSON-serialisable values): ``id`` (1-based),
+            ``center`` (voxel/pixel coordinates, label axis order), ``voxels`` (label voxels), and
+            for brain ``center_mm`` (RAS), ``radius_mm``, ``diameter_vox`` (nominal diameter =
+            2 x radius / spacing), ``ring`` (necrotic core), ``oedema_mm``, ``enhancement``,
+            ``tissue`` (class at the centre); for skin ``area_fraction``.
+        tissue: uint8 hard tissue classes (:data:`TISSUE_CLASSES`) for brain, ``None`` for skin.
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, ...]
+    channel_names: list[str]
+    affine: np.ndarray | None
+    lesions: list[dict] = field(default_factory=list)
+    tissue: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Template
+# ---------------------------------------------------------------------------------------------
+
+
+def _template_path(kind: str) -> str:
+    name = f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
+    return str(importlib.resources.files("nilearn.datasets") / "data" / name)
+
+
+@lru_cache(maxsize=1)
+def _mni_1mm() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The MNI152 2009a templates at 1 mm, array order (x, y, z).
+
+    Returns:
+        t1 (0..255), gm and wm probabilities (0..1), brain mask (float 0/1), all float32
+        ``(197, 233, 189)``; and the 4x4 voxel->RAS affine.
+    """
+    import nibabel as nib
+
+    t1_img = nib.load(_template_path("t1"))
+    t1 = np.asarray(t1_img.dataobj, dtype=np.float32)
+    gm = np.asarray(nib.load(_template_path("gm")).dataobj, dtype=np.float32) / 255.0
+    wm = np.asarray(nib.load(_template_path("wm")).dataobj, dtype=np.float32) / 255.0
+    brain = (t1 > 0).astype(np.float32)
+    return t1, gm, wm, brain, np.asarray(t1_img.affine, dtype=np.float64)
+
+
+@lru_cache(maxsize=4)
+def _template_on_grid(shape: tuple[int, int, int], spacing_mm: float) -> dict[str, np.ndarray]:
+    """MNI anatomy resampled to a ``shape`` grid (z, y, x) of isotropic ``spacing_mm``.
+
+    The grid is centred on the brain's bounding box. Returns float32 ``(Z, Y, X)`` arrays ``t1``
+    (template T1 / WM level, so WM ~ 1), ``gm``, ``wm``, ``brain`` and the 4x4 ``affine`` mapping
+    (z, y, x) indices to RAS mm. Cached: the first call per (shape, spacing) costs ~1-3 s.
+    """
+    t1, gm, wm, brain, tpl_affine = _mni_1mm()
+    nz, ny, nx = shape
+    # Brain bounding-box centre in template voxels (x, y, z) -> world.
+    idx = [np.nonzero(brain.any(axis=tuple(a for a in range(3) if a != ax)))[0] for ax in range(3)]
+    centre_vox = np.array([(i.min() + i.max()) / 2.0 for i in idx])
+    centre_world = tpl_affine[:3, :3] @ centre_vox + tpl_affine[:3, 3]
+    # Phantom grid (z, y, x) -> world: column k of the rotation part scales array axis k.
+    affine = np.zeros((4, 4))
+    affine[2, 0] = affine[1, 1] = affine[0, 2] = spacing_mm  # z->S, y->A, x->R
+    half = (np.array([nz, ny, nx], dtype=np.float64) - 1) / 2.0
+    affine[:3, 3] = centre_world - affine[:3, :3] @ half
+    affine[3, 3] = 1.0
+    # Phantom voxel -> template voxel (x, y, z).
+    to_tpl = np.linalg.inv(tpl_affine) @ affine
+    grid = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij"))
+    coords = np.einsum("ij,jzyx->izyx", to_tpl[:3, :3].astype(np.float32), grid)
+    coords += to_tpl[:3, 3].astype(np.float32)[:, None, None, None]
+    tpl_spacing = float(np.abs(tpl_affine[0, 0]))
+    sigma = 0.4 * spacing_mm / tpl_spacing if spacing_mm > tpl_spacing else 0.0  # anti-aliasing
+    out: dict[str, np.ndarray] = {"affine": affine}
+    for name, vol in (("t1", t1 / _TPL_WM), ("gm", gm), ("wm", wm), ("brain", brain)):
+        if sigma > 0:
+            vol = ndimage.gaussian_filter(vol, sigma, mode="constant")
+        out[name] = ndimage.map_coordinates(vol, coords, order=1, mode="constant", cval=0.0)
+        out[name] = out[name].astype(np.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Random smooth fields
+# ---------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _interp_matrix(n: int, n_ctrl: int) -> np.ndarray:
+    """(n, n_ctrl) Gaussian-kernel weights, each row of unit L2 norm (so unit-variance output)."""
+    step = n / n_ctrl
+    centres = (np.arange(n_ctrl) + 0.5) * step - 0.5
+    w = np.exp(-0.5 * ((np.arange(n)[:, None] - centres[None, :]) / (0.7 * step)) ** 2)
+    return (w / np.sqrt((w**2).sum(axis=1, keepdims=True))).astype(np.float32)
+
+
+def _smooth_field(
+    rng: np.random.Generator, shape: tuple[int, ...], n_ctrl: int | tuple[int, ...], std: float
+) -> np.ndarray:
+    """A smooth random field: Gaussian control points on a coarse grid, kernel-interpolated.
+
+    Separable (one small matrix product per axis), so it costs O(voxels x control points per
+    axis). Returns float32 of ``shape`` with zero mean and standard deviation ``std`` per voxel.
+    """
+    ctrl_shape = (n_ctrl,) * len(shape) if isinstance(n_ctrl, int) else tuple(n_ctrl)
+    out = rng.standard_normal(ctrl_shape).astype(np.float32) * np.float32(std)
+    for axis, (n, c) in enumerate(zip(shape, ctrl_shape, strict=True)):
+        out = np.moveaxis(np.tensordot(_interp_matrix(n, c), out, axes=([1], [axis])), 0, axis)
+    return np.ascontiguousarray(out)
+
+
+def _random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """3x3 rotation with each Euler angle uniform in [-max_deg, max_deg] degrees."""
+    a = np.deg2rad(rng.uniform(-max_deg, max_deg, size=3))
+    c, s = np.cos(a), np.sin(a)
+    rx = np.array([[1, 0, 0], [0, c[0], -s[0]], [0, s[0], c[0]]])
+    ry = np.array([[c[1], 0, s[1]], [0, 1, 0], [-s[1], 0, c[1]]])
+    rz = np.array([[c[2], -s[2], 0], [s[2], c[2], 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _uniform_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A 3x3 rotation drawn uniformly (QR of a Gaussian matrix with sign fix)."""
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def _warp_coords(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    spacing_mm: float,
+    rotate_deg: float,
+    scale_range: float,
+    shift_mm: float,
+    elastic_mm: float,
+) -> np.ndarray:
+    """Sampling coordinates (3, Z, Y, X) float32 into the template grid: affine + elastic warp."""
+    rot = _random_rotation(rng, rotate_deg)
+    scale = np.exp(rng.uniform(-scale_range, scale_range, size=3))
+    mat = (rot * scale[None, :]).astype(np.float32)  # anisotropic brain size, then rotation
+    shift = rng.uniform(-shift_mm, shift_mm, size=3) / spacing_mm
+    centre = (np.array(shape, dtype=np.float32) - 1) / 2.0
+    grid = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij"))
+    rel = grid - centre[:, None, None, None]
+    coords = np.einsum("ij,jzyx->izyx", mat, rel)
+    coords += (centre + shift).astype(np.float32)[:, None, None, None]
+    # Control points every ~32 mm: smooth, anatomically plausible shape variation.
+    n_ctrl = tuple(max(3, int(round(n * spacing_mm / 32.0))) for n in shape)
+    for axis in range(3):
+        coords[axis] += _smooth_field(rng, shape, n_ctrl, elastic_mm / spacing_mm)
+    return coords
+
+
+# ---------------------------------------------------------------------------------------------
+# Lesions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LesionShape:
+    """An irregular star-shaped blob: r(u) = R exp(amp * g(u)) in a rotated, stretched frame."""
+
+    centre_mm: np.ndarray  # (3,) in phantom mm (z, y, x)
+    radius_mm: float
+    rot: np.ndarray  # (3, 3)
+    axes: np.ndarray  # (3,) stretch, geometric mean 1
+    amp: float
+    omegas: np.ndarray  # (K, 3) unit vectors
+    freqs: np.ndarray  # (K,)
+    phases: np.ndarray  # (K,)
+    weights: np.ndarray  # (K,)
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, centre_mm: np.ndarray, radius_mm: float, diameter_vox: float) -> _LesionShape:
+        k = 6
+        omegas = rng.standard_normal((k, 3))
+        omegas /= np.linalg.norm(omegas, axis=1, keepdims=True)
+        axes = np.exp(rng.normal(0.0, 0.12, size=3))
+        axes /= np.exp(np.log(axes).mean())
+        # Larger metastases are lobulated more; tiny ones are round at voxel scale anyway.
+        amp = float(rng.uniform(0.06, 0.14) + min(diameter_vox, 20.0) / 20.0 * rng.uniform(0.0, 0.12))
+        return cls(
+            centre_mm=np.asarray(centre_mm, dtype=np.float64),
+            radius_mm=float(radius_mm),
+            rot=_uniform_rotation(rng),
+            axes=axes,
+            amp=amp,
+            omegas=omegas,
+            freqs=rng.uniform(1.0, 3.5, size=k),
+            phases=rng.uniform(0.0, 2 * np.pi, size=k),
+            weights=rng.standard_normal(k) / np.sqrt(k / 2.0),
+        )
+
+    @property
+    def max_radius_mm(self) -> float:
+        return float(self.radius_mm * self.axes.max() * np.exp(self.amp * np.abs(self.weights).sum()))
+
+    def normalised_radius(self, pts_mm: np.ndarray) -> np.ndarray:
+        """``|v| / r(u)`` for points (N, 3) in mm: < 1 inside the lesion, 1 on its surface."""
+        f32 = np.float32
+        v = (pts_mm.astype(f32) - self.centre_mm.astype(f32)) @ self.rot.astype(f32)  # lesion frame
+        v /= self.axes.astype(f32)
+        rho = np.sqrt((v * v).sum(axis=1))
+        v /= np.maximum(rho, f32(1e-9))[:, None]
+        arg = v @ self.omegas.T.astype(f32)
+        arg *= self.freqs.astype(f32)
+        arg += self.phases.astype(f32)
+        g = np.sin(arg) @ self.weights.astype(f32)
+        return rho / (f32(self.radius_mm) * np.exp(f32(self.amp) * g))
+
+
+def _box_points(lo: np.ndarray, hi: np.ndarray, spacing_mm: float, ss: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Sub-voxel sample points (N*ss^3, 3) in mm for voxel box [lo, hi), with box shape."""
+    box = tuple(int(h - l) for l, h in zip(lo, hi, strict=True))
+    off = (np.arange(ss) + 0.5) / ss - 0.5
+    axes = [
+        ((np.arange(l, h)[:, None] + off[None, :]).reshape(-1)) * spacing_mm
+        for l, h in zip(lo, hi, strict=True)
+    ]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    return pts, box
+
+
+def _partial_volume(values: np.ndarray, box: tuple[int, ...], ss: int) -> np.ndarray:
+    """Average a super-sampled (box*ss) field back to voxels (box)."""
+    v = values.reshape(box[0], ss, box[1], ss, box[2], ss)
+    return v.mean(axis=(1, 3, 5))
+
+
+def _sample_diameters(
+    rng: np.random.Generator, n: int, median: float, sigma: float, lo: float, hi: float
+) -> np.ndarray:
+    """Log-normal diameters (voxels), resampled until inside [lo, hi] (a truncated log-normal)."""
+    out = np.empty(0)
+    while out.size < n:
+        d = median * np.exp(sigma * rng.standard_normal(2 * n + 4))
+        out = np.concatenate([out, d[(d >= lo) & (d <= hi)]])
+    return out[:n]
+
+
+def brain_mets_case(
+    seed: int,
+    *,
+    shape: tuple[int, int, int] = (80, 96, 80),
+    spacing_mm: float = 2.0,
+    n_lesions: tuple[int, int] = (3, 15),
+    diameter_vox: tuple[float, float] = (1.0, 30.0),
+    median_diameter_vox: float = 3.0,
+    diameter_log_sigma: float = 0.8,
+    min_gap_vox: int = 2,
+    noise: tuple[float, float] = (0.03, 0.06),
+    bias: float = 0.12,
+    vessels: bool = True,
+    psf_vox: tuple[float, float] = (0.45, 0.7),
+) -> PhantomCase:
+    """A 4-sequence brain MRI phantom with metastases.
+
+    Args:
+        seed: the case's random seed (the only source of randomness).
+        shape: grid ``(Z, Y, X)``; the default at 2 mm covers the whole MNI brain
+            (160 x 192 x 160 mm). A smaller grid crops around the brain centre.
+        spacing_mm: isotropic voxel size in mm.
+        n_lesions: inclusive range of lesions drawn per case (fewer are kept only when no room is
+            found; ``len(case.lesions)`` is what was placed).
+        diameter_vox: clip range of nominal lesion diameters, in voxels.
+        median_diameter_vox, diameter_log_sigma: the log-normal of nominal diameters (voxels):
+            ``d = median * exp(sigma * N(0,1))`` truncated to ``diameter_vox``.
+        min_gap_vox: lesions are at least this many voxels apart (Chebyshev), so every lesion is its
+            own 26-connected component of the label.
+        noise: range of the Rician noise sigma, as a fraction of the channel's brightest tissue.
+        bias: standard deviation of the log bias field (multiplicative, smooth).
+        vessels: add thin enhancing vessel-like structures in sulci on T1c (false-positive mimics).
+        psf_vox: range of the in-plane Gaussian point-spread sigma in voxels (through-plane is 1.3x);
+            ``(0, 0)`` turns the blur off.
+
+    Returns:
+        :class:`PhantomCase` with image float32 ``(4, Z, Y, X)`` (:data:`BRAIN_CHANNELS`), label
+        uint8 ``(Z, Y, X)``, spacing ``(s, s, s)`` mm, RAS affine, the lesion list and the tissue map.
+    """
+    shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"shape must be 3 ints >= 8, got {shape}")
+    if n_lesions[0] < 0 or n_lesions[1] < n_lesions[0]:
+        raise ValueError(f"n_lesions must be a range (lo <= hi), got {n_lesions}")
+    rng = np.random.default_rng(seed)
+    s = float(spacing_mm)
+    tpl = _template_on_grid(shape, s)  # type: ignore[arg-type]
+
+    # --- anatomy: warp the template -----------------------------------------------------------
+    coords = _warp_coords(rng, shape, s, rotate_deg=5.0, scale_range=0.07, shift_mm=4.0, elastic_mm=2.5)
+    warped = {
+        k: ndimage.map_coordinates(tpl[k], coords, order=1, mode="constant", cval=0.0)
+        for k in ("t1", "gm", "wm", "brain")
+    }
+    del coords
+    brain = np.clip(warped["brain"], 0.0, 1.0)
+    gm = np.clip(warped["gm"], 0.0, 1.0)
+    wm = np.clip(warped["wm"], 0.0, 1.0)
+    par = np.minimum(gm + wm, brain)  # parenchyma fraction
+    csf = np.clip(brain - par, 0.0, 1.0)
+    brain_mask = brain > 0.5
+    tissue = np.where(brain_mask, np.argmax(np.stack([csf, gm, wm]), axis=0) + 1, 0).astype(np.uint8)
+    # Residual anatomy (deep grey nuclei, etc.) not explained by the three classes, in T1 units.
+    t1_cls = csf * _TISSUE_INTENSITY[0, 0] + gm * _TISSUE_INTENSITY[0, 1] + wm * _TISSUE_INTENSITY[0, 2]
+    resid = np.where(brain > 0.5, warped["t1"] - t1_cls, 0.0).astype(np.float32)
+    resid = np.clip(resid, -0.25, 0.25)
+    del warped
+
+    # --- lesions ------------------------------------------------------------------------------
+    depth_mm = ndimage.distance_transform_edt(brain_mask) * s
+    junction = ndimage.gaussian_filter(4.0 * gm * wm, 1.0)  # 1 where GM and WM meet 50/50
+    weight = np.where(par > 0.5, 0.15 + junction, 0.0).ravel()
+    depth_flat = depth_mm.ravel()
+
+    n_draw = int(rng.integers(n_lesions[0], n_lesions[1] + 1))
+    diameters = np.sort(_sample_diameters(rng, n_draw, median_diameter_vox, diameter_log_sigma, *diameter_vox))[::-1]
+    # Tissue intensities of this case (scanner / subject variation).
+    inten = _TISSUE_INTENSITY * np.exp(rng.normal(0.0, 0.04, size=_TISSUE_INTENSITY.shape)).astype(np.float32)
+
+    label = np.zeros(shape, dtype=np.uint8)
+    frac_les = np.zeros(shape, dtype=np.float32)  # lesion partial-volume fraction
+    les_sum = np.zeros((4,) + shape, dtype=np.float32)  # sum over lesions of fraction x intensity
+    oedema = np.zeros(shape, dtype=np.float32)
+    lesions: list[dict] = []
+    shape_arr = np.array(shape)
+    gap_struct = np.ones((2 * min_gap_vox + 1,) * 3, dtype=bool)
+    for d_vox in diameters:
+        radius_mm = d_vox * s / 2.0
+        # Necrotic core (ring enhancement) in lesions >= 1 cm, near-certain from ~3 cm.
+        ring = bool(d_vox * s >= 10.0 and rng.random() < 0.5 + 0.5 * min((d_vox * s - 10.0) / 20.0, 1.0))
+        core_ratio = float(rng.uniform(0.35, 0.7)) if ring else 0.0
+        p_oed = 0.25 + 0.7 * min(d_vox / 10.0, 1.0)
+        oedema_mm = float(min(radius_mm * rng.uniform(0.6, 2.0), 25.0)) if rng.random() < p_oed else 0.0
+        enh = float(inten[1, 3] * np.exp(rng.normal(0.0, 0.15)))
+        les_int = np.array(
+            [
+                [inten[0, 3] * np.exp(rng.normal(0, 0.05)), inten[0, 4]],
+                [enh, inten[1, 4]],
+                [inten[2, 3] * np.exp(rng.normal(0, 0.1)), inten[2, 4]],
+                [inten[3, 3] * np.exp(rng.normal(0, 0.08)), inten[3, 4]],
+            ],
+            dtype=np.float32,
+        )  # (channel, [enhancing, necrotic])
+        ss = 4 if d_vox < 4 else 3 if d_vox < 10 else 2 if d_vox < 20 else 1
+        cand = np.flatnonzero(weight * (depth_flat >= radius_mm + s))
+        if cand.size == 0:
+            continue
+        p = weight[cand] / weight[cand].sum()
+        for _attempt in range(40):
+            centre_vox = np.array(np.unravel_index(rng.choice(cand, p=p), shape), dtype=np.float64)
+            centre_vox += rng.uniform(-0.5, 0.5, size=3)
+            les = _LesionShape.random(rng, centre_vox * s, radius_mm, float(d_vox))
+            r_vox = les.max_radius_mm / s
+            lo = np.maximum(np.floor(centre_vox - r_vox).astype(int) - 1, 0)
+            hi = np.minimum(np.ceil(centre_vox + r_vox).astype(int) + 2, shape_arr)
+            pts, box = _box_points(lo, hi, s, ss)
+            nr = les.normalised_radius(pts)
+            f_in = _partial_volume((nr <= 1.0).astype(np.float32), box, ss)
+            if f_in.max() <= 0:
+                continue
+            mask = f_in >= 0.5
+            if not mask.any():
+                mask = f_in == f_in.max()
+            comp, n_comp = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+            if n_comp > 1:
+                mask = comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
+            sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+            # All label voxels in the brain, mostly in parenchyma; a gap to every other lesion.
+            if not brain_mask[sl][mask].all() or (par[sl][mask] > 0.5).mean() < 0.85:
+                continue
+            glo = np.maximum(lo - min_gap_vox, 0)
+            ghi = np.minimum(hi + min_gap_vox, shape_arr)
+            gsl = tuple(slice(a, b) for a, b in zip(glo, ghi, strict=True))
+            big = np.zeros(tuple(ghi - glo), dtype=bool)
+            big[tuple(slice(a - g, b - g) for a, b, g in zip(lo, hi, glo, strict=True))] = mask
+            if (ndimage.binary_dilation(big, gap_struct) & (label[gsl] > 0)).any():
+                continue
+            # Also keep partial-volume tails off other lesions' voxels.
+            if (frac_les[sl][f_in > 0] > 0).any():
+                continue
+            if ring:  # an irregular, slightly off-centre necrotic core: the rim's thickness varies
+                off = rng.normal(0.0, 0.12 * core_ratio * radius_mm, size=3)
+                core = _LesionShape.random(rng, les.centre_mm + off, core_ratio * radius_mm, float(d_vox))
+                in_core = (core.normalised_radius(pts) <= 1.0) & (nr <= 0.8)
+                f_core = _partial_volume(in_core.astype(np.float32), box, ss)
+            else:
+                f_core = 0.0
+            f_enh = f_in - f_core
+            frac_les[sl] += f_in
+            les_sum[(slice(None),) + sl] += f_enh * les_int[:, 0, None, None, None]
+            if ring:
+                les_sum[(slice(None),) + sl] += f_core * les_int[:, 1, None, None, None]
+            label[sl][mask] = 1
+            if oedema_mm > 0:
+                _add_oedema(les, oedema_mm, s, shape_arr, centre_vox, wm, par, oedema, rng)
+            cz, cy, cx = centre_vox
+            lesions.append(
+                {
+                    "id": len(lesions) + 1,
+                    "center": [float(cz), float(cy), float(cx)],
+                    "center_mm": [float(v) for v in (tpl["affine"] @ np.r_[centre_vox, 1.0])[:3]],
+                    "radius_mm": float(radius_mm),
+                    "diameter_vox": float(d_vox),
+                    "voxels": int(mask.sum()),
+                    "ring": ring,
+                    "oedema_mm": float(oedema_mm),
+                    "enhancement": float(enh / inten[1, 2]),
+                    "tissue": TISSUE_CLASSES[int(tissue[tuple(np.round(centre_vox).astype(int))])],
+                }
+            )
+            break
+
+    # --- contrasts ----------------------------------------------------------------------------
+    oedema = np.minimum(oedema, 1.0) * (1.0 - np.minimum(frac_les, 1.0))
+    if vessels:
+        vessel = _vessels(rng, shape, s, csf + 0.5 * gm, brain_mask)
+        vessel *= 1.0 - np.minimum(frac_les * 4.0, 1.0)
+    image = np.empty((4,) + shape, dtype=np.float32)
+    les_texture = 1.0 + _smooth_field(rng, shape, tuple(max(4, n // 3) for n in shape), 0.1)
+    # Acquisition point-spread function (voxels; thicker through-plane): the main reason a lesion
+    # of one or two voxels loses most of its contrast.
+    psf_sigma = (rng.uniform(*psf_vox) * 1.3, rng.uniform(*psf_vox), rng.uniform(*psf_vox))
+    shared_bias = _smooth_field(rng, shape, 4, bias)
+    for c in range(4):
+        i_csf, i_gm, i_wm, _, _, i_oed = inten[c]
+        k_resid = (i_wm - i_gm) / (_TISSUE_INTENSITY[0, 2] - _TISSUE_INTENSITY[0, 1])
+        tissue_par = gm * i_gm + wm * i_wm
+        base = csf * i_csf + (1.0 - oedema) * tissue_par + oedema * par * i_oed + k_resid * resid
+        if vessels and c == 1:
+            base = base + vessel * (inten[1, 3] - i_csf)
+        img = (1.0 - np.minimum(frac_les, 1.0)) * base + les_sum[c] * les_texture
+        # Texture: mild smooth heterogeneity within tissue.
+        img *= 1.0 + _smooth_field(rng, shape, tuple(max(4, n // 4) for n in shape), 0.03)
+        bias_field = np.exp(shared_bias + _smooth_field(rng, shape, 3, bias * 0.5))
+        img *= bias_field
+        img = ndimage.gaussian_filter(img, psf_sigma, mode="nearest")
+        sigma = float(rng.uniform(*noise)) * float(inten[c, :3].max())
+        img = np.sqrt((img + sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2
+                      + (sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2)
+        img[~brain_mask] = 0.0  # skull-stripped, like BraTS-style preprocessing
+        image[c] = img * np.float32(np.exp(rng.uniform(np.log(300.0), np.log(3000.0))))
+
+    return PhantomCase(
+        image=image,
+        label=label,
+        spacing=(s, s, s),
+        channel_names=list(BRAIN_CHANNELS),
+        affine=tpl["affine"].copy(),
+        lesions=lesions,
+        tissue=tissue,
+    )
+
+
+def _add_oedema(
+    les: _LesionShape,
+    oedema_mm: float,
+    s: float,
+    shape_arr: np.ndarray,
+    centre_vox: np.ndarray,
+    wm: np.ndarray,
+    par: np.ndarray,
+    oedema: np.ndarray,
+    rng: np.random.Generator,
+) -> None:
+    """Vasogenic oedema around a lesion: Gaussian fall-off with distance, spreading along WM."""
+    r_vox = (les.max_radius_mm + 2.0 * oedema_mm) / s
+    lo = np.maximum(np.floor(centre_vox - r_vox).astype(int), 0)
+    hi = np.minimum(np.ceil(centre_vox + r_vox).astype(int) + 1, shape_arr)
+    pts, box = _box_points(lo, hi, s, 1)
+    nr = les.normalised_radius(pts).reshape(box)
+    dist = np.maximum(nr - 1.0, 0.0) * les.radius_mm
+    # Irregular extent: the oedema front is lobulated (finger-like along WM tracts).
+    wobble = np.exp(0.3 * _smooth_field(rng, box, tuple(max(2, b // 6) for b in box), 1.0))
+    f = np.exp(-((dist / (oedema_mm * wobble)) ** 2))
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    w_share = wm[sl] / np.maximum(par[sl], 1e-3)
+    f *= np.clip(0.25 + 0.75 * w_share, 0.0, 1.0) * (par[sl] > 0.2)
+    np.maximum(oedema[sl], f.astype(np.float32), out=oedema[sl])
+
+
+def _vessels(
+    rng: np.random.Generator, shape: tuple[int, ...], s: float, where: np.ndarray, brain_mask: np.ndarray
+) -> np.ndarray:
+    """Thin, smooth, tortuous tubes (enhancing cortical vessels) as a fraction map (Z, Y, X)."""
+    density = np.zeros(shape, dtype=np.float32)
+    cand = np.flatnonzero((where > 0.5) & brain_mask)
+    if cand.size == 0:
+        return density
+    n = int(rng.integers(10, 25))
+    step = 0.5  # voxels
+    for start in rng.choice(cand, size=n):
+        p = np.array(np.unravel_index(start, shape), dtype=np.float64)
+        d = rng.standard_normal(3)
+        d /= np.linalg.norm(d)
+        length = int(rng.uniform(10.0, 40.0) / s / step)
+        pts = np.empty((length, 3))
+        for i in range(length):
+            d = d + 0.25 * rng.standard_normal(3)
+            d /= np.linalg.norm(d)
+            p = p + step * d
+            pts[i] = p
+        idx = np.round(pts).astype(int)
+        ok = np.all((idx >= 0) & (idx < np.array(shape)), axis=1)
+        idx = idx[ok]
+        np.add.at(density, tuple(idx.T), step)
+    density = ndimage.gaussian_filter(density, 0.6)
+    return np.clip(density * 2.0, 0.0, 0.7) * (where > 0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Skin
+# ---------------------------------------------------------------------------------------------
+
+# Dermoscopy skin tones (RGB, linear-ish 0..1), light to dark; a case interpolates between two.
+_SKIN_TONES = np.array(
+    [[0.95, 0.78, 0.72], [0.88, 0.66, 0.58], [0.76, 0.54, 0.43], [0.58, 0.40, 0.30]], dtype=np.float32
+)
+
+
+def skin_case(
+    seed: int,
+    *,
+    size: int = 128,
+    area_fraction: tuple[float, float] = (0.10, 0.40),
+    n_hairs: tuple[int, int] = (0, 12),
+    field_mm: float = 20.0,
+) -> PhantomCase:
+    """A dermoscopy-like RGB image with one irregular pigmented lesion.
+
+    Args:
+        seed: the case's random seed.
+        size: image height = width in pixels.
+        area_fraction: range of the lesion's share of the image area.
+        n_hairs: inclusive range of the number of hairs.
+        field_mm: field of view in mm (sets ``spacing``).
+
+    Returns:
+        :class:`PhantomCase` with image float32 ``(3, size, size)`` RGB in [0, 1], label uint8
+        ``(size, size)`` (one 8-connected lesion, holes filled), spacing ``(mm, mm)``, no affine.
+    """
+    if size < 16:
+        raise ValueError(f"size must be >= 16, got {size}")
+    rng = np.random.default_rng(seed)
+    hw = (size, size)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+
+    # Skin: tone, blotchy redness, fine texture (skin lines).
+    t = rng.uniform(0.0, len(_SKIN_TONES) - 1.0)
+    i0 = min(int(t), len(_SKIN_TONES) - 2)
+    tone = _SKIN_TONES[i0] * (1 - (t - i0)) + _SKIN_TONES[i0 + 1] * (t - i0)
+    skin = np.broadcast_to(tone[:, None, None], (3,) + hw).copy()
+    skin *= 1.0 + _smooth_field(rng, hw, 4, 0.04)[None]
+    red = np.clip(_smooth_field(rng, hw, 5, 1.0), 0, None) * rng.uniform(0.0, 0.08)
+    skin[0] += red
+    skin[1] -= 0.6 * red
+    skin[2] -= 0.4 * red
+    sig = (rng.uniform(0.6, 1.2), rng.uniform(2.0, 5.0))
+    lines = ndimage.gaussian_filter(rng.standard_normal(hw), sig if rng.random() < 0.5 else sig[::-1])
+    skin *= 1.0 + rng.uniform(0.005, 0.025) * lines[None] / max(lines.std(), 1e-6)
+
+    # Lesion boundary: r(theta) = R0 exp(sum_k a_k cos(k theta + phi_k)), rescaled to the target area.
+    target = rng.uniform(*area_fraction) * size * size
+    # Oval overall (k = 2), a few broad lobes (k = 3..5), fine border irregularity (k up to 24).
+    ks = np.arange(2, 25)
+    amps = rng.normal(0.0, 1.0, size=ks.size) * rng.uniform(0.1, 0.25) / ks**1.3
+    amps[0] = rng.uniform(0.05, 0.25)
+    phis = rng.uniform(0, 2 * np.pi, size=ks.size)
+    theta_s = np.linspace(0, 2 * np.pi, 720, endpoint=False)
+    rel = np.exp((amps[:, None] * np.cos(ks[:, None] * theta_s[None] + phis[:, None])).sum(0))
+    r0 = np.sqrt(2 * target / (np.mean(rel**2) * 2 * np.pi))
+    rmax = r0 * rel.max()
+    margin = max(size / 2 - rmax - 2, 0)
+    cy, cx = size / 2 - 0.5 + rng.uniform(-1, 1, size=2) * min(margin, 0.12 * size)
+    theta = np.arctan2(yy - cy, xx - cx)
+    radius = np.hypot(yy - cy, xx - cx)
+    r_t = r0 * np.exp((amps[:, None, None] * np.cos(ks[:, None, None] * theta[None] + phis[:, None, None])).sum(0))
+    width = rng.uniform(0.8, 3.0) * np.exp(0.6 * _smooth_field(rng, hw, 4, 1.0))  # fuzzy border
+    alpha = 1.0 / (1.0 + np.exp(-(r_t - radius) / width))
+    label = alpha >= 0.5
+    comp, n_comp = ndimage.label(label, structure=np.ones((3, 3)))
+    if n_comp > 1:
+        label = comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
+    label = ndimage.binary_fill_holes(label)
+
+    # Lesion colour: a darker, browner version of the skin with internal structure.
+    dark = rng.uniform(0.35, 0.7)
+    tint = np.array([1.0, 0.80, 0.68], dtype=np.float32) * rng.uniform(0.9, 1.05, size=3).astype(np.float32)
+    base = tone * dark * tint
+    mottle = _smooth_field(rng, hw, int(rng.integers(4, 9)), 1.0)
+    centre_dark = np.exp(-((radius / max(r0, 1.0)) ** 2)) * rng.uniform(0.0, 0.35)
+    lesion = base[:, None, None] * (1.0 + 0.18 * mottle[None] - centre_dark[None])
+    network = ndimage.gaussian_filter(rng.standard_normal(hw), 1.2)
+    network = (network > 0.15).astype(np.float32)
+    lesion *= 1.0 - rng.uniform(0.0, 0.2) * network[None]
+    if rng.random() < 0.3:  # blue-white veil
+        veil = np.clip(_smooth_field(rng, hw, 4, 1.0) - 0.3, 0, 1)[None] * 0.6
+        lesion = lesion * (1 - veil) + veil * np.array([0.42, 0.44, 0.52], dtype=np.float32)[:, None, None] * dark * 1.4
+    image = skin * (1.0 - alpha[None]) + lesion * alpha[None]
+
+    # Hairs: dark smooth random curves.
+    hair = np.zeros(hw, dtype=np.float32)
+    for _ in range(int(rng.integers(n_hairs[0], n_hairs[1] + 1)) if rng.random() > 0.3 else 0):
+        p = rng.uniform(0, size, size=2)
+        ang = rng.uniform(0, 2 * np.pi)
+        curv = rng.normal(0.0, 0.002)
+        n_pts = int(rng.uniform(0.3, 1.2) * size / 0.4)
+        pts = np.empty((n_pts, 2))
+        for i in range(n_pts):
+            ang += curv + rng.normal(0.0, 0.004)
+            p = p + 0.4 * np.array([np.sin(ang), np.cos(ang)])
+            pts[i] = p
+        idx = np.round(pts).astype(int)
+        idx = idx[np.all((idx >= 0) & (idx < size), axis=1)]
+        h = np.zeros(hw, dtype=np.float32)
+        np.add.at(h, tuple(idx.T), 0.4)
+        thick = rng.uniform(0.5, 1.1)
+        h = ndimage.gaussian_filter(h, thick) * thick * 4.0
+        np.maximum(hair, np.clip(h, 0, 0.9), out=hair)
+    hair_rgb = np.array([0.12, 0.08, 0.06], dtype=np.float32) * rng.uniform(0.5, 1.5)
+    image = image * (1.0 - hair[None]) + hair_rgb[:, None, None] * hair[None]
+
+    # Vignetting and, sometimes, the dark rim of the dermoscope's circular field.
+    rr = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2) / (size / 2)
+    image *= (1.0 - rng.uniform(0.1, 0.35) * rr**2)[None]
+    if rng.random() < 0.3:
+        rc = rng.uniform(1.05, 1.3)
+        image *= (0.03 + 0.97 / (1.0 + np.exp((rr - rc) / 0.03)))[None]
+    image += rng.normal(0.0, rng.uniform(0.005, 0.025), size=image.shape)
+    image = np.clip(image, 0.0, 1.0).astype(np.float32)
+
+    sp = field_mm / size
+    ly, lx = np.nonzero(label)
+    return PhantomCase(
+        image=image,
+        label=label.astype(np.uint8),
+        spacing=(sp, sp),
+        channel_names=list(SKIN_CHANNELS),
+        affine=None,
+        lesions=[
+            {
+                "id": 1,
+                "center": [float(ly.mean()), float(lx.mean())],
+                "size": int(label.sum()),
+                "voxels": int(label.sum()),
+                "area_fraction": float(label.mean()),
+            }
+        ],
+        tissue=None,
+    )
