@@ -35,37 +35,37 @@ a time; the noisy mask is the union of all (changed and unchanged) lesions, so a
 merge with a neighbour. Per-lesion random parameters come from
 ``np.random.default_rng([seed, 1, case, label])``: they do not depend on which other lesions exist.
 
-=============  ==========================================================================
-mode           what happens to one lesion
-=============  ==========================================================================
-``polygon``    2D: its outer contour (``skimage.measure.find_contours`` at 0.5) is reduced to
-               ``n_vertices`` contour points at equal arc-length spacing from a seeded random
-               start, and the polygon is filled (``skimage.draw.polygon``); holes are filled.
-               3D: the same, slice by slice along axis 0 (each 8-connected piece of each
-               slice), as an annotator drawing polygons on axial slices would. Pieces whose
-               polygon would be empty (one-voxel-wide lines) keep their outline.
-``hull``       its convex hull (``skimage.morphology.convex_hull_image``: the voxels whose
-               centres lie in the hull of the lesion's voxel-face midpoints; an L of two
-               5-pixel arms becomes the 15-pixel triangle). Flat lesions are hulled in
-               their plane.
-``ellipsoid``  its bounding ellipsoid: centred on the centroid, axes along the principal axes
-               of the voxel-centre covariance (physical units, plus ``spacing²/12`` per axis
-               so one-voxel-thick lesions are not degenerate), scaled so every voxel centre of
-               the lesion lies inside; the voxels whose centres lie inside are set.
-``dilate``     binary dilation by a ball of radius ``k`` voxels (offsets with
-               ``Σ offset² ≤ k²``).
-``erode``      binary erosion by the same ball (outside the image counts as lesion, so the
-               field-of-view edge is not eroded). A lesion is never erased: if nothing
-               survives, its deepest voxel (largest Euclidean distance to the background) is
-               kept.
-``dilate_erode`` per lesion, dilate or erode by ``k`` with probability 1/2 each.
-``jitter``     an affine map about the lesion's centroid, in physical space: rotation by an
-               angle uniform in ``±max_rotation_deg`` (2D; 3D: about each axis in turn),
-               isotropic scale uniform in ``[1 - max_scale, 1 + max_scale]``, then a shift
-               uniform in ``±max_shift_vox`` voxels per axis; nearest-neighbour resampling
-               (``scipy.ndimage.affine_transform``, ``order=0``). A lesion that would vanish
-               keeps its outline.
-=============  ==========================================================================
+================  ==========================================================================
+mode              what happens to one lesion
+================  ==========================================================================
+``polygon``       2D: its outer contour (``skimage.measure.find_contours`` at 0.5) is reduced to
+                  ``n_vertices`` contour points at equal arc-length spacing from a seeded random
+                  start, and the polygon is filled (``skimage.draw.polygon``); holes are filled.
+                  3D: the same, slice by slice along axis 0 (each 8-connected piece of each
+                  slice), as an annotator drawing polygons on axial slices would. Pieces whose
+                  polygon would be empty (one-voxel-wide lines) keep their outline.
+``hull``          its convex hull (``skimage.morphology.convex_hull_image``: the voxels whose
+                  centres lie in the hull of the lesion's voxel-face midpoints; an L of two
+                  5-pixel arms becomes the 15-pixel triangle). Flat lesions are hulled in
+                  their plane.
+``ellipsoid``     its bounding ellipsoid: centred on the centroid, axes along the principal axes
+                  of the voxel-centre covariance (physical units, plus ``spacing²/12`` per axis
+                  so one-voxel-thick lesions are not degenerate), scaled so every voxel centre of
+                  the lesion lies inside; the voxels whose centres lie inside are set.
+``dilate``        binary dilation by a ball of radius ``k`` voxels (offsets with
+                  ``Σ offset² ≤ k²``).
+``erode``         binary erosion by the same ball (outside the image counts as lesion, so the
+                  field-of-view edge is not eroded). A lesion is never erased: if nothing
+                  survives, its deepest voxel (largest Euclidean distance to the background) is
+                  kept.
+``dilate_erode``  per lesion, dilate or erode by ``k`` with probability 1/2 each.
+``jitter``        an affine map about the lesion's centroid, in physical space: rotation by an
+                  angle uniform in ``±max_rotation_deg`` (2D; 3D: about each axis in turn),
+                  isotropic scale uniform in ``[1 - max_scale, 1 + max_scale]``, then a shift
+                  uniform in ``±max_shift_vox`` voxels per axis; nearest-neighbour resampling
+                  (``scipy.ndimage.affine_transform``, ``order=0``). A lesion that would vanish
+                  keeps its outline.
+================  ==========================================================================
 
 Named levels (:data:`BOUNDARY_LEVELS`), concrete parameters:
 
@@ -219,7 +219,7 @@ class BoundaryChange:
 # ----------------------------------------------------------------------------- validation helpers
 def count_to_select(rate: float, n_lesions: int) -> int:
     """``floor(rate·n_lesions + 1/2)`` (round half up, with 1e-9 slack), clipped to ``[0, n]``."""
-    n = round(rate * n_lesions)
+    n = math.floor(rate * n_lesions + 0.5 + 1e-9)
     return int(min(max(n, 0), n_lesions))
 
 

@@ -169,6 +169,19 @@ def test_candidate_threshold_extends_the_curve() -> None:
     assert lesion_metrics(probs, truths)["max_sensitivity"] == pytest.approx(0.8)
 
 
+def test_precision_of_exactly_80_percent_counts() -> None:
+    # TP .9, FP .8, TP .7, TP .6, TP .55, FP .52 and one missed lesion: 5 lesions.
+    probs, truths = ranking_cases(
+        [(0.9, True), (0.8, False), (0.7, True), (0.6, True), (0.55, True), (0.52, False)], 1
+    )
+    m = lesion_metrics(probs, truths)
+    # P = 1, 1/2, 2/3, 3/4, 4/5, 4/6 ; R = .2, .2, .4, .6, .8, .8
+    # precision >= 0.8 at k=1 (R .2) and k=5 (P = 4/5 exactly, R .8) -> 0.8
+    assert m["sensitivity_at_80_precision"] == pytest.approx(0.8)
+    # AP = 0.2*(1 + 2/3 + 3/4 + 4/5) = 0.2*3.21666.. = 0.64333..
+    assert m["ap"] == pytest.approx(0.2 * (1 + 2 / 3 + 3 / 4 + 4 / 5))
+
+
 def test_tied_scores_enter_together() -> None:
     probs, truths = ranking_cases([(0.9, True), (0.9, False)], 0, n_cases=1)
     m = lesion_metrics(probs, truths)

@@ -377,3 +377,18 @@ def test_apply_noise_dispatch_and_names() -> None:
         apply_noise(masks, {"mode": "blur"})
     with pytest.raises(NoisysegInputError, match="level"):
         apply_noise(masks, {"mode": "jitter", "level": "extreme"})
+
+
+def test_boundary_modes_3d_with_anisotropic_spacing() -> None:
+    zz, yy, xx = np.indices((12, 24, 24))
+    mask = ((zz - 6) ** 2 + ((yy - 8) / 2) ** 2 + ((xx - 8) / 2) ** 2 <= 9).astype(np.uint8)
+    mask[2:4, 18:21, 18:21] = 1  # second lesion, 18 voxels
+    for mode in BOUNDARY_MODES:
+        a, ca = corrupt_boundaries([mask], mode, level="mild", seed=5, spacings=(2.5, 0.8, 0.8))
+        b, cb = corrupt_boundaries([mask], mode, level="mild", seed=5, spacings=(2.5, 0.8, 0.8))
+        assert np.array_equal(a[0], b[0]) and ca == cb, mode
+        assert len(ca) == 2 and a[0].dtype == mask.dtype, mode
+        assert all(c.voxels_after > 0 for c in ca), mode  # boundary noise never erases a lesion
+        # mild noise keeps the big lesion recognisable
+        big = max(ca, key=lambda c: c.voxels)
+        assert big.dice > 0.5, (mode, big.dice)

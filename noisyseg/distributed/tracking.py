@@ -253,8 +253,16 @@ class RankZeroLogger:
             torch.save(payload, path)
             self._mlflow.log_artifact(str(path), artifact_path="checkpoint")
         import mlflow.pytorch
+        import monai
 
-        mlflow.pytorch.log_model(model.cpu().eval(), name="model")
+        # "pickle" needs no input example (the "pt2" default traces the graph); explicit
+        # requirements skip MLflow's slow import-capturing subprocess.
+        mlflow.pytorch.log_model(
+            model.cpu().eval(),
+            name="model",
+            serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"],
+        )
 
     def close(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)

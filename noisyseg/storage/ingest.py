@@ -132,24 +132,25 @@ def _rel_id(path: Path, folder: Path, suffixes: tuple[str, ...]) -> str | None:
 
 
 def _flag_duplicates_and_ids(specs: list[CaseSpec]) -> list[CaseSpec]:
+    """Mark unsafe ids (first: such an id is never used as a path) and duplicated ids (every
+    copy refused: which one is right is unknowable)."""
     by_id: dict[str, list[CaseSpec]] = {}
     for s in specs:
         by_id.setdefault(s.case_id, []).append(s)
     out = []
     for cid, group in by_id.items():
-        if len(group) > 1:
-            files = ", ".join(str(s.images[0]) for s in group)
-            for s in group:
+        for s in group:
+            try:
+                V.check_case_id(cid, path=str(s.images[0]))
+            except NoisysegInputError as e:
+                s.problem = e
+                continue
+            if len(group) > 1:
+                files = ", ".join(str(g.images[0]) for g in group)
                 s.problem = NoisysegInputError(
                     f"duplicate case id ({len(group)} sources: {files})", case=cid, path=str(s.images[0])
                 )
-        for s in group:
-            if s.problem is None:
-                try:
-                    V.check_case_id(cid, path=str(s.images[0]))
-                except NoisysegInputError as e:
-                    s.problem = e
-            out.append(s)
+        out.extend(group)
     return sorted(out, key=lambda s: (s.split != "train", s.case_id))
 
 
