@@ -16,9 +16,10 @@ Weights: ``w̃ = max(-g, 0)``, ``w = w̃ / Σ w̃`` over every pixel of the batc
 (no pixel's gradient helps the clean loss) the all-zero ``w̃`` is returned as is.
 
 :func:`meta_reweighted_step` is the training step: it computes the weights and makes the real
-update ``Σ_j w_j l_j(θ)`` (``w`` constant) **reusing the dual forward**: that forward also builds
-the ordinary autograd graph, so the real update needs only one more backward — per step one clean
-forward + backward, one noisy forward carrying tangents, one noisy backward.
+update ``Σ_j w_j l_j(θ)`` (``w`` constant). With ``share_forward`` the dual forward also builds
+the ordinary autograd graph, so the real update needs only one more backward (per step: one clean
+forward + backward, one noisy forward carrying tangents, one noisy backward); without it the real
+update does its own plain forward (see the function for which is faster when).
 
 BatchNorm: the clean and virtual passes run in the model's current mode but every buffer (running
 mean/var, ``num_batches_tracked``) is restored afterwards, so :func:`meta_pixel_weights` has no
@@ -54,10 +55,11 @@ from noisyseg.losses import bce_with_logits
 
 Method = Literal["fast", "reference", "head"]
 METHODS: tuple[str, ...] = ("fast", "reference", "head")
-#: Default head: the parameters of the last 4 parameter-owning modules. On the default MONAI
-#: U-Net these are the final transposed conv, its instance norm and PReLU, and the 1x1x1 output
-#: conv (the top-level output block ``model.2``).
-DEFAULT_HEAD_MODULES = 4
+#: Default head: the parameters of the last 3 parameter-owning modules. On the default MONAI
+#: U-Net these are the instance norm and PReLU after the final transposed conv and the output
+#: conv. Including the transposed conv itself (4) correlates slightly better with the exact
+#: weights but its weight gradient at full resolution costs more than the rest of the head.
+DEFAULT_HEAD_MODULES = 3
 
 PixelLoss = Callable[[Tensor, Tensor], Tensor]
 HeadSpec = int | Callable[[str], bool]
@@ -232,7 +234,8 @@ def _dual_forward(
     With ``attach`` the dual parameters are differentiable views of the real ones, so the
     returned per-pixel loss carries the ordinary autograd graph to the real parameters.
     """
-    with fwAD.dual_level():
+    grad_mode = contextlib.nullcontext() if attach else torch.no_grad()
+    with grad_mode, fwAD.dual_level():
         duals = {
             prefix + n: fwAD.make_dual(p if attach else p.detach(), tangents[n])
             for n, p in selected.items()
@@ -365,21 +368,35 @@ def meta_reweighted_step(
     method: Method = "fast",
     head: HeadSpec = DEFAULT_HEAD_MODULES,
     sync_clean_gradient: bool = False,
+    share_forward: bool | None = None,
 ) -> MetaStepResult:
     """One training step with meta pixel reweighting: weights, then the real weighted update.
 
-    ``fast``/``head``: clean forward + backward (``∇L_c``, by ``torch.autograd.grad``), then a
-    single noisy forward through ``model`` (the DDP wrapper when there is one) whose parameters
-    are dual tensors — it yields the per-pixel tangents (hence the weights) and the autograd graph
-    of the real loss — then ``optimizer.zero_grad()``, ``(Σ w_j l_j).backward()``,
-    ``optimizer.step()``. ``reference``: :func:`meta_pixel_weights` then an ordinary weighted
-    forward/backward/step. Arguments as in :func:`meta_pixel_weights`.
+    ``fast``/``head``: clean forward + backward (``v = ∇L_c`` by ``torch.autograd.grad``, so no
+    ``.grad`` is touched and DDP does not all-reduce it), then the noisy batch:
+
+    * ``share_forward=True`` (default for ``head``): one noisy forward through ``model`` (the DDP
+      wrapper when there is one) whose parameters are dual tensors — differentiable views of the
+      real parameters — gives the tangents (hence the weights) *and* the autograd graph of the
+      real loss; then the weighted backward.
+    * ``share_forward=False`` (default for ``fast``): a gradient-free dual forward for the
+      tangents, then an ordinary forward/backward through ``model``. Measured faster on CPU
+      for full-network tangents: with the graph on, autograd also records every tangent
+      operation (the primal inputs of the JVP formulas require grad), which costs more than the
+      plain forward it saves (benchmarks/RESULTS.md).
+
+    Then ``optimizer.zero_grad()``, ``(Σ w_j l_j).backward()``, ``optimizer.step()``.
+    ``reference``: :func:`meta_pixel_weights` then an ordinary weighted forward/backward/step.
+    Arguments as in :func:`meta_pixel_weights`. The model's running stats (BatchNorm) are
+    updated once, by the real noisy forward.
     """
     _check_batches(noisy_images, noisy_labels, clean_images, clean_labels, inner_lr)
     per_pixel = _pixel_loss(loss)
     inner = _unwrap(model)
     selected = _selected(inner, method, head)
     clean_loss = float("nan")
+    if share_forward is None:
+        share_forward = method == "head"
     if method == "reference":
         weights = meta_pixel_weights(
             model, noisy_images, noisy_labels, clean_images, clean_labels,
@@ -390,10 +407,19 @@ def meta_reweighted_step(
         tangents, clean_loss = _clean_gradient(
             inner, selected, clean_images, clean_labels, per_pixel, sync_clean_gradient
         )
-        prefix = "module." if inner is not model else ""
-        per, tangent = _dual_forward(
-            model, prefix, selected, tangents, noisy_images, noisy_labels, per_pixel, attach=True
-        )
+        if share_forward:
+            prefix = "module." if inner is not model else ""
+            per, tangent = _dual_forward(
+                model, prefix, selected, tangents, noisy_images, noisy_labels, per_pixel,
+                attach=True,
+            )
+        else:
+            with preserved_buffers(inner):
+                _, tangent = _dual_forward(
+                    inner, "", selected, tangents, noisy_images, noisy_labels, per_pixel,
+                    attach=False,
+                )
+            per = per_pixel(model(noisy_images), noisy_labels)
         weights = _normalise(inner_lr * tangent)
     weighted = (weights * per).sum()
     optimizer.zero_grad(set_to_none=True)

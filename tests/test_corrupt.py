@@ -118,7 +118,11 @@ def test_censor_half_dataset_scope(store_url: str, mode: str) -> None:
 
     # the in-memory reference makes the very same choice
     ref, _ = noise.censor_lesions(
-        truths, 0.5, mode=mode, seed=3, scope="dataset",
+        truths,
+        0.5,
+        mode=mode,
+        seed=3,
+        scope="dataset",
         spacings=[store.spacing(c) for c in ids],
     )
     for r, m in zip(ref, noisy):
@@ -146,7 +150,7 @@ def test_lesion_table_records_removed(store_url: str) -> None:
 
 
 def test_case_scope_matches_noise(store_url: str) -> None:
-    ids, truths = read_sets(store_url, "truth")
+    _ids, truths = read_sets(store_url, "truth")
     report = corrupt_store(store_url, mode="random", rate=0.3, seed=7, scope="case", progress=False)
     _, noisy = read_sets(store_url, report.name)
     ref, _ = noise.censor_lesions(truths, 0.3, mode="random", seed=7, scope="case")
@@ -160,7 +164,9 @@ def test_deterministic_and_seed_dependent(tmp_path: Path) -> None:
     a = make_store(tmp_path / "a")
     b = make_store(tmp_path / "b")
     corrupt_store(a, mode="random", rate=0.5, seed=0, name="x", progress=False)
-    corrupt_store(b, mode="random", rate=0.5, seed=0, name="x", scheduler="synchronous", progress=False)
+    corrupt_store(
+        b, mode="random", rate=0.5, seed=0, name="x", scheduler="synchronous", progress=False
+    )
     corrupt_store(b, mode="random", rate=0.5, seed=1, name="y", progress=False)
     _, xa = read_sets(a, "x")
     _, xb = read_sets(b, "x")
@@ -170,7 +176,7 @@ def test_deterministic_and_seed_dependent(tmp_path: Path) -> None:
 
 
 def test_rate_zero_and_one(store_url: str) -> None:
-    ids, truths = read_sets(store_url, "truth")
+    _ids, truths = read_sets(store_url, "truth")
     corrupt_store(store_url, mode="size", rate=0.0, name="none", progress=False)
     corrupt_store(store_url, mode="size", rate=1.0, name="all", progress=False)
     _, none = read_sets(store_url, "none")
@@ -182,7 +188,9 @@ def test_rate_zero_and_one(store_url: str) -> None:
 def test_censor_from_censored_set(store_url: str) -> None:
     """A censored set keeps its source's lesion ids; censoring it again matches by geometry."""
     corrupt_store(store_url, mode="random", rate=0.5, seed=0, name="half", progress=False)
-    report = corrupt_store(store_url, source="half", mode="size", rate=0.5, name="quarter", progress=False)
+    report = corrupt_store(
+        store_url, source="half", mode="size", rate=0.5, name="quarter", progress=False
+    )
     _, half = read_sets(store_url, "half")
     _, quarter = read_sets(store_url, "quarter")
     k = sum(components(m)[1] for m in half)
@@ -193,7 +201,7 @@ def test_censor_from_censored_set(store_url: str) -> None:
 
 def test_boundary_dilate(store_url: str) -> None:
     before = truth_hashes(store_url)
-    ids, truths = read_sets(store_url, "truth")
+    _ids, truths = read_sets(store_url, "truth")
     report = corrupt_store(store_url, mode="dilate", level="mild", progress=False)
     assert report.name == "dilate-mild-1.00-s0"
     _, noisy = read_sets(store_url, report.name)
@@ -252,8 +260,15 @@ def test_failure_midway_registers_nothing(store_url: str) -> None:
     store.register_label_set("partial", records, {"note": "last case missing"})
     before = truth_hashes(store_url)
     with pytest.raises(NoisysegInputError, match="missing"):
-        corrupt_store(store_url, source="partial", mode="random", rate=0.5, name="broken",
-                      scheduler="synchronous", progress=False)
+        corrupt_store(
+            store_url,
+            source="partial",
+            mode="random",
+            rate=0.5,
+            name="broken",
+            scheduler="synchronous",
+            progress=False,
+        )
     store = VolumeStore.open(store_url)
     assert "broken" not in store.label_sets()
     assert len(store.lesion_table("broken")) == 0
@@ -284,8 +299,9 @@ def test_select_censored_from_table_only() -> None:
 
 
 def test_processes_scheduler_and_statistics(store_url: str) -> None:
-    report = corrupt_store(store_url, mode="random", rate=0.5, scheduler="processes",
-                           num_workers=2, progress=False)
+    report = corrupt_store(
+        store_url, mode="random", rate=0.5, scheduler="processes", num_workers=2, progress=False
+    )
     ids, noisy = read_sets(store_url, report.name)
     stats = lesion_statistics(store_url, report.name, split="train")
     assert stats["lesions"] == sum(components(m)[1] for m in noisy) == report.lesions_result
@@ -297,22 +313,88 @@ def test_processes_scheduler_and_statistics(store_url: str) -> None:
 def test_ray_scheduler(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(NoisysegInputError, match="needs a Ray connection"):
         corrupt_store(store_url, mode="random", rate=0.5, scheduler="ray", progress=False)
     ray.init(
-        address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+        address="local",
+        num_cpus=2,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
         runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
         log_to_driver=False,
     )
     try:
-        report = corrupt_store(store_url, mode="size", rate=0.5, seed=2, scheduler="ray", progress=False)
+        report = corrupt_store(
+            store_url, mode="size", rate=0.5, seed=2, scheduler="ray", progress=False
+        )
     finally:
         ray.shutdown()
     ids, truths = read_sets(store_url, "truth")
     _, noisy = read_sets(store_url, report.name)
     store = VolumeStore.open(store_url)
-    ref, _ = noise.censor_lesions(truths, 0.5, mode="size", seed=2,
-                                  spacings=[store.spacing(c) for c in ids])
+    ref, _ = noise.censor_lesions(
+        truths, 0.5, mode="size", seed=2, spacings=[store.spacing(c) for c in ids]
+    )
     assert all(np.array_equal(r, m) for r, m in zip(ref, noisy))
     assert report.name in store.label_sets()
     assert os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
+def test_cli_corrupt_on_synth_brain_store(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The issue's check on phantoms: `noisyseg corrupt` at rate 0.5, random and size."""
+    from noisyseg.cli import main
+    from noisyseg.storage.commands import synth_store
+
+    url = str(tmp_path / "brain.zarr")
+    synth_store(
+        url,
+        kind="brain-mets",
+        cases=4,
+        seed=0,
+        test_fraction=0.0,
+        val_fraction=0.0,
+        generator_opts={"shape": (40, 48, 40)},
+        progress=False,
+    )
+    before = truth_hashes(url)
+    ids, truths = read_sets(url, "truth")
+    k = sum(components(t)[1] for t in truths)
+    assert k >= 8
+    assert main(["corrupt", url, "--mode", "random", "--rate", "0.5", "--no-progress"]) == 0
+    assert main(["corrupt", url, "--mode", "size", "--rate", "0.5", "--no-progress"]) == 0
+    assert "censor-size-0.50-s0" in capsys.readouterr().out
+    _, rand = read_sets(url, "censor-random-0.50-s0")
+    _, size = read_sets(url, "censor-size-0.50-s0")
+    n = int(np.floor(0.5 * k + 0.5))
+    assert sum(components(m)[1] for m in rand) == k - n
+    assert sum(components(m)[1] for m in size) == k - n
+    store = VolumeStore.open(url)
+    removed, kept = [], []
+    for cid, t, m in zip(ids, truths, size):
+        lab, nl = components(t)
+        vox = float(np.prod(store.spacing(cid)))
+        for j in range(1, nl + 1):
+            comp = lab == j
+            (kept if m[comp].all() else removed).append(comp.sum() * vox)
+    assert len(removed) == n and max(removed) <= min(kept)
+    assert truth_hashes(url) == before
+    # an existing name is refused with one line and exit status 2
+    assert main(["corrupt", url, "--mode", "size", "--rate", "0.5", "--no-progress"]) == 2
+    assert main(["corrupt", url, "--mode", "size", "--rate", "2", "--no-progress"]) == 2
+
+
+def test_skin_store_2d_eight_connectivity(tmp_path: Path) -> None:
+    from noisyseg.storage.commands import synth_store
+
+    url = str(tmp_path / "skin.zarr")
+    synth_store(
+        url, kind="skin", cases=7, seed=1, test_fraction=0.0, val_fraction=0.0, progress=False
+    )
+    _ids, truths = read_sets(url, "truth")
+    k = sum(ndi.label(t, structure=np.ones((3, 3)))[1] for t in truths)
+    report = corrupt_store(url, mode="random", rate=0.5, seed=0, progress=False)
+    _, noisy = read_sets(url, report.name)
+    assert sum(ndi.label(m, structure=np.ones((3, 3)))[1] for m in noisy) == k - int(
+        np.floor(0.5 * k + 0.5)
+    )

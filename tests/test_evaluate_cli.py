@@ -194,6 +194,24 @@ def _expected(model: nn.Module, store: VolumeStore, case_id: str) -> np.ndarray:
     return predict_volume(model, store.image(case_id), roi_size=(ROI,) * 3, overlap=0.5)
 
 
+def _expected_metrics(model: nn.Module, store: VolumeStore) -> dict:
+    cases = store.case_ids(split="test")
+    return lesion_metrics(
+        [_expected(model, store, c) for c in cases], [store.labels(c)[...] for c in cases],
+        spacings=[SPACING] * len(cases), threshold=0.5, candidate_threshold=0.05,
+    )
+
+
+def _assert_metrics_match(reported: dict, expected: dict) -> None:
+    keys = ("max_sensitivity", "sensitivity", "ap", "fp_per_case", "dice",
+            "sensitivity_at_80_precision", "n_lesions", "n_candidates")
+    for key in keys:
+        if isinstance(expected[key], float) and np.isnan(expected[key]):
+            assert reported[key] is None, key  # NaN is written as JSON null
+        else:
+            assert reported[key] == pytest.approx(expected[key], abs=1e-6), key
+
+
 def test_predict_cli_in_process_writes_store(store_url, checkpoint_file, capsys):
     path, model = checkpoint_file
     rc = main(["predict", "--store", store_url, "--checkpoint", str(path), "--name", "local",
@@ -211,7 +229,7 @@ def test_predict_cli_in_process_writes_store(store_url, checkpoint_file, capsys)
 
 
 @pytest.mark.integration
-def test_predict_cli_on_ray_two_workers_matches(store_url, checkpoint_file, ray_cluster):
+def test_predict_cli_on_ray_two_workers_matches(store_url, checkpoint_file, ray_cluster, tmp_path):
     path, model = checkpoint_file
     rc = main(["predict", "--store", store_url, "--checkpoint", str(path), "--name", "ray",
                "--split", "test", "--workers", "2", "--device", "cpu"])
@@ -222,6 +240,14 @@ def test_predict_cli_on_ray_two_workers_matches(store_url, checkpoint_file, ray_
         np.testing.assert_allclose(got, _expected(model, store, case_id), rtol=0, atol=1e-6)
     with pytest.raises(NoisysegInputError):
         read_prediction(store, "case3", "ray")  # train split not predicted
+
+    # evaluate with the predictions made on Ray gives the in-process numbers
+    output = tmp_path / "ray_eval.json"
+    rc = main(["evaluate", "--store", store_url, "--checkpoint", str(path), "--workers", "2",
+               "--output", str(output), "--device", "cpu"])
+    assert rc == 0
+    report = json.loads(output.read_text())
+    _assert_metrics_match(report["metrics"], _expected_metrics(model, store))
 
 
 def test_predict_cli_nifti(store_url, checkpoint_file, tmp_path):
@@ -276,7 +302,8 @@ def test_predict_cli_bad_input(store_url, checkpoint_file, tmp_path, capsys):
 def test_console_script_reports_one_line(tmp_path):
     script = Path(sys.executable).with_name("noisyseg")
     proc = subprocess.run([str(script), "predict", "--store", str(tmp_path / "missing.zarr"),
-                           "--run-id", "0123456789abcdef"], capture_output=True, text=True,
+                           "--run-id", "0123456789abcdef"], check=False, capture_output=True,
+                          text=True,
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("noisyseg predict: error:")
@@ -309,15 +336,8 @@ def test_evaluate_cli_logs_to_mlflow_run(store_url, checkpoint_file, mlflow_uri,
     assert report["cases"] == cases and report["step"] == 3
 
     # the same numbers from the library, computed here from in-process predictions
-    expected = lesion_metrics(
-        [_expected(model, store, c) for c in cases], [store.labels(c)[...] for c in cases],
-        spacings=[SPACING] * len(cases), threshold=0.5, candidate_threshold=0.05,
-    )
-    for key in ("max_sensitivity", "sensitivity", "ap", "fp_per_case", "dice",
-                "sensitivity_at_80_precision"):
-        assert report["metrics"][key] == pytest.approx(expected[key], abs=1e-9, nan_ok=True) or (
-            report["metrics"][key] is None and np.isnan(expected[key])
-        )
+    expected = _expected_metrics(model, store)
+    _assert_metrics_match(report["metrics"], expected)
 
     logged = client.get_run(run.info.run_id).data.metrics
     assert logged["eval_test_dice"] == pytest.approx(expected["dice"])

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 NOISYSEG = REPO / ".venv" / "bin" / "noisyseg"
 
 
-def write_nifti(path: Path, data: np.ndarray, zooms=ZOOMS, affine: np.ndarray | None = None) -> None:
+def write_nifti(
+    path: Path, data: np.ndarray, zooms=ZOOMS, affine: np.ndarray | None = None
+) -> None:
     if affine is None:
         affine = np.diag([*zooms[:3], 1.0])
         affine[:3, 3] = [-12.0, 7.5, 30.0]
@@ -36,7 +37,10 @@ def write_nifti(path: Path, data: np.ndarray, zooms=ZOOMS, affine: np.ndarray | 
 
 def make_case(rng: np.random.Generator, n_channels: int = 2):
     """Image channels (x, y, z) float32 and a binary label (x, y, z) uint8."""
-    chans = [rng.normal(100.0 * (c + 1), 20.0, size=SHAPE_XYZ).astype(np.float32) for c in range(n_channels)]
+    chans = [
+        rng.normal(100.0 * (c + 1), 20.0, size=SHAPE_XYZ).astype(np.float32)
+        for c in range(n_channels)
+    ]
     label = np.zeros(SHAPE_XYZ, np.uint8)
     x, y, z = rng.integers(2, 10, size=3)
     label[x : x + 4, y : y + 3, z : z + 2] = 1
@@ -49,10 +53,19 @@ def make_msd(root: Path, case_ids, seed: int = 0, test_ids=()) -> dict:
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(exist_ok=True)
     (root / "dataset.json").write_text(
-        json.dumps({"channel_names": {"0": "T1c", "1": "FLAIR"}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".nii.gz"})
+        json.dumps(
+            {
+                "channel_names": {"0": "T1c", "1": "FLAIR"},
+                "labels": {"background": 0, "lesion": 1},
+                "file_ending": ".nii.gz",
+            }
+        )
     )
     cases = {}
-    for split_dir, lab_dir, ids in (("imagesTr", "labelsTr", case_ids), ("imagesTs", "labelsTs", test_ids)):
+    for split_dir, lab_dir, ids in (
+        ("imagesTr", "labelsTr", case_ids),
+        ("imagesTs", "labelsTs", test_ids),
+    ):
         if ids:
             (root / split_dir).mkdir(exist_ok=True)
             (root / lab_dir).mkdir(exist_ok=True)
@@ -93,12 +106,19 @@ def test_ingest_msd_roundtrip_and_ome_reader(tmp_path):
         assert_case_exact(store, cid, chans, label)
         assert store.spacing(cid) == (3.0, 1.25, 0.5)
     aff = store.case_info("brain_002")["affine"]
-    np.testing.assert_array_equal(aff, nib.load(str(src / "imagesTr" / "brain_002_0000.nii.gz")).affine)
+    np.testing.assert_array_equal(
+        aff, nib.load(str(src / "imagesTr" / "brain_002_0000.nii.gz")).affine
+    )
     assert store.index()["n_lesions_truth"].tolist() == [1, 1, 1, 1]
     assert set(store.lesion_table("truth")["voxels"]) == {24}
     nodes = list(Reader(parse_url(os.path.join(store.root, "cases", "brain_001")))())
     md = nodes[0].metadata
-    assert [(a["name"], a["type"]) for a in md["axes"]] == [("c", "channel"), ("z", "space"), ("y", "space"), ("x", "space")]
+    assert [(a["name"], a["type"]) for a in md["axes"]] == [
+        ("c", "channel"),
+        ("z", "space"),
+        ("y", "space"),
+        ("x", "space"),
+    ]
     assert md["coordinateTransformations"][0][0]["scale"] == [1.0, 3.0, 1.25, 0.5]
     # a second run has nothing to do
     again = ingest_folder(src, url, progress=False)
@@ -109,7 +129,9 @@ def test_ingest_msd_single_4d_file(tmp_path):
     src = tmp_path / "Task01"
     (src / "imagesTr").mkdir(parents=True)
     (src / "labelsTr").mkdir()
-    (src / "dataset.json").write_text(json.dumps({"modality": {"0": "FLAIR", "1": "T1w", "2": "T1gd"}}))
+    (src / "dataset.json").write_text(
+        json.dumps({"modality": {"0": "FLAIR", "1": "T1w", "2": "T1gd"}})
+    )
     rng = np.random.default_rng(3)
     vol = rng.integers(0, 1000, size=(*SHAPE_XYZ, 3)).astype(np.int16)
     write_nifti(src / "imagesTr" / "BRATS_001.nii.gz", vol, zooms=(*ZOOMS, 1.0))
@@ -119,7 +141,9 @@ def test_ingest_msd_single_4d_file(tmp_path):
     assert report.ok, [f.line() for f in report.failed]
     store = VolumeStore.open(str(tmp_path / "s.zarr"))
     assert store.channel_names == ["FLAIR", "T1w", "T1gd"]
-    np.testing.assert_array_equal(store.image("BRATS_001")[:], vol.transpose(3, 2, 1, 0).astype(np.float32))
+    np.testing.assert_array_equal(
+        store.image("BRATS_001")[:], vol.transpose(3, 2, 1, 0).astype(np.float32)
+    )
 
 
 def make_2d(root: Path, ids, seed: int = 0, isic: bool = True) -> dict:
@@ -155,7 +179,7 @@ def test_ingest_2d_png_roundtrip_and_ome_reader(tmp_path):
         np.testing.assert_array_equal(img, rgb.transpose(2, 0, 1).astype(np.float32))
         np.testing.assert_array_equal(store.labels(cid)[:], (mask == 255).astype(np.uint8))
     assert store.lesion_table("truth")["voxels"].tolist() == [150, 150]
-    md = list(Reader(parse_url(os.path.join(store.root, "cases", "ISIC_0000001")))())[0].metadata
+    md = next(iter(Reader(parse_url(os.path.join(store.root, "cases", "ISIC_0000001")))())).metadata
     assert [a["name"] for a in md["axes"]] == ["c", "y", "x"]
     assert md["coordinateTransformations"][0][0]["scale"] == [1.0, 1.0, 1.0]
 
@@ -262,10 +286,15 @@ def test_bad_2d_mask_and_duplicate(tmp_path):
     mask[5:6, 5:6] = 255
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(src / "images" / "grey_mask.png")
     Image.fromarray(mask).save(src / "masks" / "grey_mask.png")
-    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(src / "images" / "ok_2.jpg")  # duplicate id
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(
+        src / "images" / "ok_2.jpg"
+    )  # duplicate id
     report = ingest_folder(src, str(tmp_path / "s.zarr"), progress=False)
     lines = sorted(f.line() for f in report.failed)
-    assert any(ln.startswith("case grey_mask: ") and "mask is not binary (values 0, 128, 255" in ln for ln in lines)
+    assert any(
+        ln.startswith("case grey_mask: ") and "mask is not binary (values 0, 128, 255" in ln
+        for ln in lines
+    )
     assert sum(ln.startswith("case ok_2: ") and "duplicate case id" in ln for ln in lines) == 2
     store = VolumeStore.open(str(tmp_path / "s.zarr"))
     assert store.case_ids() == ["ok_1"]
@@ -292,7 +321,12 @@ def test_sigkill_midway_then_rerun_completes(tmp_path):
     src = tmp_path / "src"
     cases = make_msd(src, ids, seed=5)
     url = str(tmp_path / "s.zarr")
-    env = {**os.environ, "NOISYSEG_TEST_SLOW_INGEST": "0.5"}
+    # slow down each case, and pause each one between its arrays and its commit
+    env = {
+        **os.environ,
+        "NOISYSEG_TEST_SLOW_INGEST": "0.2",
+        "NOISYSEG_TEST_PAUSE_BEFORE_COMMIT": "0.5",
+    }
     proc = subprocess.Popen(
         [str(NOISYSEG), "ingest", str(src), url, "--no-progress"],
         env=env,
@@ -301,26 +335,42 @@ def test_sigkill_midway_then_rerun_completes(tmp_path):
         start_new_session=True,
     )
     journal = Path(url) / "index" / "journal"
-    deadline = time.monotonic() + 60
+    staging = Path(url) / ".staging"
+
+    def n_committed() -> int:
+        return len([p for p in journal.iterdir() if p.suffix == ".json"]) if journal.is_dir() else 0
+
+    def staged() -> list[str]:
+        return (
+            [p.name for p in staging.iterdir() if p.name != "zarr.json"] if staging.is_dir() else []
+        )
+
+    deadline = time.monotonic() + 90
     try:
+        # kill once 2 cases are committed and the 3rd is written but not committed
         while time.monotonic() < deadline:
-            if journal.is_dir() and len([p for p in journal.iterdir() if p.suffix == ".json"]) >= 2:
+            if n_committed() >= 2 and staged():
                 break
             assert proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
+            time.sleep(0.02)
         else:
             pytest.fail("ingest made no progress")
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    assert staged(), "the kill should land with a case half-written in staging"
     store = VolumeStore.open(url)
     partial = store.case_ids()
     assert 2 <= len(partial) < len(ids)
     for cid in partial:  # whatever is visible is complete and exact
         assert_case_exact(store, cid, *cases[cid])
     rerun = subprocess.run(
-        [str(NOISYSEG), "ingest", str(src), url, "--no-progress"], capture_output=True, text=True, timeout=120
+        [str(NOISYSEG), "ingest", str(src), url, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert rerun.returncode == 0, rerun.stderr
     assert f"skipped {len(partial)} already in store" in rerun.stdout
@@ -330,6 +380,5 @@ def test_sigkill_midway_then_rerun_completes(tmp_path):
         assert_case_exact(store, cid, *cases[cid])
     assert store.index()["n_lesions_truth"].tolist() == [1] * len(ids)
     assert len(store.lesion_table("truth")) == len(ids)
-    staging = Path(url) / ".staging"
-    assert not staging.exists() or [p.name for p in staging.iterdir()] in ([], ["zarr.json"])
+    assert staged() == []
     assert sorted(p.name for p in (Path(url) / "cases").iterdir() if p.is_dir()) == ids

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +33,9 @@ def _case3(seed: int = 0, shape=(16, 20, 24)):
 
 @pytest.fixture
 def store(tmp_path):
-    return VolumeStore.create(str(tmp_path / "s.zarr"), spatial_dims=3, channel_names=["t1", "flair"])
+    return VolumeStore.create(
+        str(tmp_path / "s.zarr"), spatial_dims=3, channel_names=["t1", "flair"]
+    )
 
 
 def test_chunk_shape_hand_values():
@@ -70,7 +73,9 @@ def test_roundtrip_lazy_arrays_and_metadata(store):
     image, label = _case3()
     affine = np.diag([0.5, 1.25, 3.0, 1.0])
     affine[:3, 3] = [-10.0, 20.0, 5.5]
-    store.write_case("case-1", image, {"truth": label}, spacing=SPACING3, affine=affine, source="x.nii.gz")
+    store.write_case(
+        "case-1", image, {"truth": label}, spacing=SPACING3, affine=affine, source="x.nii.gz"
+    )
     arr = store.image("case-1")
     assert isinstance(arr, zarr.Array) and arr.shape == (2, 16, 20, 24) and arr.dtype == np.float32
     assert arr.chunks == (1, 16, 20, 24)  # clipped ~1 MiB chunk
@@ -85,13 +90,13 @@ def test_roundtrip_lazy_arrays_and_metadata(store):
     assert info["shape"] == (16, 20, 24) and info["split"] == "train" and info["clean"] is False
     assert info["label_sets"] == ["truth"] and info["source"] == "x.nii.gz"
     # OME-Zarr 0.5 metadata as written on disk
-    doc = json.load(open(os.path.join(store.root, "cases", "case-1", "zarr.json")))
+    doc = json.loads(Path(store.root, "cases", "case-1", "zarr.json").read_text())
     ome = doc["attributes"]["ome"]
     assert ome["version"] == "0.5"
     ms = ome["multiscales"][0]
     assert [a["name"] for a in ms["axes"]] == ["c", "z", "y", "x"]
     assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, *SPACING3]
-    lab_doc = json.load(open(os.path.join(store.root, "cases", "case-1", "labels", "zarr.json")))
+    lab_doc = json.loads(Path(store.root, "cases", "case-1", "labels", "zarr.json").read_text())
     assert lab_doc["attributes"]["ome"]["labels"] == ["truth"]
 
 
@@ -155,7 +160,12 @@ def test_lesion_records_2d_eight_connectivity():
 def test_write_case_validation_names_case_and_rule(store, bad, rule):
     image, label = _case3()
     store.write_case("good", image, {"truth": label}, spacing=SPACING3)
-    kw = dict(case_id="bad-1", image=image.copy(), labels={"truth": label.copy()}, spacing=SPACING3)
+    kw = {
+        "case_id": "bad-1",
+        "image": image.copy(),
+        "labels": {"truth": label.copy()},
+        "spacing": SPACING3,
+    }
     if bad == "nan":
         kw["image"][0, 1, 2, 3] = np.nan
     elif bad == "nonbinary":
@@ -198,7 +208,7 @@ def test_interrupted_write_is_invisible_and_rewritable(store):
     # Crash state 2: a half-written staging directory.
     staging = os.path.join(store.root, ".staging", f"c3-{uuid.uuid4().hex[:12]}")
     os.makedirs(staging)
-    open(os.path.join(staging, "zarr.json"), "w").write("{")
+    Path(staging, "zarr.json").write_text("{")
     reopened = VolumeStore.open(store.url, "r+")
     assert reopened.case_ids() == ["c1"] and not reopened.has_case("c2")
     assert len(reopened.index()) == 1 and set(reopened.lesion_table()["case_id"]) == {"c1"}
@@ -212,7 +222,7 @@ def test_label_sets_never_touch_truth(store):
     image, label = _case3()
     store.write_case("c1", image, {"truth": label}, spacing=SPACING3)
     store.write_case("c2", image, {"truth": label}, spacing=SPACING3)
-    truth_chunk = open(os.path.join(store.root, "cases/c1/labels/truth/0/c/0/0/0"), "rb").read()
+    truth_chunk = Path(os.path.join(store.root, "cases/c1/labels/truth/0/c/0/0/0")).read_bytes()
     with pytest.raises(NoisysegInputError, match="truth"):
         store.write_label_set("c1", "truth", label * 0)
     with pytest.raises(NoisysegInputError, match="unsafe label set name"):
@@ -225,12 +235,16 @@ def test_label_sets_never_touch_truth(store):
     ]
     out = store.write_label_set("c1", "censor-random-0.50-s0", censored, records=records)
     assert [r["case_id"] for r in out] == ["c1", "c1"]
-    with pytest.raises(NoisysegInputError, match="case c1: label set 'censor-random-0.50-s0' already exists"):
+    with pytest.raises(
+        NoisysegInputError, match="case c1: label set 'censor-random-0.50-s0' already exists"
+    ):
         store.write_label_set("c1", "censor-random-0.50-s0", label)
     out2 = store.write_label_set("c2", "censor-random-0.50-s0", label)  # records computed
     assert [r["voxels"] for r in out2] == [27, 2]
     store.register_label_set(
-        "censor-random-0.50-s0", {"c1": out, "c2": out2}, {"mode": "random", "rate": 0.5, "seed": 0, "source": "truth"}
+        "censor-random-0.50-s0",
+        {"c1": out, "c2": out2},
+        {"mode": "random", "rate": 0.5, "seed": 0, "source": "truth"},
     )
     assert store.label_sets() == ["truth", "censor-random-0.50-s0"]
     assert store.label_set_info("censor-random-0.50-s0")["params"]["rate"] == 0.5
@@ -243,17 +257,24 @@ def test_label_sets_never_touch_truth(store):
     assert len(store.lesion_table()) == 8
     np.testing.assert_array_equal(store.labels("c1", "censor-random-0.50-s0")[:], censored)
     np.testing.assert_array_equal(store.labels("c1")[:], label)
-    assert open(os.path.join(store.root, "cases/c1/labels/truth/0/c/0/0/0"), "rb").read() == truth_chunk
+    assert (
+        Path(os.path.join(store.root, "cases/c1/labels/truth/0/c/0/0/0")).read_bytes()
+        == truth_chunk
+    )
     with pytest.raises(NoisysegInputError, match="case c1: .*label set 'nope' missing"):
         store.labels("c1", "nope")
     assert store.case_info("c1")["label_sets"] == ["truth", "censor-random-0.50-s0"]
-    assert not [n for n in os.listdir(os.path.join(store.root, "cases/c1/labels")) if n.startswith(".tmp")]
+    assert not [
+        n for n in os.listdir(os.path.join(store.root, "cases/c1/labels")) if n.startswith(".tmp")
+    ]
 
 
 def test_splits_clean_flags_and_compaction(store):
     image, label = _case3(shape=(4, 5, 6))
     for i in range(5):
-        store.write_case(f"c{i}", image, {"truth": label}, spacing=(1, 1, 1), split="test" if i == 4 else "train")
+        store.write_case(
+            f"c{i}", image, {"truth": label}, spacing=(1, 1, 1), split="test" if i == 4 else "train"
+        )
     before = store.index()
     assert store.compact() == 5
     assert os.listdir(os.path.join(store.root, "index", "journal")) == []

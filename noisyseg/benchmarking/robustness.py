@@ -283,7 +283,8 @@ class RobustnessBenchmark:
     Args:
         settings: sizes (:func:`settings_for`).
         workdir: where the store, Ray checkpoints and (by default) the MLflow database live.
-        tracking_uri: MLflow URI; default the embedded ``sqlite:///<workdir>/mlflow.db``.
+        tracking_uri: MLflow URI; default ``MLFLOW_TRACKING_URI``, else the embedded
+            ``sqlite:///<cwd>/mlflow.db`` that ``noisyseg train`` uses too.
         experiment: MLflow experiment of the training runs and the summary run.
         print_fn: terminal output.
     """
@@ -301,11 +302,9 @@ class RobustnessBenchmark:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.store_url = str(self.workdir / f"{settings.kind}-{settings.size}-s{settings.seed}.zarr")
-        self.tracking_uri = (
-            tracking_uri
-            or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{self.workdir / 'mlflow.db'}"
-        )
+        from noisyseg.distributed.tracking import resolve_tracking_uri
+
+        self.tracking_uri = tracking_uri or resolve_tracking_uri()
         self.experiment = experiment or f"noisyseg-robustness-{settings.kind}"
         self.print = print_fn
         self.stamp = time.strftime("%Y%m%d-%H%M%S")

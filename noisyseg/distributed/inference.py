@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -130,7 +130,7 @@ def normalize_image(
 # Sliding-window prediction
 
 
-def _autocast(device: "torch.device", amp: AmpName):
+def _autocast(device: torch.device, amp: AmpName):
     import contextlib
 
     import torch
@@ -142,7 +142,7 @@ def _autocast(device: "torch.device", amp: AmpName):
 
 
 def predict_volume(
-    model: "nn.Module",
+    model: nn.Module,
     image: Any,
     *,
     roi_size: Sequence[int],
@@ -247,7 +247,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def model_from_checkpoint(
     checkpoint: dict[str, Any], *, source: str = "checkpoint"
-) -> tuple["nn.Module", "UNetSpec"]:
+) -> tuple[nn.Module, UNetSpec]:
     """Build the U-Net described by ``checkpoint["unet_spec"]`` and load ``checkpoint["model"]``."""
     from noisyseg.models import UNetSpec, build_unet
 
@@ -309,7 +309,7 @@ def load_checkpoint(source: str | os.PathLike) -> dict[str, Any]:
         return load_checkpoint_file(download_run_checkpoint(str(source), tmp))
 
 
-def load_trained_model(source: str | os.PathLike) -> tuple["nn.Module", "UNetSpec", dict]:
+def load_trained_model(source: str | os.PathLike) -> tuple[nn.Module, UNetSpec, dict]:
     """Load a trained U-Net (in eval mode, on CPU).
 
     Args:
@@ -346,7 +346,7 @@ def roi_from_config(config: dict, spatial_dims: int, default: int | None = None)
     return size
 
 
-def check_roi(roi_size: Sequence[int], spec: "UNetSpec") -> tuple[int, ...]:
+def check_roi(roi_size: Sequence[int], spec: UNetSpec) -> tuple[int, ...]:
     """Validate a window against the network: right number of dims, multiples of its divisor."""
     roi = tuple(int(r) for r in roi_size)
     if len(roi) != spec.spatial_dims:
@@ -375,7 +375,7 @@ def check_cases(store: Any, case_ids: Sequence[str], *, store_path: str | None =
     return list(case_ids)
 
 
-def check_channels(store: Any, spec: "UNetSpec", *, store_path: str | None = None) -> None:
+def check_channels(store: Any, spec: UNetSpec, *, store_path: str | None = None) -> None:
     """The network's input channels and dimensionality must match the store's images."""
     channels = len(store.channel_names)
     if channels != spec.in_channels:
@@ -543,7 +543,7 @@ def _scalar(value: Any) -> float | None:
 
 
 def evaluate_cases(
-    model: "nn.Module",
+    model: nn.Module,
     store: Any,
     case_ids: Sequence[str],
     *,
@@ -559,6 +559,7 @@ def evaluate_cases(
     size_bins: Sequence[float] | None = None,
     keep_probabilities: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    probabilities: Mapping[str, np.ndarray] | None = None,
 ) -> EvaluationResult:
     """Predict every case and score lesion detection against ``label_set``.
 
@@ -574,6 +575,8 @@ def evaluate_cases(
         size_bins: lesion-size bin edges (physical volume, spacing units cubed) for the breakdown.
         keep_probabilities: return the maps in the result.
         progress: called as ``progress(case_id, index, total)`` after each case.
+        probabilities: precomputed maps ``case_id -> (*S)`` (e.g. from Ray workers via
+            :func:`map_cases`); ``model`` is then not used (may be ``None``).
     """
     from noisyseg.metrics import lesion_metrics
 
@@ -589,6 +592,11 @@ def evaluate_cases(
         except (KeyError, FileNotFoundError, LookupError):
             raise NoisysegInputError(f"label set {label_set!r} is missing", case=case_id) from None
 
+    precomputed = probabilities
+    if precomputed is not None:
+        missing = [c for c in case_ids if c not in precomputed]
+        if missing:
+            raise ValueError(f"no precomputed probabilities for cases {missing}")
     probabilities: list[np.ndarray] = []
     truths: list[np.ndarray] = []
     spacings: list[tuple[float, ...]] = []
@@ -600,11 +608,14 @@ def evaluate_cases(
         metric_kwargs["size_bins"] = list(size_bins)
     for index, (case_id, truth_array) in enumerate(zip(case_ids, truths_arrays, strict=True)):
         start = time.perf_counter()
-        probability = predict_volume(
-            model, store.image(case_id), roi_size=roi_size, overlap=overlap,
-            sw_batch_size=sw_batch_size, mode=mode, device=device, amp=amp,
-            stats=case_normalization_stats(store, case_id),
-        )
+        if precomputed is not None:
+            probability = np.asarray(precomputed[case_id], dtype=np.float32)
+        else:
+            probability = predict_volume(
+                model, store.image(case_id), roi_size=roi_size, overlap=overlap,
+                sw_batch_size=sw_batch_size, mode=mode, device=device, amp=amp,
+                stats=case_normalization_stats(store, case_id),
+            )
         truth = np.asarray(truth_array[...]).astype(np.uint8, copy=False)
         spacing = tuple(float(s) for s in store.spacing(case_id))
         seconds = time.perf_counter() - start
@@ -671,9 +682,10 @@ class CasePredictor:
         store_url: str,
         settings: InferenceSettings,
         *,
-        name: str,
+        name: str = "prediction",
         nifti_dir: str | None = None,
         num_threads: int | None = None,
+        write: bool = True,
     ) -> None:
         import torch
 
@@ -684,15 +696,19 @@ class CasePredictor:
         self.settings = settings
         self.name = name
         self.nifti_dir = nifti_dir
-        self.store = _open_store(store_url, mode="r" if nifti_dir else "r+")
+        self.store = _open_store(store_url, mode="r+" if write and not nifti_dir else "r")
+
+    def probability(self, case_id: str) -> tuple[str, np.ndarray]:
+        """``(case_id, (*S) float32 probability)`` without writing anything."""
+        return case_id, predict_volume(
+            self.model, self.store.image(case_id), **self.settings.kwargs(),
+            stats=case_normalization_stats(self.store, case_id),
+        )
 
     def predict(self, case_id: str) -> dict[str, Any]:
         """Predict ``case_id`` and write it; returns ``case_id``, ``shape``, ``output``, ``seconds``."""
         start = time.perf_counter()
-        probability = predict_volume(
-            self.model, self.store.image(case_id), **self.settings.kwargs(),
-            stats=case_normalization_stats(self.store, case_id),
-        )
+        _, probability = self.probability(case_id)
         if self.nifti_dir:
             output = str(
                 write_nifti(
@@ -736,6 +752,91 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
+#: Per Ray worker process: the last CasePredictor built, keyed by checkpoint ref and settings,
+#: so a worker builds the model once and reuses it for every case (and later calls) it runs.
+_WORKER_PREDICTOR: dict[tuple, CasePredictor] = {}
+
+
+def _remote_case(
+    checkpoint_box: list[Any],
+    store_url: str,
+    settings: InferenceSettings,
+    method: str,
+    predictor_kwargs: dict[str, Any],
+    num_threads: int,
+    case_id: str,
+) -> Any:
+    """Body of the Ray task: one case on this worker's cached predictor.
+
+    ``checkpoint_box`` is ``[ObjectRef]`` — wrapped in a list so Ray does not resolve it; the
+    checkpoint is fetched from the object store only when this worker has no predictor yet.
+    """
+    import ray
+
+    key = (checkpoint_box[0].hex(), store_url, settings, repr(sorted(predictor_kwargs.items())),
+           num_threads)
+    predictor = _WORKER_PREDICTOR.get(key)
+    if predictor is None:
+        _WORKER_PREDICTOR.clear()
+        predictor = CasePredictor(
+            ray.get(checkpoint_box[0]), store_url, settings, num_threads=num_threads,
+            **predictor_kwargs,
+        )
+        _WORKER_PREDICTOR[key] = predictor
+    return getattr(predictor, method)(case_id)
+
+
+def map_cases(
+    checkpoint: dict[str, Any],
+    store_url: str,
+    case_ids: Sequence[str],
+    settings: InferenceSettings,
+    *,
+    method: Literal["predict", "probability"],
+    workers: int = 1,
+    use_ray: bool | None = None,
+    **predictor_kwargs: Any,
+) -> Iterator[Any]:
+    """Run ``CasePredictor.<method>(case_id)`` for every case; yields results as they finish.
+
+    In-process (one model) or on Ray: at most ``workers`` tasks in flight (one CPU each); the
+    checkpoint is put once into the object store and each worker process builds the model once
+    and keeps it for the following cases. ``use_ray`` defaults to ``workers > 1`` or
+    ``RAY_ADDRESS`` set. Ray is started (and shut down at the end) only when it is not
+    initialised already.
+    """
+    case_ids = list(case_ids)
+    if use_ray is None:
+        use_ray = workers > 1 or bool(os.environ.get("RAY_ADDRESS"))
+    if not use_ray:
+        predictor = CasePredictor(checkpoint, store_url, settings, **predictor_kwargs)
+        for case_id in case_ids:
+            yield getattr(predictor, method)(case_id)
+        return
+
+    import ray
+
+    workers = max(1, min(workers, len(case_ids)))
+    started = ensure_ray(num_cpus=max(workers, os.cpu_count() or 1))
+    pending: list[Any] = []
+    try:
+        threads = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
+        task = ray.remote(num_cpus=1, max_retries=1)(_remote_case)
+        box = [ray.put(checkpoint)]
+        queue = list(reversed(case_ids))
+        while queue or pending:
+            while queue and len(pending) < workers:
+                pending.append(task.remote(box, store_url, settings, method, predictor_kwargs,
+                                           threads, queue.pop()))
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready[0])
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
+
+
 def predict_cases(
     checkpoint: dict[str, Any],
     store_url: str,
@@ -765,43 +866,13 @@ def predict_cases(
         One record per case (``case_id``, ``shape``, ``output``, ``seconds``), in input order.
     """
     case_ids = list(case_ids)
-    if use_ray is None:
-        use_ray = workers > 1 or bool(os.environ.get("RAY_ADDRESS"))
     records: dict[str, dict[str, Any]] = {}
-    if not use_ray:
-        predictor = CasePredictor(checkpoint, store_url, settings, name=name, nifti_dir=nifti_dir)
-        for index, case_id in enumerate(case_ids):
-            records[case_id] = predictor.predict(case_id)
-            if progress is not None:
-                progress(records[case_id], index + 1, len(case_ids))
-        return [records[c] for c in case_ids]
-
-    import ray
-    from ray.util import ActorPool
-
-    workers = max(1, min(workers, len(case_ids)))
-    started = ensure_ray(num_cpus=max(workers, os.cpu_count() or 1))
-    try:
-        threads = max(1, int(ray.available_resources().get("CPU", workers)) // workers)
-        remote_predictor = ray.remote(num_cpus=1)(CasePredictor)
-        checkpoint_ref = ray.put(checkpoint)
-        actors = [
-            remote_predictor.remote(
-                checkpoint_ref, store_url, settings, name=name, nifti_dir=nifti_dir,
-                num_threads=threads,
-            )
-            for _ in range(workers)
-        ]
-        pool = ActorPool(actors)
-        for index, record in enumerate(
-            pool.map_unordered(lambda actor, case_id: actor.predict.remote(case_id), case_ids)
-        ):
-            records[record["case_id"]] = record
-            if progress is not None:
-                progress(record, index + 1, len(case_ids))
-        for actor in actors:
-            ray.kill(actor)
-    finally:
-        if started:
-            ray.shutdown()
+    results = map_cases(
+        checkpoint, store_url, case_ids, settings, method="predict", workers=workers,
+        use_ray=use_ray, name=name, nifti_dir=nifti_dir,
+    )
+    for index, record in enumerate(results):
+        records[record["case_id"]] = record
+        if progress is not None:
+            progress(record, index + 1, len(case_ids))
     return [records[c] for c in case_ids]

@@ -68,6 +68,10 @@ def register(subparsers: Any) -> None:
     evaluate.add_argument("--output", help="write metrics and per-case results to this JSON file")
     evaluate.add_argument("--no-log", action="store_true",
                           help="do not log to the MLflow run even when --run-id is given")
+    evaluate.add_argument("--workers", type=int, default=1,
+                          help="predict cases in parallel on this many Ray workers (default 1: "
+                          "in-process unless RAY_ADDRESS is set or --ray is given)")
+    evaluate.add_argument("--ray", action="store_true", help="predict on Ray even with 1 worker")
     evaluate.set_defaults(func=run_evaluate)
 
     predict = subparsers.add_parser(
@@ -303,12 +307,28 @@ def run_evaluate(args: argparse.Namespace) -> int:
     settings = _settings(args, checkpoint, spec)
     if args.output and not Path(args.output).parent.exists():
         raise NoisysegInputError("output directory does not exist", path=args.output)
+    if args.workers < 1:
+        raise NoisysegInputError(f"--workers must be >= 1, got {args.workers}")
+    use_ray = bool(args.ray) or args.workers > 1 or bool(os.environ.get("RAY_ADDRESS"))
     model.to(settings.device)
 
+    maps = None
+    if use_ray:
+        from noisyseg.distributed.inference import map_cases
+
+        maps = {}
+        with _progress(console, len(cases), f"predict on Ray ({args.workers})") as progress:
+            task = progress.add_task("", total=len(cases))
+            for case_id, probability in map_cases(
+                checkpoint, store.url, cases, settings, method="probability",
+                workers=args.workers, use_ray=True, write=False,
+            ):
+                maps[case_id] = probability
+                progress.update(task, completed=len(maps), description=case_id)
     with _progress(console, len(cases), "evaluate") as progress:
         task = progress.add_task("", total=len(cases))
         result = evaluate_cases(
-            model, store, cases, label_set=args.label_set,
+            model, store, cases, label_set=args.label_set, probabilities=maps,
             threshold=args.threshold, candidate_threshold=args.candidate_threshold,
             progress=lambda case_id, done, total: progress.update(
                 task, completed=done, description=case_id

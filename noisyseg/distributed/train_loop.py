@@ -354,6 +354,9 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
         Path(loop_config["_pid_dir"], f"rank{rank}.pid").write_text(str(os.getpid()))
     step_delay = float(loop_config.get("_step_delay_s") or 0.0)
 
+    # Intra-op threads = the CPUs this worker reserved (Ray also sets OMP_NUM_THREADS so); more
+    # threads than cores makes every op spin-wait when processes share the machine.
+    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     torch.manual_seed(config.seed)
     spec = config.unet_spec(info.spatial_dims, info.in_channels)
     model = build_unet(spec)
@@ -372,6 +375,12 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
     if payload is not None:
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
+        # The schedule follows the *current* config (steps may have been raised to continue a
+        # run): the saved optimizer LR belongs to the old schedule.
+        scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["initial_lr"] = config.lr
+            group["lr"] = config.lr * lr_factor(config, start_step)
         torch.set_rng_state(payload["rng"]["torch"])
     scaler = (
         torch.amp.GradScaler("cuda") if config.amp == "fp16" and device.type == "cuda" else None

@@ -37,14 +37,18 @@ def assign_splits(
     (at least one train case kept); ``max(1, round(clean_fraction·N_train))`` of the train cases
     flagged clean when ``clean_fraction > 0``.
     """
-    for name, value in (("test fraction", test_fraction), ("val fraction", val_fraction), ("clean fraction", clean_fraction)):
+    for name, value in (
+        ("test fraction", test_fraction),
+        ("val fraction", val_fraction),
+        ("clean fraction", clean_fraction),
+    ):
         V.check_rate(value, name=name)
     if n_cases < 1:
         raise NoisysegInputError(f"--cases must be at least 1, got {n_cases}")
     rng = np.random.default_rng([int(seed), 7919])
     order = rng.permutation(n_cases)
-    n_test = int(round(test_fraction * n_cases))
-    n_val = int(round(val_fraction * n_cases))
+    n_test = round(test_fraction * n_cases)
+    n_val = round(val_fraction * n_cases)
     if n_test + n_val >= n_cases:
         raise NoisysegInputError(
             f"test fraction {test_fraction} + val fraction {val_fraction} leave no training case "
@@ -58,10 +62,20 @@ def assign_splits(
     train = [i for i in range(n_cases) if splits[i] == "train"]
     clean = [False] * n_cases
     if clean_fraction > 0:
-        n_clean = max(1, int(round(clean_fraction * len(train))))
+        n_clean = max(1, round(clean_fraction * len(train)))
         for i in rng.choice(train, size=n_clean, replace=False):
             clean[int(i)] = True
     return splits, clean
+
+
+def _zyx_affine_to_xyz(affine: Any) -> np.ndarray | None:
+    """Phantom affines map store indices ``(z, y, x, 1)``; the store keeps NIfTI-style affines
+    mapping ``(x, y, z, 1)`` (see :mod:`noisyseg.storage.ingest`): swap columns 0 and 2."""
+    if affine is None:
+        return None
+    a = np.asarray(affine, dtype=np.float64).copy()
+    a[:, [0, 2]] = a[:, [2, 0]]
+    return a
 
 
 def synth_store(
@@ -91,7 +105,11 @@ def synth_store(
     if kind not in SYNTH_KINDS:
         raise NoisysegInputError(f"--kind must be one of {', '.join(SYNTH_KINDS)}, got {kind!r}")
     splits, clean = assign_splits(
-        cases, seed, test_fraction=test_fraction, val_fraction=val_fraction, clean_fraction=clean_fraction
+        cases,
+        seed,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        clean_fraction=clean_fraction,
     )
     opts = dict(generator_opts or {})
     if generator is None:
@@ -131,7 +149,13 @@ def synth_store(
     done = set(store.case_ids()) if store is not None else set()
     written = []
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(
         TextColumn(f"[bold]synth[/bold] {kind}"),
@@ -157,6 +181,7 @@ def synth_store(
                     channel_names=list(case.channel_names),
                     overwrite=overwrite,
                     attrs={"synth": params},
+                    truth_params={"source": "synth", "kind": kind, "seed": int(seed)},
                 )
                 store._write_json(SYNTH_META, params)
             store.write_case(
@@ -164,7 +189,7 @@ def synth_store(
                 image,
                 {TRUTH: np.asarray(case.label)},
                 spacing=tuple(case.spacing),
-                affine=getattr(case, "affine", None),
+                affine=_zyx_affine_to_xyz(getattr(case, "affine", None)),
                 split=splits[i],
                 clean=clean[i],
                 source=f"synth:{kind}:seed={seed * SEED_STRIDE + i}",
@@ -204,7 +229,11 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         print(f"noisyseg ingest: error: {failure.line()}", file=sys.stderr, flush=True)
 
     report = ingest_folder(
-        args.src, args.store, progress=not args.no_progress, overwrite=args.overwrite, on_error=on_error
+        args.src,
+        args.store,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        on_error=on_error,
     )
     for note in report.notes:
         print(f"note: {note}")
@@ -217,15 +246,13 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def default_label_set_name(mode: str, rate: float, seed: int) -> str:
-    """``censor-random-0.50-s0`` for censoring modes, ``<mode>-<rate>-s<seed>`` otherwise."""
-    prefix = "censor-" if mode in ("random", "size") else ""
-    return f"{prefix}{mode}-{rate:.2f}-s{seed}"
-
-
-def _parse_params(items: Sequence[str] | None) -> dict[str, Any]:
+def _parse_params(items: Sequence[str] | None) -> dict[str, Any] | None:
+    """``["k=2", "n_vertices=8"]`` -> ``{"k": 2, "n_vertices": 8}`` (values parsed as JSON when
+    they are, else kept as strings); None when no item is given."""
+    if not items:
+        return None
     out: dict[str, Any] = {}
-    for item in items or []:
+    for item in items:
         if "=" not in item:
             raise NoisysegInputError(f"--param must be KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
@@ -239,34 +266,47 @@ def _parse_params(items: Sequence[str] | None) -> dict[str, Any]:
 def _cmd_corrupt(args: argparse.Namespace) -> int:
     from noisyseg.storage.store import TRUTH, VolumeStore
 
-    rate = V.check_rate(args.rate)
+    # Validate before any work (DESIGN.md, "Bad input"); corrupt_store re-checks its own rules.
+    rate = V.check_rate(args.rate) if args.rate is not None else None
     store = VolumeStore.open(args.store, "r")
     source = V.check_label_set_name(args.source)
-    if source not in store.label_sets():
-        raise NoisysegInputError(f"label set {source!r} missing (have: {', '.join(store.label_sets())})", path=args.store)
-    name = V.check_label_set_name(args.name or default_label_set_name(args.mode, rate, args.seed))
-    if name == TRUTH:
-        raise NoisysegInputError("the 'truth' label set is never overwritten", path=args.store)
-    if name in store.label_sets():
-        raise NoisysegInputError(f"label set {name!r} already exists (choose another --name)", path=args.store)
+    sets = store.label_sets()
+    if source not in sets:
+        raise NoisysegInputError(
+            f"label set {source!r} missing (have: {', '.join(sets)})", path=args.store
+        )
+    if args.name is not None:
+        V.check_label_set_name(args.name)
+        if args.name == TRUTH:
+            raise NoisysegInputError("the 'truth' label set is never overwritten", path=args.store)
+        if args.name in sets and not args.overwrite:
+            raise NoisysegInputError(
+                f"label set {args.name!r} already exists (choose another --name or pass --overwrite)",
+                path=args.store,
+            )
+    split = None if args.split == "all" else args.split
     from noisyseg.storage.corrupt import corrupt_store
 
-    result = corrupt_store(
-        args.store,
-        source=source,
-        name=name,
-        mode=args.mode,
-        rate=rate,
-        seed=args.seed,
-        scheduler=args.scheduler,
-        **_parse_params(args.param),
-    )
-    print(f"corrupt: wrote label set {name!r} from {source!r} ({args.mode}, rate {rate}, seed {args.seed})")
-    if result is not None and not isinstance(result, (str, bytes)):
-        try:
-            print(json.dumps(result, default=str, indent=None))
-        except TypeError:
-            print(result)
+    kwargs: dict[str, Any] = {
+        "source": source,
+        "name": args.name,
+        "mode": args.mode,
+        "rate": rate,
+        "seed": args.seed,
+        "scheduler": args.scheduler,
+        "scope": args.scope,
+        "split": split,
+        "progress": not args.no_progress,
+        "overwrite": args.overwrite,
+    }
+    if args.level is not None:
+        kwargs["level"] = args.level
+    params = _parse_params(args.param)
+    if params is not None:
+        kwargs["params"] = params
+    report = corrupt_store(args.store, **kwargs)
+    summary = getattr(report, "summary", None)
+    print(summary() if callable(summary) else f"corrupt: done ({report})")
     return 0
 
 
@@ -295,8 +335,10 @@ def store_summary(store: Any) -> dict[str, Any]:
             "name": name,
             "params": params,
             "cases": int(t["case_id"].nunique()),
-            "lesions": int(len(kept)),
-            "by_status": {s: int((t["status"] == s).sum()) for s in ("present", "removed", "changed")},
+            "lesions": len(kept),
+            "by_status": {
+                s: int((t["status"] == s).sum()) for s in ("present", "removed", "changed")
+            },
         }
         for col in ("voxels", "volume_mm3"):
             vals = kept[col].to_numpy(dtype=np.float64)
@@ -308,7 +350,7 @@ def store_summary(store: Any) -> dict[str, Any]:
         "url": store.url,
         "spatial_dims": store.spatial_dims,
         "channel_names": store.channel_names,
-        "cases": int(len(index)),
+        "cases": len(index),
         "splits": {s: int((index["split"] == s).sum()) for s in V.SPLITS},
         "clean": int(index["clean"].sum()) if len(index) else 0,
         "label_sets": sets,
@@ -333,7 +375,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # piped output (files, CI logs) gets a wide console instead of rich's 80-column default
+    console = Console(width=None if sys.stdout.isatty() else 200)
     index = store.index()
     console.print(
         f"[bold]{store.url}[/bold]: {summary['cases']} cases ({store.spatial_dims}D, channels "
@@ -344,7 +387,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     table = Table(title="cases", show_lines=False)
     count_cols = [c for c in index.columns if c.startswith("n_lesions_")]
     for col in ["case_id", "split", "clean", "shape", "spacing", *count_cols]:
-        table.add_column(col.replace("n_lesions_", "lesions:"), overflow="fold")
+        table.add_column(
+            col.replace("n_lesions_", "lesions:"), no_wrap=col == "case_id", overflow="fold"
+        )
     shown = index if args.limit <= 0 else index.head(args.limit)
     for _, row in shown.iterrows():
         table.add_row(
@@ -359,7 +404,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if len(index) > len(shown):
         console.print(f"... {len(index) - len(shown)} more case(s) (use --limit 0 to show all)")
     sets = Table(title="label sets and lesion statistics")
-    for col in ("label set", "params", "cases", "lesions", "removed", "changed", "voxels q0/25/50/75/100", "volume mm³ q0/25/50/75/100"):
+    for col in (
+        "label set",
+        "params",
+        "cases",
+        "lesions",
+        "removed",
+        "changed",
+        "voxels q0/25/50/75/100",
+        "volume mm³ q0/25/50/75/100",
+    ):
         sets.add_column(col, overflow="fold")
     for s in summary["label_sets"]:
         sets.add_row(
@@ -390,30 +444,84 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--clean-fraction", type=float, default=0.05, help="share of train cases flagged clean (at least 1 when > 0)")
+    p.add_argument(
+        "--clean-fraction",
+        type=float,
+        default=0.05,
+        help="share of train cases flagged clean (at least 1 when > 0)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_synth)
 
-    p = subparsers.add_parser("ingest", help="turn a folder of scans (nnU-Net/MSD NIfTI or 2D images+masks) into a store")
+    p = subparsers.add_parser(
+        "ingest", help="turn a folder of scans (nnU-Net/MSD NIfTI or 2D images+masks) into a store"
+    )
     p.add_argument("src", help="source folder")
     p.add_argument("store", help="store path or URL; an existing store is resumed")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing store instead of resuming"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_ingest)
 
-    p = subparsers.add_parser("corrupt", help="derive a noisy label set with Dask (truth is never touched)")
+    p = subparsers.add_parser(
+        "corrupt", help="derive a noisy label set with Dask (truth is never touched)"
+    )
     p.add_argument("store")
-    p.add_argument("--from", dest="source", default="truth", help="source label set (default truth)")
-    p.add_argument("--name", default=None, help="new label set name (default e.g. censor-random-0.50-s0)")
-    p.add_argument("--mode", required=True, help="random | size | polygon | dilate | erode | ...")
-    p.add_argument("--rate", type=float, required=True, help="corruption rate in [0, 1]")
+    p.add_argument(
+        "--from", dest="source", default="truth", help="source label set (default truth)"
+    )
+    p.add_argument(
+        "--name", default=None, help="new label set name (default e.g. censor-random-0.50-s0)"
+    )
+    p.add_argument(
+        "--mode",
+        required=True,
+        help="random | size (censoring) | polygon | hull | ellipsoid | dilate | erode | dilate_erode | jitter",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="censoring rate in [0, 1] (boundary modes: share of lesions changed, default 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", default="threads", help="Dask scheduler: sync | threads | processes | ray")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="extra mode parameter (repeatable)")
+    p.add_argument(
+        "--scope",
+        default="dataset",
+        choices=("dataset", "case"),
+        help="censoring: K counted over the split or per case",
+    )
+    p.add_argument(
+        "--split",
+        default="train",
+        choices=("train", "val", "test", "all"),
+        help="cases to write (default train)",
+    )
+    p.add_argument("--level", default=None, help="boundary noise level: mild | moderate | severe")
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="explicit boundary parameter (repeatable), e.g. k=2",
+    )
+    p.add_argument(
+        "--scheduler",
+        default="threads",
+        help="Dask scheduler: threads | processes | synchronous | ray",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a registered set of the same name (never truth)",
+    )
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_corrupt)
 
-    p = subparsers.add_parser("info", help="print a store's index, label sets and lesion statistics")
+    p = subparsers.add_parser(
+        "info", help="print a store's index, label sets and lesion statistics"
+    )
     p.add_argument("store")
     p.add_argument("--limit", type=int, default=50, help="cases shown (0: all)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of tables")

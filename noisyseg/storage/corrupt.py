@@ -40,6 +40,7 @@ Dask scheduler, :func:`ray.util.dask.ray_dask_get`, on the cluster Ray is connec
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -158,17 +159,21 @@ def select_censored(
         noise.LesionRecord(
             case=int(c), label=int(lab), voxels=int(v), volume_mm3=float(vol), centroid=(), bbox=()
         )
-        for c, lab, v, vol in zip(table["_case"], table["lesion_id"], table["voxels"], table["volume_mm3"])
+        for c, lab, v, vol in zip(
+            table["_case"], table["lesion_id"], table["voxels"], table["volume_mm3"]
+        )
     ]
     select = getattr(noise, "select_lesions", None) or noise._select
     if scope == "dataset":
-        chosen = select(records, noise.count_to_select(rate, len(records)), mode, np.random.default_rng(seed))
+        chosen = select(
+            records, noise.count_to_select(rate, len(records)), mode, np.random.default_rng(seed)
+        )
     else:
         chosen = []
         start = 0
-        cases = table["_case"].to_numpy()
+        sizes = np.bincount(table["_case"].to_numpy(), minlength=len(case_order))
         for i in range(len(case_order)):
-            stop = start + int(np.count_nonzero(cases == i))
+            stop = start + int(sizes[i])
             block = records[start:stop]
             rng = np.random.default_rng([seed, i])
             chosen.extend(select(block, noise.count_to_select(rate, len(block)), mode, rng))
@@ -221,7 +226,11 @@ def _match_components(
     for row in rows:
         comp = int(row["lesion_id"])
         if not same(comp, row):
-            found = [int(c) for c in np.flatnonzero(counts == int(row["voxels"])) if c > 0 and same(int(c), row)]
+            found = [
+                int(c)
+                for c in np.flatnonzero(counts == int(row["voxels"]))
+                if c > 0 and same(int(c), row)
+            ]
             if len(found) != 1:
                 raise NoisysegInputError(
                     f"lesion table out of date: lesion {row['lesion_id']} ({row['voxels']} voxels) "
@@ -246,7 +255,7 @@ def _censor_case(
     case_id: str,
     source: str,
     name: str,
-    rows: list[dict],
+    rows: pd.DataFrame,
     remove_ids: list[int],
 ) -> dict:
     """Read ``source`` of one case, delete the lesions ``remove_ids``, write set ``name``.
@@ -255,19 +264,26 @@ def _censor_case(
     """
     from noisyseg.storage.store import lesion_columns
 
+    rows = rows.to_dict("records")
+
     mask = np.asarray(store.labels(case_id, source)[...])
     labels, n = noise.label_lesions(mask)
     out = mask.copy()
-    doomed_rows = [r for r in rows if int(r["lesion_id"]) in set(remove_ids)]
+    removed = {int(i) for i in remove_ids}
+    doomed_rows = [r for r in rows if int(r["lesion_id"]) in removed]
     if doomed_rows:
         comps = _match_components(labels, n, doomed_rows, case_id=case_id, label_set=source)
         doomed = np.zeros(n + 1, dtype=bool)
         doomed[comps] = True
         out[doomed[labels]] = 0
-    keep_cols = [c for c in lesion_columns(mask.ndim) if c not in ("case_id", "label_set", "status")]
-    removed = set(remove_ids)
+    keep_cols = [
+        c for c in lesion_columns(mask.ndim) if c not in ("case_id", "label_set", "status")
+    ]
     records = [
-        {**_clean_row(r, keep_cols), "status": "removed" if int(r["lesion_id"]) in removed else "present"}
+        {
+            **_clean_row(r, keep_cols),
+            "status": "removed" if int(r["lesion_id"]) in removed else "present",
+        }
         for r in rows
     ]
     store.write_label_set(case_id, name, out, records=records, overwrite=True)
@@ -300,8 +316,13 @@ def _boundary_case(
     mask = np.asarray(store.labels(case_id, source)[...])
     spacing = tuple(store.spacing(case_id))
     noisy, _changes = noise.corrupt_boundaries(
-        [mask], mode, level=level, params=params, rate=rate,
-        seed=case_seed_for(seed, case_id), spacings=[spacing],
+        [mask],
+        mode,
+        level=level,
+        params=params,
+        rate=rate,
+        seed=case_seed_for(seed, case_id),
+        spacings=[spacing],
     )
     out = np.asarray(noisy[0], dtype=np.uint8)
     src_labels, n_src = noise.label_lesions(mask)
@@ -388,9 +409,13 @@ def corrupt_store(
     from noisyseg.storage.validate import check_label_set_name, check_split
 
     if mode not in MODES:
-        raise NoisysegInputError(f"unknown corruption mode {mode!r} (choose from {', '.join(MODES)})")
+        raise NoisysegInputError(
+            f"unknown corruption mode {mode!r} (choose from {', '.join(MODES)})"
+        )
     if scheduler not in SCHEDULERS:
-        raise NoisysegInputError(f"unknown scheduler {scheduler!r} (choose from {', '.join(SCHEDULERS)})")
+        raise NoisysegInputError(
+            f"unknown scheduler {scheduler!r} (choose from {', '.join(SCHEDULERS)})"
+        )
     if scope not in noise.SCOPES:
         raise NoisysegInputError(f"scope must be 'dataset' or 'case', got {scope!r}")
     if mode in CENSOR_MODES:
@@ -425,15 +450,24 @@ def corrupt_store(
     if not case_ids:
         raise NoisysegInputError(f"no cases in split {split!r}", path=str(store_url))
 
-    info: dict[str, Any] = {"source": source, "mode": mode, "rate": float(rate), "seed": int(seed), "split": split}
+    info: dict[str, Any] = {
+        "source": source,
+        "mode": mode,
+        "rate": float(rate),
+        "seed": int(seed),
+        "split": split,
+    }
     t0 = time.perf_counter()
     if mode in CENSOR_MODES:
         info["scope"] = scope
         table = present_lesions(store.lesion_table(source), case_ids)
-        chosen = select_censored(table, rate, case_order=case_ids, mode=mode, seed=seed, scope=scope)
-        rows_by_case = {cid: [] for cid in case_ids}
-        for row in table.to_dict("records"):
-            rows_by_case[row["case_id"]].append(row)
+        chosen = select_censored(
+            table, rate, case_order=case_ids, mode=mode, seed=seed, scope=scope
+        )
+        # per-case frames (not one dict per row: the table may hold 10^6 lesions)
+        empty = table.iloc[:0]
+        groups = dict(iter(table.groupby("case_id", sort=False)))
+        rows_by_case = {cid: groups.get(cid, empty) for cid in case_ids}
         remove_by_case: dict[str, list[int]] = {cid: [] for cid in case_ids}
         for cid, lid in zip(chosen["case_id"], chosen["lesion_id"]):
             remove_by_case[cid].append(int(lid))
@@ -479,7 +513,17 @@ def present_lesions(table: pd.DataFrame, case_ids: Sequence[str]) -> pd.DataFram
     return table.reset_index(drop=True)
 
 
-def run_tasks(tasks: list, *, scheduler: str, progress: bool = False, num_workers: int | None = None) -> list:
+class _RayShutdown(contextlib.AbstractContextManager):
+    def __init__(self, ray: Any) -> None:
+        self.ray = ray
+
+    def __exit__(self, *exc: object) -> None:
+        self.ray.shutdown()
+
+
+def run_tasks(
+    tasks: list, *, scheduler: str, progress: bool = False, num_workers: int | None = None
+) -> list:
     """Compute Dask delayed ``tasks`` on a scheduler name (see :data:`SCHEDULERS`), in order.
 
     ``ray`` uses Ray's Dask scheduler on the cluster this process is connected to (call
@@ -494,10 +538,15 @@ def run_tasks(tasks: list, *, scheduler: str, progress: bool = False, num_worker
         from ray.util.dask import ray_dask_get
 
         if not ray.is_initialized():
-            raise NoisysegInputError(
-                "scheduler 'ray' needs a Ray connection: call ray.init(...) first "
-                "(or run under `ray job submit`)"
-            )
+            if not os.environ.get("RAY_ADDRESS"):
+                raise NoisysegInputError(
+                    "scheduler 'ray' needs a Ray connection: call ray.init(...) first, set "
+                    "RAY_ADDRESS, or run under `ray job submit`"
+                )
+            # Connect to the cluster RAY_ADDRESS names (set by `ray job submit`), and leave
+            # it again afterwards: this call owns that connection.
+            ray.init()
+            bar = _RayShutdown(ray)
         kwargs["scheduler"] = ray_dask_get
     else:
         if scheduler not in SCHEDULERS:
@@ -574,6 +623,8 @@ def lesion_statistics(
         "lesions": int(sum(r["lesions"] for r in results)),
         "lesions_per_case": float(np.mean([r["lesions"] for r in results])) if results else 0.0,
         "foreground_voxels": int(sum(r["foreground_voxels"] for r in results)),
-        "volume_mm3_quantiles": np.quantile(volumes, [0, 0.25, 0.5, 0.75, 1]).tolist() if volumes.size else [],
+        "volume_mm3_quantiles": np.quantile(volumes, [0, 0.25, 0.5, 0.75, 1]).tolist()
+        if volumes.size
+        else [],
         "per_case": per_case,
     }

@@ -148,13 +148,17 @@ def _flag_duplicates_and_ids(specs: list[CaseSpec]) -> list[CaseSpec]:
             if len(group) > 1:
                 files = ", ".join(str(g.images[0]) for g in group)
                 s.problem = NoisysegInputError(
-                    f"duplicate case id ({len(group)} sources: {files})", case=cid, path=str(s.images[0])
+                    f"duplicate case id ({len(group)} sources: {files})",
+                    case=cid,
+                    path=str(s.images[0]),
                 )
         out.extend(group)
     return sorted(out, key=lambda s: (s.split != "train", s.case_id))
 
 
-def _discover_nifti_split(src: Path, images_dir: str, labels_dir: str, split: str, n_channels: int | None) -> list[CaseSpec]:
+def _discover_nifti_split(
+    src: Path, images_dir: str, labels_dir: str, split: str, n_channels: int | None
+) -> list[CaseSpec]:
     img_root, lab_root = src / images_dir, src / labels_dir
     channel_files: dict[str, dict[int, Path]] = {}
     whole: list[tuple[str, Path]] = []
@@ -235,17 +239,20 @@ def _find_2d_dirs(src: Path) -> tuple[Path, Path] | None:
 
 
 def _discover_2d(img_root: Path, msk_root: Path) -> list[CaseSpec]:
-    masks: dict[str, Path] = {}
+    exact: dict[str, Path] = {}
+    stripped: dict[str, Path] = {}
     if msk_root.is_dir():
         for f in _visible_files(msk_root):
             rid = _rel_id(f, msk_root, MASK_SUFFIXES_2D)
             if rid is None:
                 continue
+            exact.setdefault(rid, f)
             for suf in MASK_STEM_SUFFIXES:
                 if rid.endswith(suf):
-                    rid = rid[: -len(suf)]
+                    stripped.setdefault(rid[: -len(suf)], f)
                     break
-            masks.setdefault(rid, f)
+    # an exact name match wins over a suffix match (case "a_mask" with mask "a_mask.png")
+    masks = {**stripped, **exact}
     specs = []
     for f in _visible_files(img_root):
         rid = _rel_id(f, img_root, IMAGE_SUFFIXES_2D)
@@ -325,7 +332,7 @@ def _load_nifti(path: Path, case: str) -> tuple[np.ndarray, tuple[float, ...], n
         data = np.asanyarray(img.dataobj)
         zooms = tuple(float(z) for z in img.header.get_zooms())
         affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception as e:  # nibabel/gzip/zlib raise many types for a damaged file
+    except Exception as e:  # noqa: BLE001 - nibabel/gzip/zlib raise many types for a damaged file
         msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise NoisysegInputError(
             f"truncated or unreadable NIfTI ({type(e).__name__}: {msg})", case=case, path=str(path)
@@ -333,7 +340,9 @@ def _load_nifti(path: Path, case: str) -> tuple[np.ndarray, tuple[float, ...], n
     return data, zooms, affine
 
 
-def _spatial(data: np.ndarray, zooms: tuple[float, ...], case: str, path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+def _spatial(
+    data: np.ndarray, zooms: tuple[float, ...], case: str, path: Path
+) -> tuple[np.ndarray, tuple[float, ...]]:
     """(x, y, z) -> (z, y, x) volume and spacing; 4D with one trailing volume is squeezed."""
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -341,7 +350,9 @@ def _spatial(data: np.ndarray, zooms: tuple[float, ...], case: str, path: Path) 
         data = data[:, :, None]
         zooms = (*zooms[:2], 1.0)
     if data.ndim != 3:
-        raise NoisysegInputError(f"expected a 3D volume, got shape {data.shape}", case=case, path=str(path))
+        raise NoisysegInputError(
+            f"expected a 3D volume, got shape {data.shape}", case=case, path=str(path)
+        )
     return data.transpose(2, 1, 0), tuple(zooms[:3])[::-1]
 
 
@@ -380,7 +391,9 @@ def load_nifti_case(spec: CaseSpec) -> dict[str, Any]:
     image = np.stack(channels)
     label = V.check_label(label, shape=image.shape[1:], case=cid, path=str(spec.label))
     V.check_spacing_match(spacing, label_sp, case=cid, path=str(spec.label))
-    image = V.check_image(image, n_channels=None, spatial_dims=3, case=cid, path=str(spec.images[0]))
+    image = V.check_image(
+        image, n_channels=None, spatial_dims=3, case=cid, path=str(spec.images[0])
+    )
     V.check_spacing(spacing, 3, case=cid, path=str(spec.images[0]))
     return {
         "image": image,
@@ -399,9 +412,11 @@ def _open_pil(path: Path, case: str):
     try:
         im = Image.open(path)
         im.load()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for a damaged file
         raise NoisysegInputError(
-            f"truncated or unreadable image ({type(e).__name__}: {str(e)[:120]})", case=case, path=str(path)
+            f"truncated or unreadable image ({type(e).__name__}: {str(e)[:120]})",
+            case=case,
+            path=str(path),
         ) from None
     return im
 
@@ -418,8 +433,12 @@ def load_2d_case(spec: CaseSpec) -> dict[str, Any]:
     mk = _open_pil(spec.label, cid)
     mask = np.asarray(mk)
     if mask.ndim == 3:
-        if not all(np.array_equal(mask[..., 0], mask[..., c]) for c in range(1, min(3, mask.shape[2]))):
-            raise NoisysegInputError("mask is not single-channel (RGB channels differ)", case=cid, path=str(spec.label))
+        if not all(
+            np.array_equal(mask[..., 0], mask[..., c]) for c in range(1, min(3, mask.shape[2]))
+        ):
+            raise NoisysegInputError(
+                "mask is not single-channel (RGB channels differ)", case=cid, path=str(spec.label)
+            )
         mask = mask[..., 0]
     values = set(np.unique(mask).tolist())
     if values <= {0, 255} or (mk.mode == "1" and values <= {False, True}):
@@ -433,7 +452,9 @@ def load_2d_case(spec: CaseSpec) -> dict[str, Any]:
             path=str(spec.label),
         )
     label = V.check_label(mask, shape=image.shape[1:], case=cid, path=str(spec.label), name="mask")
-    image = V.check_image(image, n_channels=None, spatial_dims=2, case=cid, path=str(spec.images[0]))
+    image = V.check_image(
+        image, n_channels=None, spatial_dims=2, case=cid, path=str(spec.images[0])
+    )
     return {
         "image": image,
         "labels": {TRUTH: label},
@@ -488,7 +509,8 @@ def ingest_folder(
     if store is not None:
         if store.spatial_dims != spatial_dims:
             raise NoisysegInputError(
-                f"store holds {store.spatial_dims}D cases, source is {spatial_dims}D", path=str(store_url)
+                f"store holds {store.spatial_dims}D cases, source is {spatial_dims}D",
+                path=str(store_url),
             )
         store.cleanup_staging()
     done = set(store.case_ids()) if store is not None else set()
@@ -500,7 +522,13 @@ def ingest_folder(
             on_error(failure)
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(
         TextColumn("[bold]ingest[/bold] {task.description}"),
@@ -524,13 +552,22 @@ def ingest_folder(
                 kwargs = loader(spec)
                 if store is None:
                     n_ch = kwargs["image"].shape[0]
-                    ch_names = names if names and len(names) == n_ch else _default_channel_names(layout, n_ch)
+                    ch_names = (
+                        names
+                        if names and len(names) == n_ch
+                        else _default_channel_names(layout, n_ch)
+                    )
                     store = VolumeStore.create(
                         store_url,
                         spatial_dims=spatial_dims,
                         channel_names=ch_names,
                         overwrite=overwrite,
                         storage_options=storage_options,
+                        truth_params={
+                            "source": "ingest",
+                            "src": str(Path(src).resolve()),
+                            "layout": layout,
+                        },
                     )
                 store.write_case(spec.case_id, **kwargs)
                 report.written.append(spec.case_id)

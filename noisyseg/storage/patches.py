@@ -343,7 +343,7 @@ def select_clean_cases(
     if fraction is not None:
         if not (0.0 < float(fraction) <= 1.0):
             raise NoisysegInputError(f"clean fraction must lie in (0, 1], got {fraction!r}")
-        n = max(1, int(round(float(fraction) * n_split)))
+        n = max(1, round(float(fraction) * n_split))
         asked = f"{fraction:g} of {n_split} {split} cases = {n}"
     else:
         if int(count) != count or int(count) < 1:
@@ -435,14 +435,14 @@ def make_train_loaders(
             multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
         )
 
-    common = dict(
-        patch_size=tuple(patch_size),
-        foreground_fraction=foreground_fraction,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        augment=augment,
-    )
+    common = {
+        "patch_size": tuple(patch_size),
+        "foreground_fraction": foreground_fraction,
+        "seed": seed,
+        "rank": rank,
+        "world_size": world_size,
+        "augment": augment,
+    }
     noisy_ds = PatchDataset(store.url, noisy, label_set=label_set, stream=0, **common)
     clean_loader = None
     if clean:

@@ -51,8 +51,8 @@ _TISSUE_INTENSITY = np.array(
         # csf   gm    wm    enh   necr  oedema
         [0.30, 0.68, 1.00, 0.62, 0.42, 0.72],  # t1
         [0.32, 0.70, 1.00, 1.45, 0.40, 0.74],  # t1c (enh is the mean; drawn per lesion)
-        [1.00, 0.60, 0.45, 0.68, 0.95, 0.86],  # t2
-        [0.14, 0.62, 0.48, 0.72, 0.58, 0.96],  # flair
+        [1.30, 0.62, 0.45, 0.68, 1.05, 0.90],  # t2
+        [0.12, 0.68, 0.47, 0.74, 0.58, 1.00],  # flair
     ],
     dtype=np.float32,
 )
@@ -133,6 +133,9 @@ def _template_on_grid(shape: tuple[int, int, int], spacing_mm: float) -> dict[st
     idx = [np.nonzero(brain.any(axis=tuple(a for a in range(3) if a != ax)))[0] for ax in range(3)]
     centre_vox = np.array([(i.min() + i.max()) / 2.0 for i in idx])
     centre_world = tpl_affine[:3, :3] @ centre_vox + tpl_affine[:3, 3]
+    # The template already cuts the brainstem at its lower edge: centre the grid 5 mm higher so
+    # the vertex keeps a margin for the per-case warp.
+    centre_world[2] += 5.0
     # Phantom grid (z, y, x) -> world: column k of the rotation part scales array axis k.
     affine = np.zeros((4, 4))
     affine[2, 0] = affine[1, 1] = affine[0, 2] = spacing_mm  # z->S, y->A, x->R
@@ -319,7 +322,7 @@ def _sample_diameters(
 def brain_mets_case(
     seed: int,
     *,
-    shape: tuple[int, int, int] = (80, 96, 80),
+    shape: tuple[int, int, int] = (80, 104, 80),
     spacing_mm: float = 2.0,
     n_lesions: tuple[int, int] = (3, 15),
     diameter_vox: tuple[float, float] = (1.0, 30.0),
@@ -329,14 +332,14 @@ def brain_mets_case(
     noise: tuple[float, float] = (0.03, 0.06),
     bias: float = 0.12,
     vessels: bool = True,
-    psf_vox: tuple[float, float] = (0.45, 0.7),
+    psf_vox: tuple[float, float] = (0.35, 0.55),
 ) -> PhantomCase:
     """A 4-sequence brain MRI phantom with metastases.
 
     Args:
         seed: the case's random seed (the only source of randomness).
         shape: grid ``(Z, Y, X)``; the default at 2 mm covers the whole MNI brain
-            (160 x 192 x 160 mm). A smaller grid crops around the brain centre.
+            (160 x 208 x 160 mm). A smaller grid crops around the brain centre.
         spacing_mm: isotropic voxel size in mm.
         n_lesions: inclusive range of lesions drawn per case (fewer are kept only when no room is
             found; ``len(case.lesions)`` is what was placed).
@@ -345,7 +348,7 @@ def brain_mets_case(
             ``d = median * exp(sigma * N(0,1))`` truncated to ``diameter_vox``.
         min_gap_vox: lesions are at least this many voxels apart (Chebyshev), so every lesion is its
             own 26-connected component of the label.
-        noise: range of the Rician noise sigma, as a fraction of the channel's brightest tissue.
+        noise: range of the Rician noise sigma, as a fraction of the channel's mean GM/WM level.
         bias: standard deviation of the log bias field (multiplicative, smooth).
         vessels: add thin enhancing vessel-like structures in sulci on T1c (false-positive mimics).
         psf_vox: range of the in-plane Gaussian point-spread sigma in voxels (through-plane is 1.3x);
@@ -365,7 +368,7 @@ def brain_mets_case(
     tpl = _template_on_grid(shape, s)  # type: ignore[arg-type]
 
     # --- anatomy: warp the template -----------------------------------------------------------
-    coords = _warp_coords(rng, shape, s, rotate_deg=5.0, scale_range=0.07, shift_mm=4.0, elastic_mm=2.5)
+    coords = _warp_coords(rng, shape, s, rotate_deg=5.0, scale_range=0.05, shift_mm=3.0, elastic_mm=2.5)
     warped = {
         k: ndimage.map_coordinates(tpl[k], coords, order=1, mode="constant", cval=0.0)
         for k in ("t1", "gm", "wm", "brain")
@@ -409,7 +412,8 @@ def brain_mets_case(
         core_ratio = float(rng.uniform(0.35, 0.7)) if ring else 0.0
         p_oed = 0.25 + 0.7 * min(d_vox / 10.0, 1.0)
         oedema_mm = float(min(radius_mm * rng.uniform(0.6, 2.0), 25.0)) if rng.random() < p_oed else 0.0
-        enh = float(inten[1, 3] * np.exp(rng.normal(0.0, 0.15)))
+        # Enhancement relative to WM: 1.45 x exp(N(0, 0.15)), kept in [1.2, 1.9] x WM.
+        enh = float(inten[1, 2] * np.clip(1.45 * np.exp(rng.normal(0.0, 0.15)), 1.2, 1.9))
         les_int = np.array(
             [
                 [inten[0, 3] * np.exp(rng.normal(0, 0.05)), inten[0, 4]],
@@ -419,7 +423,7 @@ def brain_mets_case(
             ],
             dtype=np.float32,
         )  # (channel, [enhancing, necrotic])
-        ss = 4 if d_vox < 4 else 3 if d_vox < 10 else 2 if d_vox < 20 else 1
+        ss = 3 if d_vox < 4 else 2 if d_vox < 20 else 1  # sub-voxel samples per axis
         cand = np.flatnonzero(weight * (depth_flat >= radius_mm + s))
         if cand.size == 0:
             continue
@@ -494,6 +498,8 @@ def brain_mets_case(
         vessel = _vessels(rng, shape, s, csf + 0.5 * gm, brain_mask)
         vessel *= 1.0 - np.minimum(frac_les * 4.0, 1.0)
     image = np.empty((4,) + shape, dtype=np.float32)
+    # Mild smooth heterogeneity of tissue (shared by the sequences: it is the same tissue).
+    tissue_texture = 1.0 + _smooth_field(rng, shape, tuple(max(4, n // 4) for n in shape), 0.03)
     les_texture = 1.0 + _smooth_field(rng, shape, tuple(max(4, n // 3) for n in shape), 0.1)
     # Acquisition point-spread function (voxels; thicker through-plane): the main reason a lesion
     # of one or two voxels loses most of its contrast.
@@ -507,12 +513,11 @@ def brain_mets_case(
         if vessels and c == 1:
             base = base + vessel * (inten[1, 3] - i_csf)
         img = (1.0 - np.minimum(frac_les, 1.0)) * base + les_sum[c] * les_texture
-        # Texture: mild smooth heterogeneity within tissue.
-        img *= 1.0 + _smooth_field(rng, shape, tuple(max(4, n // 4) for n in shape), 0.03)
+        img *= tissue_texture
         bias_field = np.exp(shared_bias + _smooth_field(rng, shape, 3, bias * 0.5))
         img *= bias_field
         img = ndimage.gaussian_filter(img, psf_sigma, mode="nearest")
-        sigma = float(rng.uniform(*noise)) * float(inten[c, :3].max())
+        sigma = float(rng.uniform(*noise)) * float(inten[c, 1:3].mean())
         img = np.sqrt((img + sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2
                       + (sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2)
         img[~brain_mask] = 0.0  # skull-stripped, like BraTS-style preprocessing

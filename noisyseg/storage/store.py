@@ -80,6 +80,9 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_SHARD_THRESHOLD_BYTES = 256 << 20
 SHARD_FACTOR = 4
 SPATIAL_AXES = ("z", "y", "x")
+#: Test hook: seconds :meth:`VolumeStore.write_case` sleeps between writing the arrays and
+#: committing the case, so a test can kill a writer in the middle of a case.
+PAUSE_ENV = "NOISYSEG_TEST_PAUSE_BEFORE_COMMIT"
 LESION_STATUSES = ("present", "removed", "changed")
 
 
@@ -95,7 +98,9 @@ def axis_names(spatial_dims: int) -> tuple[str, ...]:
     return SPATIAL_AXES[-spatial_dims:]
 
 
-def chunk_shape(shape: Sequence[int], itemsize: int, target_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[int, ...]:
+def chunk_shape(
+    shape: Sequence[int], itemsize: int, target_bytes: int = DEFAULT_CHUNK_BYTES
+) -> tuple[int, ...]:
     """Power-of-two chunk shape of about ``target_bytes`` (never more), clipped to ``shape``.
 
     Doubles axes round-robin from the last (fastest) one, so float32 3D gives ``64³`` (1 MiB),
@@ -162,7 +167,11 @@ def lesion_records(
     records = []
     for lid in range(1, n + 1):
         count = int(stats["voxel_counts"][lid])
-        rec: dict[str, Any] = {"lesion_id": lid, "voxels": count, "volume_mm3": count * voxel_volume}
+        rec: dict[str, Any] = {
+            "lesion_id": lid,
+            "voxels": count,
+            "volume_mm3": count * voxel_volume,
+        }
         centroid = stats["centroids"][lid]
         bbox = stats["bounding_boxes"][lid]
         for i, ax in enumerate(axes):
@@ -224,7 +233,9 @@ class VolumeStore:
 
     # ---- construction -----------------------------------------------------------------------
 
-    def __init__(self, url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None
+    ) -> None:
         """Prefer :meth:`open` / :meth:`create`. Reads the root metadata, raises if absent."""
         if mode not in ("r", "r+"):
             raise NoisysegInputError(f"store mode must be 'r' or 'r+', got {mode!r}", path=str(url))
@@ -268,7 +279,12 @@ class VolumeStore:
         return meta
 
     def __getstate__(self) -> dict:
-        return {"url": self.url, "mode": self.mode, "storage_options": self.storage_options, "meta": self._meta}
+        return {
+            "url": self.url,
+            "mode": self.mode,
+            "storage_options": self.storage_options,
+            "meta": self._meta,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.url = state["url"]
@@ -294,9 +310,11 @@ class VolumeStore:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         shard_threshold_bytes: int = DEFAULT_SHARD_THRESHOLD_BYTES,
         attrs: Mapping[str, Any] | None = None,
+        truth_params: Mapping[str, Any] | None = None,
     ) -> VolumeStore:
         """Create an empty store at ``url`` and return it opened ``"r+"``.
 
+        ``truth_params`` describe where the truth labels come from (label set metadata).
         Raises NoisysegInputError when a store already exists there (unless ``overwrite``) or
         when ``url`` is an existing non-empty location that is not a noisyseg store (never
         deleted, even with ``overwrite``).
@@ -317,10 +335,13 @@ class VolumeStore:
                     is_store = False
                 if not is_store:
                     raise NoisysegInputError(
-                        "path exists and is not a noisyseg store (refusing to overwrite)", path=str(url)
+                        "path exists and is not a noisyseg store (refusing to overwrite)",
+                        path=str(url),
                     )
                 if not overwrite:
-                    raise NoisysegInputError("store already exists (pass overwrite to replace it)", path=str(url))
+                    raise NoisysegInputError(
+                        "store already exists (pass overwrite to replace it)", path=str(url)
+                    )
                 fs.rm(root, recursive=True)
         meta = {
             "format": STORE_FORMAT,
@@ -337,15 +358,24 @@ class VolumeStore:
             fs.makedirs(root, exist_ok=True)
             zstore = zarr.storage.LocalStore(root)
         else:
-            zstore = zarr.storage.FsspecStore.from_url(str(url), storage_options=dict(storage_options or {}) or None)
-        group = zarr.open_group(store=zstore, mode="w", zarr_format=3, attributes={"noisyseg": meta})
+            zstore = zarr.storage.FsspecStore.from_url(
+                str(url), storage_options=dict(storage_options or {}) or None
+            )
+        group = zarr.open_group(
+            store=zstore, mode="w", zarr_format=3, attributes={"noisyseg": meta}
+        )
         group.create_group(CASES_DIR)
         store = cls(str(url), "r+", storage_options)
-        store._write_json(f"{LABELSETS_DIR}/{TRUTH}.json", {"name": TRUTH, "params": {"source": "ingest"}})
+        store._write_json(
+            f"{LABELSETS_DIR}/{TRUTH}.json",
+            {"name": TRUTH, "params": dict(truth_params or {"source": "annotation"})},
+        )
         return store
 
     @classmethod
-    def open(cls, url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> VolumeStore:
+    def open(
+        cls, url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None
+    ) -> VolumeStore:
         """Open an existing store (``mode`` ``"r"`` or ``"r+"``); a missing store raises."""
         return cls(str(url), mode, storage_options)
 
@@ -383,6 +413,8 @@ class VolumeStore:
             return json.load(fh)
 
     def _write_parquet(self, rel: str, df: pd.DataFrame) -> None:
+        if rel.startswith(LESIONS_DIR + "/") and len(df):
+            df = df.sort_values(["case_id", "lesion_id"], kind="stable")
         buf = io.BytesIO()
         df.to_parquet(buf, index=False, engine="pyarrow")
         self._write_bytes_atomic(rel, buf.getvalue())
@@ -410,7 +442,10 @@ class VolumeStore:
     # ---- index --------------------------------------------------------------------------------
 
     def _journal(self) -> dict[str, dict]:
-        return {cid: self._read_json(f"{JOURNAL_DIR}/{cid}.json") for cid in self._list(JOURNAL_DIR, ".json")}
+        return {
+            cid: self._read_json(f"{JOURNAL_DIR}/{cid}.json")
+            for cid in self._list(JOURNAL_DIR, ".json")
+        }
 
     @staticmethod
     def _entry_row(entry: dict) -> dict:
@@ -423,7 +458,9 @@ class VolumeStore:
     def _base_cases(self) -> pd.DataFrame:
         df = self._read_parquet(CASES_PARQUET)
         if df is None:
-            df = pd.DataFrame(columns=["case_id", "split", "clean", "n_channels", "shape", "spacing", "source"])
+            df = pd.DataFrame(
+                columns=["case_id", "split", "clean", "n_channels", "shape", "spacing", "source"]
+            )
         return df
 
     @staticmethod
@@ -439,7 +476,9 @@ class VolumeStore:
             df[col] = df[col].astype("Int64")
         lead = ["case_id", "split", "clean", "n_channels", "shape", "spacing", "source"]
         counts = sorted(c for c in df.columns if c.startswith("n_lesions_"))
-        counts = [c for c in counts if c == f"n_lesions_{TRUTH}"] + [c for c in counts if c != f"n_lesions_{TRUTH}"]
+        counts = [c for c in counts if c == f"n_lesions_{TRUTH}"] + [
+            c for c in counts if c != f"n_lesions_{TRUTH}"
+        ]
         rest = [c for c in df.columns if c not in lead and c not in counts]
         return df[lead + counts + rest].sort_values("case_id").reset_index(drop=True)
 
@@ -484,7 +523,7 @@ class VolumeStore:
             info = self.fs.info(path)
         except FileNotFoundError:
             return frozenset()
-        key = (info.get("mtime"), info.get("size"), info.get("ETag"), info.get("LastModified"))
+        key = tuple(info.get(k) for k in ("mtime", "size", "ino", "ETag", "LastModified"))
         if self._ids_cache is None or self._ids_cache[0] != key:
             df = self._read_parquet(CASES_PARQUET)
             ids = frozenset(df["case_id"].tolist()) if df is not None else frozenset()
@@ -537,13 +576,27 @@ class VolumeStore:
                 frames.append(pd.DataFrame(recs))
         cols = lesion_columns(self.spatial_dims)
         if not frames:
-            return pd.DataFrame({c: pd.Series(dtype=object if c in ("case_id", "label_set", "status") else float) for c in cols})
-        df = pd.concat(frames, ignore_index=True)
+            return pd.DataFrame(
+                {
+                    c: pd.Series(dtype=object if c in ("case_id", "label_set", "status") else float)
+                    for c in cols
+                }
+            )
+        # Stored tables are written sorted; only a merge of several pieces needs a sort.
+        df = (
+            frames[0].reset_index(drop=True)
+            if len(frames) == 1
+            else pd.concat(frames, ignore_index=True)
+        )
         for c in cols:
             if c not in df.columns:
                 df[c] = np.nan
         df = df[cols + [c for c in df.columns if c not in cols]]
-        return df.sort_values(["label_set", "case_id", "lesion_id"]).reset_index(drop=True)
+        if len(frames) > 1:
+            df = df.sort_values(["label_set", "case_id", "lesion_id"], kind="stable").reset_index(
+                drop=True
+            )
+        return df
 
     def compact(self) -> int:
         """Fold journal entries into ``cases.parquet`` and the lesion tables (driver-side).
@@ -579,7 +632,11 @@ class VolumeStore:
                 parts.append(old[~old["case_id"].isin(ids)])
             if recs:
                 parts.append(pd.DataFrame(recs))
-            df = pd.concat([p for p in parts if not p.empty], ignore_index=True) if any(not p.empty for p in parts) else pd.DataFrame(columns=lesion_columns(self.spatial_dims))
+            df = (
+                pd.concat([p for p in parts if not p.empty], ignore_index=True)
+                if any(not p.empty for p in parts)
+                else pd.DataFrame(columns=lesion_columns(self.spatial_dims))
+            )
             self._write_parquet(f"{LESIONS_DIR}/{name}.parquet", df)
         self._write_parquet(CASES_PARQUET, self._normalise_index(cases))
         for cid in ids:
@@ -626,9 +683,13 @@ class VolumeStore:
 
     # ---- writing cases ------------------------------------------------------------------------
 
-    def _array_layout(self, shape: Sequence[int], itemsize: int, channel_axis: bool) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    def _array_layout(
+        self, shape: Sequence[int], itemsize: int, channel_axis: bool
+    ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
         spatial = tuple(shape[1:]) if channel_axis else tuple(shape)
-        chunks = chunk_shape(spatial, itemsize, int(self._meta.get("chunk_bytes", DEFAULT_CHUNK_BYTES)))
+        chunks = chunk_shape(
+            spatial, itemsize, int(self._meta.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
+        )
         shards = None
         nbytes = math.prod(shape) * itemsize
         if nbytes > int(self._meta.get("shard_threshold_bytes", DEFAULT_SHARD_THRESHOLD_BYTES)):
@@ -642,17 +703,24 @@ class VolumeStore:
 
     def _multiscales(self, name: str, spacing: Sequence[float], channel_axis: bool) -> list[dict]:
         axes = [{"name": "c", "type": "channel"}] if channel_axis else []
-        axes += [{"name": a, "type": "space", "unit": "millimeter"} for a in axis_names(self.spatial_dims)]
+        axes += [
+            {"name": a, "type": "space", "unit": "millimeter"}
+            for a in axis_names(self.spatial_dims)
+        ]
         scale = ([1.0] if channel_axis else []) + [float(s) for s in spacing]
         return [
             {
                 "name": name,
                 "axes": axes,
-                "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+                "datasets": [
+                    {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+                ],
             }
         ]
 
-    def _write_label_group(self, labels_group: zarr.Group, name: str, label: np.ndarray, spacing: Sequence[float]) -> None:
+    def _write_label_group(
+        self, labels_group: zarr.Group, name: str, label: np.ndarray, spacing: Sequence[float]
+    ) -> None:
         chunks, shards = self._array_layout(label.shape, 1, channel_axis=False)
         attrs = {
             "ome": {
@@ -710,7 +778,9 @@ class VolumeStore:
         self._require_writable()
         cid = V.check_case_id(case_id)
         V.check_split(split, case=cid)
-        img = V.check_image(image, n_channels=len(self.channel_names), spatial_dims=self.spatial_dims, case=cid)
+        img = V.check_image(
+            image, n_channels=len(self.channel_names), spatial_dims=self.spatial_dims, case=cid
+        )
         sp = V.check_spacing(spacing, self.spatial_dims, case=cid)
         aff = V.check_affine(affine, case=cid)
         if TRUTH not in labels:
@@ -718,9 +788,13 @@ class VolumeStore:
         checked: dict[str, np.ndarray] = {}
         for name, lab in labels.items():
             V.check_label_set_name(name)
-            checked[name] = V.check_label(lab, shape=img.shape[1:], case=cid, name=f"label set {name!r}")
+            checked[name] = V.check_label(
+                lab, shape=img.shape[1:], case=cid, name=f"label set {name!r}"
+            )
         if not overwrite and self.has_case(cid):
-            raise NoisysegInputError("case already in store (duplicate case id)", case=cid, path=self.url)
+            raise NoisysegInputError(
+                "case already in store (duplicate case id)", case=cid, path=self.url
+            )
 
         lesions = {name: lesion_records(lab, sp) for name, lab in checked.items()}
         spatial_shape = [int(s) for s in img.shape[1:]]
@@ -750,12 +824,18 @@ class VolumeStore:
             ]
         }
         attrs = {
-            "ome": {"version": OME_VERSION, "multiscales": self._multiscales(cid, sp, True), "omero": omero},
+            "ome": {
+                "version": OME_VERSION,
+                "multiscales": self._multiscales(cid, sp, True),
+                "omero": omero,
+            },
             "noisyseg": noisyseg_attrs,
         }
         final_rel = f"{CASES_DIR}/{cid}"
         write_rel = f"{STAGING_DIR}/{cid}-{uuid.uuid4().hex[:12]}" if self._local else final_rel
-        group = zarr.open_group(store=self.zstore, path=write_rel, mode="w", zarr_format=3, attributes=attrs)
+        group = zarr.open_group(
+            store=self.zstore, path=write_rel, mode="w", zarr_format=3, attributes=attrs
+        )
         chunks, shards = self._array_layout(img.shape, 4, channel_axis=True)
         arr = group.create_array(
             "0",
@@ -768,9 +848,14 @@ class VolumeStore:
             dimension_names=["c", *axis_names(self.spatial_dims)],
         )
         arr[...] = img
-        labels_group = group.create_group("labels", attributes={"ome": {"version": OME_VERSION, "labels": list(checked)}})
+        labels_group = group.create_group(
+            "labels", attributes={"ome": {"version": OME_VERSION, "labels": list(checked)}}
+        )
         for name, lab in checked.items():
             self._write_label_group(labels_group, name, lab, sp)
+        pause = os.environ.get(PAUSE_ENV)
+        if pause:  # test hook: lets a test kill the writer with the arrays written, uncommitted
+            time.sleep(float(pause))
         if self._local:
             src, dst = self._p(write_rel), self._p(final_rel)
             if os.path.lexists(dst):
@@ -845,7 +930,9 @@ class VolumeStore:
         labels_rel = f"{CASES_DIR}/{cid}/labels"
         final = self._p(f"{labels_rel}/{name}")
         if self.fs.exists(final) and not overwrite:
-            raise NoisysegInputError(f"label set {name!r} already exists (never overwritten)", case=cid)
+            raise NoisysegInputError(
+                f"label set {name!r} already exists (never overwritten)", case=cid
+            )
         labels_group = zarr.open_group(store=self.zstore, path=labels_rel, mode="r+")
         if self._local:
             tmp_name = f".tmp-{name}-{uuid.uuid4().hex[:12]}"
@@ -903,10 +990,15 @@ class VolumeStore:
         if recs:
             parts.append(pd.DataFrame(recs))
         parts = [p for p in parts if not p.empty]
-        df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=lesion_columns(self.spatial_dims))
+        df = (
+            pd.concat(parts, ignore_index=True)
+            if parts
+            else pd.DataFrame(columns=lesion_columns(self.spatial_dims))
+        )
         self._write_parquet(f"{LESIONS_DIR}/{name}.parquet", df)
         counts = {
-            cid: sum(1 for r in rs if r.get("status", "present") != "removed") for cid, rs in records_by_case.items()
+            cid: sum(1 for r in rs if r.get("status", "present") != "removed")
+            for cid, rs in records_by_case.items()
         }
         col = f"n_lesions_{name}"
 
@@ -992,7 +1084,11 @@ class VolumeStore:
         row = df[df["case_id"] == case_id]
         if row.empty:
             raise NoisysegInputError("case not in store", case=case_id, path=self.url)
-        info = {k: v for k, v in row.iloc[0].to_dict().items() if not (k.startswith("n_lesions_") and pd.isna(v))}
+        info = {
+            k: v
+            for k, v in row.iloc[0].to_dict().items()
+            if not (k.startswith("n_lesions_") and pd.isna(v))
+        }
         attrs["affine"] = np.asarray(attrs["affine"]) if attrs.get("affine") is not None else None
         attrs["shape"] = tuple(attrs["shape"])
         attrs["spacing"] = tuple(attrs["spacing"])

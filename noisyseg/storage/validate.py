@@ -62,7 +62,9 @@ def check_label_set_name(name: object) -> str:
 def check_split(split: object, *, case: str | None = None) -> str:
     """Return ``split`` if it is one of ``train``, ``val``, ``test``, else raise."""
     if split not in SPLITS:
-        raise NoisysegInputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}", case=case)
+        raise NoisysegInputError(
+            f"split must be one of {', '.join(SPLITS)}, got {split!r}", case=case
+        )
     return str(split)
 
 
@@ -143,7 +145,9 @@ def check_image(
             f"image has {arr.shape[0]} channels, the store has {n_channels}", case=case, path=path
         )
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.iscomplexobj(arr):
-        raise NoisysegInputError(f"image dtype {arr.dtype} is not real numeric", case=case, path=path)
+        raise NoisysegInputError(
+            f"image dtype {arr.dtype} is not real numeric", case=case, path=path
+        )
     if np.issubdtype(arr.dtype, np.floating):
         finite = np.isfinite(arr)
         if not finite.all():
@@ -205,7 +209,9 @@ def check_affine(affine: np.ndarray | None, *, case: str | None = None) -> np.nd
         return None
     arr = np.asarray(affine, dtype=np.float64)
     if arr.shape != (4, 4) or not np.isfinite(arr).all():
-        raise NoisysegInputError(f"affine must be a finite 4x4 matrix, got shape {arr.shape}", case=case)
+        raise NoisysegInputError(
+            f"affine must be a finite 4x4 matrix, got shape {arr.shape}", case=case
+        )
     return arr
 
 
