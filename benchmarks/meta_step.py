@@ -4,8 +4,10 @@ Steps timed (each includes ``zero_grad``, the backward and ``optimizer.step()``)
 
 * ``standard``  — forward, mean BCE, backward, Adam step;
 * ``reference`` — Ren et al. weights (virtual step + double backward), then the weighted step;
-* ``fast``      — exact weights by clean gradient + forward-mode tangents in the noisy forward,
-  whose autograd graph the weighted backward reuses (:func:`noisyseg.reweight.meta_reweighted_step`);
+* ``fast``      — exact weights: clean gradient, a gradient-free forward-mode pass for the tangents,
+  then a plain weighted forward/backward (:func:`noisyseg.reweight.meta_reweighted_step`);
+* ``fast-shared`` — as ``fast`` but the weighted backward reuses the tangent-carrying forward
+  (``share_forward=True``) instead of a separate plain forward;
 * ``head``      — as ``fast`` but only the last layers are differentiated (approximate).
 
 The methods run interleaved (one step of each per round, order rotated every round) so that load
@@ -33,7 +35,7 @@ from noisyseg.losses import bce_with_logits
 from noisyseg.models import build_unet
 from noisyseg.reweight import head_weight_correlation, meta_reweighted_step
 
-METHODS = ("standard", "reference", "fast", "head")
+METHODS = ("standard", "reference", "fast", "fast-shared", "head")
 
 
 def _sync(device: torch.device) -> None:
@@ -90,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer.step()
             else:
                 meta_reweighted_step(
-                    model, optimizer, noisy_x, noisy_y, clean_x, clean_y, method=method
+                    model, optimizer, noisy_x, noisy_y, clean_x, clean_y,
+                    method=method.removesuffix("-shared"),
+                    share_forward=True if method.endswith("-shared") else None,
                 )
 
     times: dict[str, list[float]] = {m: [] for m in methods}

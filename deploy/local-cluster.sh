@@ -187,30 +187,53 @@ load_state() {
   source "$STATE"
 }
 
+wait_gone() {  # wait_gone SECONDS PID... : true once none of the pids is alive (zombies count as gone)
+  local deadline=$((SECONDS + $1)) pid left; shift
+  while true; do
+    left=""
+    for pid in "$@"; do
+      if [[ -r /proc/$pid/stat ]] && [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]; then
+        left="$left $pid"
+      fi
+    done
+    [[ -z "$left" ]] && return 0
+    (( SECONDS >= deadline )) && return 1
+    sleep 0.3
+  done
+}
+
+# Worker node first (its `ray start --block` tears down its raylet and agents on SIGTERM), then
+# the head, then MLflow's whole group; anything left after the grace period gets SIGKILL, found
+# by process group and by the unique temp dir in its command line.
 stop_all() {
-  local pgid pids deadline
-  for pgid in ${WORKER_PGID:-} ${HEAD_PGID:-} ${MLFLOW_PGID:-}; do
-    kill -TERM -- "-$pgid" 2>/dev/null || true
+  local pgid pids
+  for pgid in ${WORKER_PGID:-} ${HEAD_PGID:-}; do
+    kill -TERM "$pgid" 2>/dev/null || true
+    wait_gone 20 "$pgid" || true
   done
-  deadline=$((SECONDS + 20))
-  while pids=$(our_pids) && [[ -n "$pids" ]] && (( SECONDS < deadline )); do
-    sleep 0.5
-  done
+  if [[ -n "${MLFLOW_PGID:-}" ]]; then
+    kill -TERM -- "-$MLFLOW_PGID" 2>/dev/null || true
+    wait_gone 15 "$MLFLOW_PGID" || true
+  fi
+  # shellcheck disable=SC2046
+  wait_gone 5 $(our_pids) || true
   pids=$(our_pids)
   if [[ -n "$pids" ]]; then
+    echo "local-cluster: SIGKILL to leftover processes:" $pids >&2
     for pgid in ${WORKER_PGID:-} ${HEAD_PGID:-} ${MLFLOW_PGID:-}; do
       kill -KILL -- "-$pgid" 2>/dev/null || true
     done
     # shellcheck disable=SC2086
     kill -KILL $pids 2>/dev/null || true
-    sleep 0.5
+    # shellcheck disable=SC2086
+    wait_gone 10 $pids || true
   fi
   if [[ -n "${TEMP_ROOT:-}" && "$TEMP_ROOT" == /tmp/nsr-* ]]; then
     rm -rf -- "$TEMP_ROOT"
   fi
   rm -f -- "$STATE" "$ENV_FILE"
   pids=$(our_pids)
-  [[ -z "$pids" ]] || die "processes still running after down: $pids"
+  [[ -z "$pids" ]] || die "processes still running after down:" $pids
 }
 
 # ----------------------------------------------------------------------------------- verbs
@@ -236,6 +259,8 @@ cmd_up() {
     *) die "RAY_AUTH_MODE must be 'disabled' or 'token', got '$RAY_AUTH_MODE'" ;;
   esac
   export RAY_USAGE_STATS_ENABLED=0
+  # A local node has nothing to drain: SIGTERM tears it down at once instead of waiting 30 s.
+  export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 
   local ports
   ports=$(pick_ports 16 2 40) || die "could not find free ports"

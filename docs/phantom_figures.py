@@ -22,7 +22,9 @@ DOCS = Path(__file__).resolve().parent
 
 def brain_figure(seed: int, path: Path) -> None:
     case = brain_mets_case(seed)
-    zs = sorted({int(round(les["center"][0])) for les in sorted(case.lesions, key=lambda d: -d["voxels"])[:4]})
+    by_size = sorted(case.lesions, key=lambda d: -d["voxels"])
+    picks = [by_size[i] for i in sorted({0, 1, len(by_size) // 2, len(by_size) - 1}) if i < len(by_size)]
+    zs = sorted({int(round(les["center"][0])) for les in picks})
     fig, axes = plt.subplots(len(zs), 5, figsize=(15, 3.3 * len(zs)))
     axes = np.atleast_2d(axes)
     for r, z in enumerate(zs):
@@ -41,7 +43,8 @@ def brain_figure(seed: int, path: Path) -> None:
             ax.contour(case.label[z], levels=[0.5], colors="r", linewidths=0.8, origin="lower")
         if r == 0:
             ax.set_title("t1c + label contour")
-        ax.text(2, 2, f"z={z}", color="y", fontsize=8)
+        sizes = [les["voxels"] for les in case.lesions if int(round(les["center"][0])) == z]
+        ax.text(2, 2, f"z={z}, lesion voxels {sizes}", color="y", fontsize=8)
         ax.axis("off")
     fig.suptitle(f"brain_mets_case(seed={seed}): {len(case.lesions)} lesions, "
                  f"diameters (vox) {[round(d['diameter_vox'], 1) for d in case.lesions]}", fontsize=10)
@@ -132,7 +135,7 @@ def brain_stats(n_cases: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--brain-seed", type=int, default=3)
+    parser.add_argument("--brain-seed", type=int, default=5)
     parser.add_argument("--stats", type=int, default=0, help="print the tables of docs/phantoms.md")
     args = parser.parse_args()
     if args.stats:

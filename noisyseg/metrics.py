@@ -62,6 +62,11 @@ import numpy as np
 from noisyseg.errors import NoisysegInputError
 from noisyseg.noise import check_binary_mask, label_lesions, resolve_connectivity, resolve_spacings
 
+#: Candidate threshold the reports use (``noisyseg evaluate``, the robustness benchmark): lesion
+#: candidates down to p = 0.05 make up the PR/FROC curves, AP and maximum sensitivity, while
+#: sensitivity, precision and FP/case stay at the operating threshold ``t`` = 0.5.
+REPORT_CANDIDATE_THRESHOLD: float = 0.05
+
 FROC_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: Sphere volumes (mm³) for diameters 4, 8 and 20 mm: ``π/6 · d³``.
 DEFAULT_SIZE_BINS_MM3: tuple[float, ...] = (

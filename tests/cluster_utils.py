@@ -246,3 +246,34 @@ def make_ball_store(
     }
     store.register_label_set("noisy", records, params={"mode": "test", "dropped": noisy_drop})
     return str(path)
+
+
+def ray_job_submit(
+    head: RayHead,
+    entrypoint: list[str],
+    *,
+    working_dir: str | Path,
+    runtime_env: dict | None = None,
+    timeout: float = 600.0,
+) -> subprocess.CompletedProcess:
+    """``ray job submit`` (waits for the job, streams its logs into ``stdout``).
+
+    Retries while the head's job agent is still starting ("No available agent to submit job":
+    the dashboard answers a few seconds before its agent registers).
+    """
+    import json
+
+    command = [
+        str(VENV_BIN / "ray"), "job", "submit",
+        "--address", head.dashboard_url,
+        "--working-dir", str(working_dir),
+    ]
+    if runtime_env:
+        command += ["--runtime-env-json", json.dumps(runtime_env)]
+    command += ["--", *entrypoint]
+    deadline = time.monotonic() + 90
+    while True:
+        done = subprocess.run(command, env=ray_env(), capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)

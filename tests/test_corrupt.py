@@ -398,3 +398,55 @@ def test_skin_store_2d_eight_connectivity(tmp_path: Path) -> None:
     assert sum(ndi.label(m, structure=np.ones((3, 3)))[1] for m in noisy) == k - int(
         np.floor(0.5 * k + 0.5)
     )
+
+
+@pytest.mark.parametrize("scope", ["dataset", "case"])
+@pytest.mark.parametrize("mode", ["random", "size"])
+def test_select_censored_equals_noise_selection(mode: str, scope: str) -> None:
+    """Table-only selection == noise.py's selection over LesionRecords, many seeds and rates,
+    with many tied volumes."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n_cases = int(rng.integers(1, 6))
+        cases = [f"k{i}" for i in range(n_cases)]
+        rows = []
+        for c in cases:
+            for lid in range(1, int(rng.integers(0, 9)) + 1):
+                rows.append((c, lid, float(rng.integers(1, 4))))  # few distinct volumes: ties
+        table = pd.DataFrame(rows, columns=["case_id", "lesion_id", "volume_mm3"])
+        table["voxels"] = table["volume_mm3"].astype(int)
+        rate = float(rng.uniform(0, 1))
+        seed = int(rng.integers(0, 1000))
+        got = set(
+            zip(
+                select_censored(table, rate, case_order=cases, mode=mode, seed=seed, scope=scope)[
+                    "case_id"
+                ],
+                select_censored(table, rate, case_order=cases, mode=mode, seed=seed, scope=scope)[
+                    "lesion_id"
+                ],
+            )
+        )
+        recs = [
+            noise.LesionRecord(
+                case=cases.index(c), label=lid, voxels=1, volume_mm3=v, centroid=(), bbox=()
+            )
+            for c, lid, v in rows
+        ]
+        if scope == "dataset":
+            want = noise._select(
+                recs, noise.count_to_select(rate, len(recs)), mode, np.random.default_rng(seed)
+            )
+        else:
+            want = []
+            for i in range(n_cases):
+                block = [r for r in recs if r.case == i]
+                want += noise._select(
+                    block,
+                    noise.count_to_select(rate, len(block)),
+                    mode,
+                    np.random.default_rng([seed, i]),
+                )
+        assert got == {(cases[r.case], r.label) for r in want}, trial

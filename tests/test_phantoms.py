@@ -14,6 +14,7 @@ from noisyseg.storage.phantoms import (
     SKIN_CHANNELS,
     PhantomCase,
     brain_mets_case,
+    default_brain_shape,
     skin_case,
 )
 
@@ -69,6 +70,7 @@ def test_brain_deterministic_and_seed_dependent() -> None:
 def test_brain_default_grid_covers_whole_brain() -> None:
     case = brain_mets_case(0)
     assert case.image.shape == (4, 80, 104, 80) and case.spacing == (2.0, 2.0, 2.0)
+    assert default_brain_shape(2.0) == (80, 104, 80) and default_brain_shape(3.0) == (56, 72, 56)
     brain = case.tissue > 0
     # The 160 x 208 x 160 mm grid holds the brain: no brain on the faces except the inferior one
     # (the template itself cuts the brainstem there).
@@ -226,6 +228,8 @@ def test_bad_arguments() -> None:
         brain_mets_case(0, shape=(4, 4, 4))
     with pytest.raises(ValueError):
         brain_mets_case(0, n_lesions=(5, 2))
+    with pytest.raises(ValueError):
+        brain_mets_case(0, spacing_mm=0.0)
     with pytest.raises(ValueError):
         skin_case(0, size=8)
 

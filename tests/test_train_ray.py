@@ -12,7 +12,6 @@ One Ray head (``ray start --head``, dashboard/job server on 127.0.0.1) and one `
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,7 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from cluster_utils import VENV_BIN, make_ball_store, ray_env, start_mlflow_server, start_ray_head
+from cluster_utils import (
+    VENV_BIN,
+    make_ball_store,
+    ray_env,
+    ray_job_submit,
+    start_mlflow_server,
+    start_ray_head,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -92,18 +98,13 @@ def _train_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> st
 
 def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, mlflow_server, store, workspace) -> None:
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.uri, "RAY_AUTH_MODE": "disabled"}}
-    command = [
-        str(VENV_BIN / "ray"), "job", "submit",
-        "--address", ray_head.dashboard_url,
-        "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps(runtime_env),
-        "--",
+    entrypoint = [
         "noisyseg", "train", "--store", store, *COMMON,
         "--workers", "2", "--steps", "20", "--run-name", "t1",
         "--val-interval", "10", "--checkpoint-interval", "10",
         "--storage-path", str(workspace / "ray_results"),
     ]
-    done = subprocess.run(command, env=ray_env(), capture_output=True, text=True, timeout=600)
+    done = ray_job_submit(ray_head, entrypoint, working_dir=REPO, runtime_env=runtime_env)
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "succeeded" in output, output[-6000:]
     assert "MLflow run id:" in output and mlflow_server.uri in output  # where the run is

@@ -383,6 +383,7 @@ class RobustnessBenchmark:
 
     def run_variant(self, variant: Variant, test_cases: list[str]) -> BenchmarkRow:
         from noisyseg.distributed.inference import evaluate_cases, load_trained_model
+        from noisyseg.metrics import REPORT_CANDIDATE_THRESHOLD
         from noisyseg.distributed.trainer import run_training
         from noisyseg.storage.store import VolumeStore
 
@@ -396,6 +397,7 @@ class RobustnessBenchmark:
         result = evaluate_cases(
             model, store, test_cases, label_set="truth",
             roi_size=(self.settings.patch_size,) * spec.spatial_dims,
+            candidate_threshold=REPORT_CANDIDATE_THRESHOLD,
             device="cuda" if self.settings.gpu else "cpu",
         )
         metrics = {k: float(result.metrics[k]) for k in ROW_METRICS}

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from noisyseg.errors import NoisysegInputError
+from noisyseg.metrics import REPORT_CANDIDATE_THRESHOLD
 
 
 def _add_model_args(parser: argparse.ArgumentParser, *, run_required: bool = False) -> None:
@@ -61,7 +62,7 @@ def register(subparsers: Any) -> None:
     evaluate.add_argument("--label-set", default="truth", help="reference labels (default truth)")
     evaluate.add_argument("--threshold", type=float, default=0.5, help="operating threshold")
     evaluate.add_argument(
-        "--candidate-threshold", type=float, default=0.05,
+        "--candidate-threshold", type=float, default=REPORT_CANDIDATE_THRESHOLD,
         help="lowest probability of lesion candidates for the PR/FROC curves, AP and maximum "
         "sensitivity (default 0.05)",
     )

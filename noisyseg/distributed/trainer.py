@@ -96,8 +96,15 @@ def run_training(
     tracking_uri: str | None = None,
     print_fn: Callable[[str], None] = print,
     worker_env: dict[str, str] | None = None,
+    callbacks: list[Any] | None = None,
+    mlflow_run_id: str | None = None,
 ) -> TrainingOutcome:
-    """Validate, then train on Ray; returns where the run lives. See the module docstring."""
+    """Validate, then train on Ray; returns where the run lives. See the module docstring.
+
+    ``callbacks``: Ray Train ``UserCallback`` objects added to the ``RunConfig`` (a Tune trial
+    passes ``TuneReportCallback()``). ``mlflow_run_id``: an existing MLflow run to log into when
+    no checkpoint names one (a Tune trial's child run); ``None`` creates a run.
+    """
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     from noisyseg.distributed.checkpoints import latest_checkpoint_state
     from noisyseg.distributed.tracking import finish_run, open_run, resolve_tracking_uri
@@ -115,6 +122,8 @@ def run_training(
     if prior is not None:
         resume_step = int(prior[1]["step"])
         resume_run_id = prior[1].get("mlflow_run_id") or None
+    if resume_run_id is None:
+        resume_run_id = mlflow_run_id
 
     tracking_uri = tracking_uri or resolve_tracking_uri()
     handle = open_run(
@@ -159,6 +168,7 @@ def run_training(
             checkpoint_config=CheckpointConfig(num_to_keep=config.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=config.max_failures),
             worker_runtime_env={"env_vars": env},
+            callbacks=list(callbacks or []),
         ),
     )
     try:

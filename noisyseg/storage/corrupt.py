@@ -155,32 +155,34 @@ def select_censored(
     table = lesions[lesions["case_id"].isin(rank)].copy()
     table["_case"] = table["case_id"].map(rank).astype(int)
     table = table.sort_values(["_case", "lesion_id"], kind="stable").reset_index(drop=True)
-    records = [
-        noise.LesionRecord(
-            case=int(c), label=int(lab), voxels=int(v), volume_mm3=float(vol), centroid=(), bbox=()
-        )
-        for c, lab, v, vol in zip(
-            table["_case"], table["lesion_id"], table["voxels"], table["volume_mm3"]
-        )
-    ]
-    select = getattr(noise, "select_lesions", None) or noise._select
+    volumes = table["volume_mm3"].to_numpy(np.float64)
+    picked = np.zeros(len(table), dtype=bool)
     if scope == "dataset":
-        chosen = select(
-            records, noise.count_to_select(rate, len(records)), mode, np.random.default_rng(seed)
-        )
+        picked[_select_positions(volumes, rate, mode, np.random.default_rng(seed))] = True
     else:
-        chosen = []
-        start = 0
         sizes = np.bincount(table["_case"].to_numpy(), minlength=len(case_order))
+        starts = np.concatenate([[0], np.cumsum(sizes)])
         for i in range(len(case_order)):
-            stop = start + int(sizes[i])
-            block = records[start:stop]
-            rng = np.random.default_rng([seed, i])
-            chosen.extend(select(block, noise.count_to_select(rate, len(block)), mode, rng))
-            start = stop
-    keys = {(r.case, r.label) for r in chosen}
-    picked = [(c, lab) in keys for c, lab in zip(table["_case"], table["lesion_id"])]
-    return table[np.asarray(picked, dtype=bool)].drop(columns="_case").reset_index(drop=True)
+            block = volumes[starts[i] : starts[i + 1]]
+            chosen = _select_positions(block, rate, mode, np.random.default_rng([seed, i]))
+            picked[starts[i] + chosen] = True
+    return table[picked].drop(columns="_case").reset_index(drop=True)
+
+
+def _select_positions(
+    volumes: np.ndarray, rate: float, mode: str, rng: np.random.Generator
+) -> np.ndarray:
+    """Positions chosen among ``K = len(volumes)`` lesions: the same generator calls as
+    ``noise._select`` (``rng.choice(K, n, replace=False)``; size: ``rng.random(K)`` tie-break,
+    ``lexsort``), vectorised so 10^6 lesions take well under a second. Equivalence with
+    ``noise.censor_lesions`` is asserted in tests/test_corrupt.py."""
+    n = noise.count_to_select(rate, len(volumes))
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if mode == "random":
+        return np.asarray(rng.choice(len(volumes), size=n, replace=False), dtype=np.int64)
+    tiebreak = rng.random(len(volumes))
+    return np.lexsort((tiebreak, volumes))[:n].astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------

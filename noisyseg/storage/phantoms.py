@@ -33,6 +33,8 @@ __all__ = [
     "TISSUE_CLASSES",
     "PhantomCase",
     "brain_mets_case",
+    "default_brain_shape",
+    "BRAIN_FOV_MM",
     "skin_case",
 ]
 
@@ -155,6 +157,8 @@ def _template_on_grid(shape: tuple[int, int, int], spacing_mm: float) -> dict[st
             vol = ndimage.gaussian_filter(vol, sigma, mode="constant")
         out[name] = ndimage.map_coordinates(vol, coords, order=1, mode="constant", cval=0.0)
         out[name] = out[name].astype(np.float32)
+    for arr in out.values():
+        arr.setflags(write=False)  # shared by every case of this grid
     return out
 
 
@@ -319,10 +323,19 @@ def _sample_diameters(
     return out[:n]
 
 
+#: Field of view (z, y, x) in mm that holds the whole warped MNI brain.
+BRAIN_FOV_MM: tuple[float, float, float] = (160.0, 208.0, 160.0)
+
+
+def default_brain_shape(spacing_mm: float) -> tuple[int, int, int]:
+    """Grid (Z, Y, X) covering :data:`BRAIN_FOV_MM` at ``spacing_mm``, rounded up to multiples of 8."""
+    return tuple(int(8 * np.ceil(f / spacing_mm / 8)) for f in BRAIN_FOV_MM)  # type: ignore[return-value]
+
+
 def brain_mets_case(
     seed: int,
     *,
-    shape: tuple[int, int, int] = (80, 104, 80),
+    shape: tuple[int, int, int] | None = None,
     spacing_mm: float = 2.0,
     n_lesions: tuple[int, int] = (3, 15),
     diameter_vox: tuple[float, float] = (1.0, 30.0),
@@ -338,9 +351,10 @@ def brain_mets_case(
 
     Args:
         seed: the case's random seed (the only source of randomness).
-        shape: grid ``(Z, Y, X)``; the default at 2 mm covers the whole MNI brain
-            (160 x 208 x 160 mm). A smaller grid crops around the brain centre.
-        spacing_mm: isotropic voxel size in mm.
+        shape: grid ``(Z, Y, X)``. ``None`` (default) gives the 160 x 208 x 160 mm field that holds
+            the whole brain, rounded up to multiples of 8 voxels: ``(80, 104, 80)`` at 2 mm. A
+            smaller grid crops around the brain centre.
+        spacing_mm: isotropic voxel size in mm (default 2 mm keeps CPU training feasible).
         n_lesions: inclusive range of lesions drawn per case (fewer are kept only when no room is
             found; ``len(case.lesions)`` is what was placed).
         diameter_vox: clip range of nominal lesion diameters, in voxels.
@@ -358,7 +372,11 @@ def brain_mets_case(
         :class:`PhantomCase` with image float32 ``(4, Z, Y, X)`` (:data:`BRAIN_CHANNELS`), label
         uint8 ``(Z, Y, X)``, spacing ``(s, s, s)`` mm, RAS affine, the lesion list and the tissue map.
     """
-    shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
+    if not spacing_mm > 0:
+        raise ValueError(f"spacing_mm must be > 0, got {spacing_mm}")
+    if shape is None:
+        shape = default_brain_shape(spacing_mm)
+    shape = tuple(int(n) for n in shape)  # type: ignore[assignment]
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"shape must be 3 ints >= 8, got {shape}")
     if n_lesions[0] < 0 or n_lesions[1] < n_lesions[0]:
