@@ -218,9 +218,10 @@ def test_tissue_contrasts() -> None:
 
 def test_brain_case_speed() -> None:
     brain_mets_case(0)  # template cache warm
-    t0 = time.perf_counter()
+    # CPU time, not wall time: the 2-core machine is shared, wall time depends on the neighbours.
+    t0 = time.process_time()
     brain_mets_case(1)
-    assert time.perf_counter() - t0 < 4.0  # ~0.5-1 s alone; generous for a shared 2-core machine
+    assert time.process_time() - t0 < 2.0  # measured ~0.7 s
 
 
 def test_bad_arguments() -> None:
@@ -252,9 +253,9 @@ def test_skin_layout_and_determinism() -> None:
 
 def test_skin_lesion_properties() -> None:
     fractions = []
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     cases = [skin_case(seed) for seed in range(40)]
-    assert (time.perf_counter() - t0) / 40 < 0.2
+    assert (time.process_time() - t0) / 40 < 0.2  # measured ~0.011 s
     for case in cases:
         assert set(np.unique(case.label)) == {0, 1}
         _, n = ndimage.label(case.label, structure=np.ones((3, 3)))

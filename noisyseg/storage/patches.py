@@ -244,7 +244,9 @@ class PatchDataset(IterableDataset):
         """Start a fresh stream on the next ``iter()`` (like ``DistributedSampler.set_epoch``).
 
         Without it, every new iterator replays the same patches (the stream is a pure function of
-        the seeds). Call it before creating the DataLoader iterator of each epoch.
+        the seeds). Call it before creating the DataLoader iterator of each epoch. With
+        ``persistent_workers`` the workers keep their copy (and their stream, which is infinite):
+        keep one iterator for the whole run instead.
         """
         self.epoch = int(epoch)
 

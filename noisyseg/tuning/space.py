@@ -174,8 +174,8 @@ class SearchSpace:
             except NoisysegInputError as error:
                 shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
                 raise NoisysegInputError(
-                    f"search point ({shown}) is invalid: {error.args[0] if error.args else error}",
-                    path=source,
+                    f"search point ({shown}) is invalid: {error.rule}",
+                    case=error.case, path=error.path or source,
                 ) from None
             configs.append(config)
         return configs

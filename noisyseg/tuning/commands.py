@@ -1,0 +1,120 @@
+"""``noisyseg tune``: Ray Tune sweeps over training config fields, tracked in MLflow.
+
+Every ``noisyseg train`` flag is accepted and fixed for all trials; ``--space NAME=EXPR`` (or the
+``search_space:`` section of the ``--config`` YAML) makes a field searched. A ``tune:`` section
+of the YAML may hold the sweep options (``name``, ``metric``, ``metric_mode`` (or ``mode``), ``num_samples``,
+``max_concurrent``, ``scheduler``, ``grace_period``, ``reduction_factor``, ``trial_cpus``);
+flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from noisyseg.errors import NoisysegInputError
+
+_TUNE_OPTIONS = {
+    "name": str, "metric": str, "metric_mode": str, "num_samples": int, "max_concurrent": int,
+    "scheduler": str, "grace_period": int, "reduction_factor": float, "trial_cpus": float,
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``tune`` verb."""
+    from noisyseg.distributed.config import add_config_arguments
+
+    parser = subparsers.add_parser(
+        "tune",
+        help="Ray Tune sweep (ASHA) over training fields; one MLflow child run per trial",
+        description=(
+            "Run a Ray Tune sweep: every trial launches a Ray Train TorchTrainer with the train "
+            "flags given plus one point of the search space; ASHA stops poor trials early on a "
+            "validation metric. MLflow: one parent run per sweep, one child run per trial "
+            "(MLFLOW_TRACKING_URI must be an HTTP server for concurrent trials; without it the "
+            "sweep starts its own local server). Re-running the same --name resumes the sweep. "
+            "`noisyseg tune --best SWEEP` prints the best configuration as YAML."
+        ),
+    )
+    group = parser.add_argument_group("sweep")
+    group.add_argument("--name", default=None, help="sweep name (re-use it to resume)")
+    group.add_argument(
+        "--best", metavar="SWEEP", default=None,
+        help="print the best config of a finished sweep as YAML for `noisyseg train --config`",
+    )
+    group.add_argument(
+        "--space", action="append", default=[], metavar="NAME=EXPR",
+        help="searched field, e.g. 'entropy_weight=loguniform(0.01,0.9)', "
+        "'clean_fraction=choice(0.05,0.1)', 'lr=grid(0.01,0.02)' (repeatable)",
+    )
+    group.add_argument("--num-samples", type=int, default=None,
+                       help="samples of the space (grids are repeated per sample; default 1)")
+    group.add_argument("--max-concurrent", type=int, default=None,
+                       help="trials running at once (default: as resources allow)")
+    group.add_argument("--metric", default=None,
+                       help="metric ASHA and the best trial use (default val/ap)")
+    group.add_argument("--metric-mode", dest="metric_mode", choices=["min", "max"], default=None,
+                       help="maximise or minimise --metric (default max; --mode is the "
+                       "bootstrap loss's mode)")
+    group.add_argument("--scheduler", choices=["asha", "fifo"], default=None, help="default asha")
+    group.add_argument("--grace-period", type=int, default=None,
+                       help="ASHA: steps before a trial can be stopped (default: first report)")
+    group.add_argument("--reduction-factor", type=float, default=None, help="ASHA (default 2)")
+    group.add_argument("--trial-cpus", type=float, default=None,
+                       help="CPUs reserved by each trial's driver actor (default 1; the Train "
+                       "workers reserve workers x cpus_per_worker themselves)")
+    add_config_arguments(parser)
+    parser.set_defaults(func=_tune)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """Merge the YAML (``search_space:``, ``tune:``, train fields) with the flags."""
+    from noisyseg.distributed.config import TrainConfig, load_yaml
+    from noisyseg.tuning.space import parse_space
+    from noisyseg.tuning.sweep import SweepSettings
+
+    source = getattr(args, "config", None)
+    data: dict[str, Any] = load_yaml(source) if source else {}
+    yaml_space = data.pop("search_space", None)
+    tune_section = data.pop("tune", None) or {}
+    if not isinstance(tune_section, dict):
+        raise NoisysegInputError("tune: must be a mapping of sweep options", path=source)
+    options: dict[str, Any] = {}
+    for key, value in tune_section.items():
+        key = str(key).replace("-", "_")
+        key = "metric_mode" if key == "mode" else key
+        if key not in _TUNE_OPTIONS:
+            raise NoisysegInputError(
+                f"tune.{key}: unknown sweep option (known: {', '.join(_TUNE_OPTIONS)})", path=source
+            )
+        try:
+            options[key] = _TUNE_OPTIONS[key](value)
+        except (TypeError, ValueError):
+            raise NoisysegInputError(f"tune.{key}: invalid value {value!r}", path=source) from None
+    for key in _TUNE_OPTIONS:
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
+    for name in TrainConfig.model_fields:
+        if hasattr(args, name):
+            data[name] = getattr(args, name)
+    if not options.get("name"):
+        raise NoisysegInputError("--name SWEEP is required (or tune.name in the config)")
+    space = parse_space(args.space, yaml_space, source=source)
+    if "metric_mode" in options:
+        options["mode"] = options.pop("metric_mode")
+    return SweepSettings(base=data, space=space, source=source, **options)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    if args.best:
+        from noisyseg.tuning.sweep import best_yaml_of
+
+        print(best_yaml_of(args.best, getattr(args, "storage_path", None)), end="")
+        return 0
+    from noisyseg.tuning.sweep import run_sweep
+
+    outcome = run_sweep(settings_from_args(args))
+    if outcome.best is not None:
+        print(f"[noisyseg tune] best trial {outcome.best['trial_id']}: "
+              f"`noisyseg tune --best {outcome.sweep_dir}` prints its config")
+    return 1 if any(r["status"] == "error" for r in outcome.rows) else 0
