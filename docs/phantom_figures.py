@@ -11,11 +11,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import ndimage  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy import ndimage
 
-from noisyseg.storage.phantoms import BRAIN_CHANNELS, brain_mets_case, skin_case  # noqa: E402
+from noisyseg.storage.phantoms import BRAIN_CHANNELS, brain_mets_case, skin_case
 
 DOCS = Path(__file__).resolve().parent
 
@@ -23,8 +23,10 @@ DOCS = Path(__file__).resolve().parent
 def brain_figure(seed: int, path: Path) -> None:
     case = brain_mets_case(seed)
     by_size = sorted(case.lesions, key=lambda d: -d["voxels"])
-    picks = [by_size[i] for i in sorted({0, 1, len(by_size) // 2, len(by_size) - 1}) if i < len(by_size)]
-    zs = sorted({int(round(les["center"][0])) for les in picks})
+    picks = [
+        by_size[i] for i in sorted({0, 1, len(by_size) // 2, len(by_size) - 1}) if i < len(by_size)
+    ]
+    zs = sorted({round(les["center"][0]) for les in picks})
     fig, axes = plt.subplots(len(zs), 5, figsize=(15, 3.3 * len(zs)))
     axes = np.atleast_2d(axes)
     for r, z in enumerate(zs):
@@ -37,17 +39,25 @@ def brain_figure(seed: int, path: Path) -> None:
                 ax.set_title(BRAIN_CHANNELS[c])
             ax.axis("off")
         ax = axes[r, 4]
-        ax.imshow(case.image[1, z], cmap="gray", origin="lower", vmin=0,
-                  vmax=np.percentile(case.image[1][case.tissue > 0], 99.5))
+        ax.imshow(
+            case.image[1, z],
+            cmap="gray",
+            origin="lower",
+            vmin=0,
+            vmax=np.percentile(case.image[1][case.tissue > 0], 99.5),
+        )
         if case.label[z].any():
             ax.contour(case.label[z], levels=[0.5], colors="r", linewidths=0.8, origin="lower")
         if r == 0:
             ax.set_title("t1c + label contour")
-        sizes = [les["voxels"] for les in case.lesions if int(round(les["center"][0])) == z]
+        sizes = [les["voxels"] for les in case.lesions if round(les["center"][0]) == z]
         ax.text(2, 2, f"z={z}, lesion voxels {sizes}", color="y", fontsize=8)
         ax.axis("off")
-    fig.suptitle(f"brain_mets_case(seed={seed}): {len(case.lesions)} lesions, "
-                 f"diameters (vox) {[round(d['diameter_vox'], 1) for d in case.lesions]}", fontsize=10)
+    fig.suptitle(
+        f"brain_mets_case(seed={seed}): {len(case.lesions)} lesions, "
+        f"diameters (vox) {[round(d['diameter_vox'], 1) for d in case.lesions]}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -69,7 +79,9 @@ def skin_figure(path: Path, n: int = 8) -> None:
 
 
 def _ring(mask: np.ndarray, inner: int = 1, outer: int = 3) -> np.ndarray:
-    return ndimage.binary_dilation(mask, iterations=outer) & ~ndimage.binary_dilation(mask, iterations=inner)
+    return ndimage.binary_dilation(mask, iterations=outer) & ~ndimage.binary_dilation(
+        mask, iterations=inner
+    )
 
 
 def brain_stats(n_cases: int) -> str:
@@ -95,11 +107,15 @@ def brain_stats(n_cases: int) -> str:
             z, y, x = np.round(les["center"]).astype(int)
             k = cc[z, y, x]
             if k == 0:  # tiny off-centre lesion: its component is the one nearest the centre
-                ids = np.unique(cc[max(z - 2, 0): z + 3, max(y - 2, 0): y + 3, max(x - 2, 0): x + 3])
+                ids = np.unique(
+                    cc[max(z - 2, 0) : z + 3, max(y - 2, 0) : y + 3, max(x - 2, 0) : x + 3]
+                )
                 k = ids[ids > 0][0]
             m = cc == k
             ring = _ring(m) & par
-            cnr = [(case.image[c][m].mean() - case.image[c][ring].mean()) / sigma[c] for c in range(4)]
+            cnr = [
+                (case.image[c][m].mean() - case.image[c][ring].mean()) / sigma[c] for c in range(4)
+            ]
             rows.append((les["diameter_vox"], int(m.sum()), *cnr))
             if les["oedema_mm"] > 0 and m.sum() >= 8:
                 shell = _ring(m, 1, 2) & par
@@ -108,28 +124,46 @@ def brain_stats(n_cases: int) -> str:
     d = r[:, 0]
     out = [f"Measured over seeds 0..{n_cases - 1} at the defaults ({len(r)} lesions).", ""]
     c = np.array(counts)
-    out.append(f"Lesions per case: min {c.min()}, median {np.median(c):.0f}, mean {c.mean():.1f}, max {c.max()}.")
+    out.append(
+        f"Lesions per case: min {c.min()}, median {np.median(c):.0f}, mean {c.mean():.1f}, max {c.max()}."
+    )
     q = np.percentile(d, [10, 25, 50, 75, 90, 99])
-    out.append("Nominal diameter (voxels) quantiles 10/25/50/75/90/99 %: " + ", ".join(f"{v:.1f}" for v in q)
-               + f"; mean {d.mean():.2f}.")
+    out.append(
+        "Nominal diameter (voxels) quantiles 10/25/50/75/90/99 %: "
+        + ", ".join(f"{v:.1f}" for v in q)
+        + f"; mean {d.mean():.2f}."
+    )
     qv = np.percentile(r[:, 1], [10, 50, 90, 99])
-    out.append("Label voxels per lesion quantiles 10/50/90/99 %: " + ", ".join(f"{v:.0f}" for v in qv)
-               + f"; mean {r[:, 1].mean():.1f}.")
-    out += ["", "| diameter (voxels) | diameter (mm at 2 mm) | lesions | share | median voxels "
-            "| CNR t1 | CNR t1c | CNR t2 | CNR flair |", "|---|---|---|---|---|---|---|---|---|"]
+    out.append(
+        "Label voxels per lesion quantiles 10/50/90/99 %: "
+        + ", ".join(f"{v:.0f}" for v in qv)
+        + f"; mean {r[:, 1].mean():.1f}."
+    )
+    out += [
+        "",
+        (
+            "| diameter (voxels) | diameter (mm at 2 mm) | lesions | share | median voxels "
+            "| CNR t1 | CNR t1c | CNR t2 | CNR flair |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for lo, hi in [(1, 2), (2, 3), (3, 5), (5, 10), (10, 20), (20, 30.01)]:
         sel = (d >= lo) & (d < hi)
         if not sel.any():
             out.append(f"| {lo}-{hi:.0f} | {2 * lo}-{2 * hi:.0f} | 0 | 0 % | - | - | - | - | - |")
             continue
         med = np.median(r[sel, 2:], axis=0)
-        out.append(f"| {lo}-{hi:.0f} | {2 * lo}-{2 * hi:.0f} | {sel.sum()} | {100 * sel.mean():.0f} % "
-                   f"| {np.median(r[sel, 1]):.0f} | " + " | ".join(f"{v:+.1f}" for v in med) + " |")
+        out.append(
+            f"| {lo}-{hi:.0f} | {2 * lo}-{2 * hi:.0f} | {sel.sum()} | {100 * sel.mean():.0f} % "
+            f"| {np.median(r[sel, 1]):.0f} | " + " | ".join(f"{v:+.1f}" for v in med) + " |"
+        )
     out += ["", "CNR columns are medians within the bin.", ""]
     fr = np.array(flair_ratio)
-    out.append(f"FLAIR: mean of the 1-2 voxel shell around a lesion with oedema (>= 8 voxels) / mean "
-               f"of parenchyma >= 10 voxels from any lesion: median {np.median(fr):.2f}, "
-               f"10 % quantile {np.percentile(fr, 10):.2f} ({len(fr)} lesions).")
+    out.append(
+        f"FLAIR: mean of the 1-2 voxel shell around a lesion with oedema (>= 8 voxels) / mean "
+        f"of parenchyma >= 10 voxels from any lesion: median {np.median(fr):.2f}, "
+        f"10 % quantile {np.percentile(fr, 10):.2f} ({len(fr)} lesions)."
+    )
     return "\n".join(out)
 
 

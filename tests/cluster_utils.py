@@ -91,7 +91,7 @@ class RayHead:
         """Every live process of this head (matched by its unique temp dir)."""
         return _pids_with(str(self.temp_dir))
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL, exactly this head's processes; remove its temp dir."""
         if self._stopped:
             return
@@ -213,12 +213,13 @@ def make_ball_store(
     lesions: int = 3,
     seed: int = 0,
     noisy_drop: int = 1,
+    clean: int = 0,
 ) -> str:
     """A tiny store of bright balls ("lesions") in noise, written with ``VolumeStore``.
 
     Each case: image ``(1, size, ...)`` = 1.0 inside the balls + N(0, 0.3) noise, label set
     ``truth`` (every ball) and ``noisy`` (the first ``noisy_drop`` balls removed: false negatives).
-    Returns the store path.
+    The first ``clean`` training cases are flagged clean. Returns the store path.
     """
     from noisyseg.storage.store import VolumeStore
 
@@ -245,6 +246,8 @@ def make_ball_store(
         for case_id, noisy in noisy_by_case.items()
     }
     store.register_label_set("noisy", records, params={"mode": "test", "dropped": noisy_drop})
+    if clean:
+        store.set_clean([f"case{index:03d}" for index in range(clean)], True)
     return str(path)
 
 
@@ -271,9 +274,11 @@ def ray_job_submit(
     if runtime_env:
         command += ["--runtime-env-json", json.dumps(runtime_env)]
     command += ["--", *entrypoint]
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 300  # agents register slowly on a loaded 2-core machine
     while True:
-        done = subprocess.run(command, env=ray_env(), capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            command, check=False, env=ray_env(), capture_output=True, text=True, timeout=timeout
+        )
         if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
             return done
         time.sleep(2)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from cluster_utils import make_ball_store
+
 from noisyseg.cli import build_parser
 from noisyseg.distributed.config import (
     TrainConfig,
@@ -22,7 +22,7 @@ def parse(*argv: str):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    return make_ball_store(tmp_path_factory.mktemp("cfg") / "s.zarr", train=4, val=1, size=16)
+    return make_ball_store(tmp_path_factory.mktemp("cfg") / "s.zarr", train=4, val=1, size=16, clean=2)
 
 
 def test_defaults_follow_nnunet() -> None:
@@ -93,6 +93,7 @@ def test_missing_store_flag_is_reported() -> None:
 def test_store_checks(store: str, tmp_path) -> None:
     base = {"store": store, "patch_size": 16, "channels": [8, 16, 32]}
     info = check_against_store(make_config(base))
+    check_against_store(make_config({**base, "reweight": "meta", "clean_fraction": 0.5}))  # fits
     assert (info.spatial_dims, info.in_channels, info.patch_shape) == (3, 1, [16, 16, 16])
     assert info.train_cases == 4 and info.val_case_ids == ["case004"]
     bad = [
@@ -100,7 +101,7 @@ def test_store_checks(store: str, tmp_path) -> None:
         ({"labels": "censor-random-0.50-s0"}, "label set 'censor-random-0.50-s0' not in store"),
         ({"patch_size": 10}, "multiple of the network's total stride 4"),
         ({"patch_size": [16, 16]}, "has 2 axes but the store is 3D"),
-        ({"reweight": "meta", "clean_count": 4}, "leaves no noisy cases"),
+        ({"reweight": "meta", "clean_count": 3}, "only 2 train cases are flagged clean"),
         ({"val_split": "test"}, "no cases in validation split 'test'"),
     ]
     for fields, message in bad:

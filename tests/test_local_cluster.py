@@ -52,7 +52,7 @@ def _script(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     return subprocess.run(
         ["bash", str(SCRIPT), *args],
         env=env or _script_env(),
-        capture_output=True,
+        check=False, capture_output=True,
         text=True,
         timeout=timeout,
     )
@@ -181,7 +181,7 @@ def test_two_worker_training_job_runs_on_both_nodes(cluster: LocalCluster, tmp_p
     synth = subprocess.run(
         [str(VENV_BIN / "noisyseg"), "synth", str(store), "--kind", "brain-mets", "--cases", "3",
          "--seed", "0", "--val-fraction", "0", "--test-fraction", "0", "--no-progress"],
-        capture_output=True, text=True, timeout=300,
+        check=False, capture_output=True, text=True, timeout=300,
     )
     assert synth.returncode == 0, synth.stderr
 
@@ -202,7 +202,7 @@ def test_two_worker_training_job_runs_on_both_nodes(cluster: LocalCluster, tmp_p
     env = _script_env()
     deadline = time.monotonic() + 60
     while True:  # the dashboard answers a moment before its job agent registers
-        job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        job = subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=600)
         if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
             break
         time.sleep(2)
@@ -252,7 +252,40 @@ def test_down_leaves_no_process_behind(cluster: LocalCluster) -> None:
     assert status.returncode == 3
 
 
+@pytest.mark.integration
+def test_token_mode_rejects_requests_without_the_token(tmp_path: Path) -> None:
+    """RAY_AUTH_MODE=token: the job/state API answers only with the cluster's own token."""
+    import urllib.error
+    import urllib.request
+
+    up = _script("up", "--dir", str(tmp_path), env=_script_env(RAY_AUTH_MODE="token"))
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        env = _read_env(tmp_path / "cluster.env")
+        assert env["RAY_AUTH_MODE"] == "token"
+        token_file = Path(env["RAY_AUTH_TOKEN_PATH"])
+        assert token_file.parent == tmp_path and oct(token_file.stat().st_mode & 0o777) == "0o600"
+        token = token_file.read_text().strip()
+        assert len(token) == 64
+        url = f"{env['RAY_ADDRESS']}/api/v0/nodes?limit=10"
+        for header in (None, "Bearer not-the-token"):
+            request = urllib.request.Request(url)
+            if header:
+                request.add_header("Authorization", header)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code in (401, 403)
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+    finally:
+        state = _read_env(tmp_path / "state") if (tmp_path / "state").exists() else None
+        down = _script("down", "--dir", str(tmp_path), timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert state is not None and _cluster_pids(state) == []
+
+
 def test_script_is_valid_bash() -> None:
-    done = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    done = subprocess.run(["bash", "-n", str(SCRIPT)], check=False, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert os.access(SCRIPT, os.X_OK)

@@ -19,7 +19,7 @@ from noisyseg.storage.phantoms import (
 )
 
 # Small grids keep the suite fast; 3 mm voxels still cover most of the brain.
-SMALL = dict(shape=(48, 56, 48), spacing_mm=3.0, diameter_vox=(1.0, 12.0))
+SMALL = {"shape": (48, 56, 48), "spacing_mm": 3.0, "diameter_vox": (1.0, 12.0)}
 N_CASES = 16
 T1C, FLAIR = BRAIN_CHANNELS.index("t1c"), BRAIN_CHANNELS.index("flair")
 

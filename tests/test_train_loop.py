@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from cluster_utils import make_ball_store
+
 from noisyseg.distributed.checkpoints import load_model_state, read_state
 from noisyseg.distributed.config import check_against_store, make_config
 from noisyseg.distributed.train_loop import (

@@ -124,7 +124,7 @@ def latest_checkpoint_state(run_dir: str | Path) -> tuple[Path, dict[str, Any]] 
     for path in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - a half-written checkpoint is skipped
+        except Exception:  # noqa: BLE001, S112 - a half-written checkpoint is skipped
             continue
         if best is None or int(payload.get("step", -1)) > int(best[1].get("step", -1)):
             best = (path, payload)

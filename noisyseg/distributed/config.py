@@ -155,12 +155,10 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> TrainConfig:
-        if self.reweight != "none":
-            if self.clean_fraction is None and self.clean_count is None:
-                raise ValueError(
-                    f"reweight={self.reweight} needs a clean subset: give clean_fraction or "
-                    "clean_count"
-                )
+        if self.reweight != "none" and self.clean_fraction is None and self.clean_count is None:
+            raise ValueError(
+                f"reweight={self.reweight} needs a clean subset: give clean_fraction or clean_count"
+            )
         if self.clean_fraction is not None and self.clean_count is not None:
             raise ValueError("clean_fraction and clean_count are mutually exclusive; give one")
         if self.reweight == "none" and (
@@ -372,15 +370,18 @@ def check_against_store(config: TrainConfig) -> StoreInfo:
     if not train_ids:
         raise NoisysegInputError("store has no cases in split 'train'", path=config.store)
     if config.reweight != "none":
-        clean = (
-            config.clean_count
-            if config.clean_count is not None
-            else max(1, round(config.clean_fraction * len(train_ids)))  # type: ignore[operator]
+        from noisyseg.storage.patches import select_clean_cases
+
+        # The same draw the workers make (seed = config.seed): fails when too few cases are
+        # flagged clean in the store.
+        clean = select_clean_cases(
+            store, fraction=config.clean_fraction, count=config.clean_count,
+            seed=config.seed, split="train",
         )
-        if clean >= len(train_ids):
+        if len(clean) >= len(train_ids):
             raise NoisysegInputError(
-                f"clean subset of {clean} cases leaves no noisy cases out of {len(train_ids)} "
-                "training cases",
+                f"clean subset of {len(clean)} cases leaves no noisy cases out of "
+                f"{len(train_ids)} training cases",
                 path=config.store,
             )
     spatial_dims = int(store.spatial_dims)

@@ -397,7 +397,10 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
     run_id = mlflow_info["run_id"] if mlflow_info else None
     config_json = config.model_dump(mode="json")
 
-    # A resumed stream must not replay the patches already seen: the seed moves with the step.
+    # A resumed stream should not replay the patches already seen, so the seed moves with the
+    # step — except with reweighting, where make_train_loaders also draws the clean subset from
+    # this seed and the subset must stay the same for the whole run.
+    data_seed = config.seed if config.reweight != "none" else config.seed + 7919 * start_step
     loaders = make_train_loaders(
         config.store,
         label_set=config.labels,
@@ -409,7 +412,7 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
         rank=rank,
         world_size=world,
         num_workers=config.num_dataloader_workers,
-        seed=config.seed + 7919 * start_step,
+        seed=data_seed,
     )
     noisy_batches: Iterator = iter(loaders.noisy)
     clean_batches: Iterator | None = (
@@ -423,19 +426,16 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
     timed_steps, timed_seconds = 0, 0.0
     status = "FAILED"
     try:
+        iteration_began = time.perf_counter()
         for step in range(start_step + 1, config.steps + 1):
             images, labels = _to_device(next(noisy_batches), device)
             clean = _to_device(next(clean_batches), device) if clean_batches is not None else None
-            began = time.perf_counter()
             out = train_step(
                 model, optimizer, loss_fn, images, labels,
                 config=config, clean=clean, scaler=scaler,
             )
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            if step > start_step + 1:  # the first step pays one-off costs (DDP buckets, caches)
-                timed_steps += 1
-                timed_seconds += time.perf_counter() - began
             if step_delay:
                 time.sleep(step_delay)
             pending.append((step, out.loss, lr, out.extra))
@@ -479,6 +479,13 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
                         context.report(dict(last_metrics), Path(tmp), name)
                 else:
                     context.report(dict(last_metrics), None, name)
+            # Throughput counts whole iterations (data, step, logging, validation, checkpoints)
+            # after the first, which pays one-off costs (DDP buckets, allocator, caches).
+            now = time.perf_counter()
+            if step > start_step + 1:
+                timed_steps += 1
+                timed_seconds += now - iteration_began
+            iteration_began = now
         status = "FINISHED"
     finally:
         if logger is not None:
@@ -488,7 +495,7 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
     if rank == 0 and start_step < config.steps:
         print(
             f"[noisyseg train] done: {config.steps} steps, "
-            f"{last_metrics['steps_per_s']:.2f} steps/s (rank 0, compute only)",
+            f"{last_metrics['steps_per_s']:.2f} steps/s (rank 0)",
             flush=True,
         )
     return last_metrics

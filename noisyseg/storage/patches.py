@@ -19,8 +19,8 @@ Parts of a patch outside the volume are zero in the image (after normalisation) 
 label.
 
 Normalisation: per-case, per-channel z-score (nnU-Net's MRI scheme), ``(x - mean_c) / std_c``.
-The statistics come from the store's per-case info when it records them (``channel_mean`` /
-``channel_std``); otherwise each worker process computes them once per case from a strided
+The statistics come from the store's per-case attributes when they record them (``channel_mean`` /
+``channel_std`` over the whole image, written by ``VolumeStore.write_case``); otherwise each worker process computes them once per case from a strided
 subsample of the image (about 32 points per axis) and caches them. The subsample touches every
 chunk of the image once per case per process, amortised over the whole (infinite) stream.
 
@@ -74,21 +74,81 @@ def shard_cases(
 
 def _case_attrs(store: Any, case_id: str) -> dict:
     """The case's stored attributes (one small JSON read; ``case_info`` also reads the index)."""
-    attrs = getattr(store, "_case_attrs", None)
+    attrs = getattr(store, "case_attrs", None)
     return dict(attrs(case_id)) if attrs is not None else dict(store.case_info(case_id))
+
+
+def subsample_stats(image: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, std) of a strided subsample of an image (the fallback rule).
+
+    Every ``ceil(S_i / STATS_POINTS_PER_AXIS)``-th voxel along each spatial axis (about 32 points
+    per axis), accumulated in float64. ``image``: ``(C, *S)`` numpy or zarr array (only the
+    subsample is read). Returns float32 arrays of shape ``(C,)``, std not yet floored.
+    """
+    steps = tuple(max(1, math.ceil(s / STATS_POINTS_PER_AXIS)) for s in image.shape[1:])
+    sub = np.asarray(image[(slice(None),) + tuple(slice(None, None, k) for k in steps)])
+    sub = sub.reshape(sub.shape[0], -1).astype(np.float64)
+    return sub.mean(axis=1).astype(np.float32), sub.std(axis=1).astype(np.float32)
+
+
+def case_stats(store: Any, case_id: str, image: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel z-score statistics ``(mean, std)`` of a stored case, as training uses them.
+
+    The rule (inference must apply the same one): the case attributes' recorded statistics
+    (the first pair of :data:`STATS_KEYS` present; :meth:`VolumeStore.write_case` records
+    ``channel_mean`` / ``channel_std`` over the whole image), else :func:`subsample_stats` of the
+    stored image. A std below 1e-8 (constant channel) becomes 1.
+
+    Args:
+        store: an open :class:`~noisyseg.storage.store.VolumeStore`.
+        case_id: the case.
+        image: the case's image array when the caller has it open already (else read from store).
+
+    Returns:
+        ``(mean, std)``, float32 arrays of shape ``(C,)``.
+    """
+    info = _case_attrs(store, case_id)
+    stats = None
+    for mean_key, std_key in STATS_KEYS:
+        if info.get(mean_key) is not None and info.get(std_key) is not None:
+            stats = (
+                np.asarray(info[mean_key], dtype=np.float32),
+                np.asarray(info[std_key], dtype=np.float32),
+            )
+            break
+    if stats is None:
+        stats = subsample_stats(store.image(case_id) if image is None else image)
+    mean, std = stats
+    return mean, np.where(std > 1e-8, std, 1.0).astype(np.float32)
 
 
 class _ShardReader:
     """Per-process state of one shard: the open store, array handles, stats and lesion boxes."""
 
-    def __init__(self, ds: PatchDataset, cases: list[str]) -> None:
-        from noisyseg.storage.store import VolumeStore
+    def __init__(
+        self,
+        ds: PatchDataset,
+        cases: list[str],
+        arrays: dict[str, tuple[Any, Any]] | None = None,
+    ) -> None:
+        """``arrays`` (benchmarks): per case ``(image, label)`` array-likes to read instead of
+        the store's arrays (statistics and lesion boxes still come from the store)."""
+        from noisyseg.storage.store import RegionReader, VolumeStore
 
         self.ds = ds
         self.store = VolumeStore.open(ds.store_url, mode="r")
         self.cases = cases
-        self.images = {cid: self.store.image(cid) for cid in cases}
-        self.labels = {cid: self.store.labels(cid, ds.label_set) for cid in cases}
+        if arrays is None:
+            # RegionReader: direct chunk decoding for patch boxes (see its docstring); in a
+            # DataLoader worker process the processes are the parallelism: decode in-thread.
+            threads = 1 if get_worker_info() is not None else None
+            self.images = {cid: RegionReader(self.store.image(cid), threads) for cid in cases}
+            self.labels = {
+                cid: RegionReader(self.store.labels(cid, ds.label_set), threads) for cid in cases
+            }
+        else:
+            self.images = {cid: arrays[cid][0] for cid in cases}
+            self.labels = {cid: arrays[cid][1] for cid in cases}
         self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.nd = len(ds.patch_size)
         for cid in cases:
@@ -125,27 +185,11 @@ class _ShardReader:
         return out
 
     def case_stats(self, cid: str) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel (mean, std) of the case image, float32 arrays of shape (C,)."""
-        if cid in self.stats:
-            return self.stats[cid]
-        info = _case_attrs(self.store, cid)
-        stats = None
-        for mean_key, std_key in STATS_KEYS:
-            if info.get(mean_key) is not None and info.get(std_key) is not None:
-                stats = (
-                    np.asarray(info[mean_key], dtype=np.float32),
-                    np.asarray(info[std_key], dtype=np.float32),
-                )
-                break
-        if stats is None:
-            img = self.images[cid]
-            steps = tuple(max(1, math.ceil(s / STATS_POINTS_PER_AXIS)) for s in img.shape[1:])
-            sub = np.asarray(img[(slice(None),) + tuple(slice(None, None, k) for k in steps)])
-            sub = sub.reshape(sub.shape[0], -1).astype(np.float64)
-            stats = (sub.mean(axis=1).astype(np.float32), sub.std(axis=1).astype(np.float32))
-        mean, std = stats
-        std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
-        self.stats[cid] = (mean, std)
+        """Per-channel (mean, std) of the case image, float32 arrays of shape (C,); see
+        :func:`case_stats` (cached per process)."""
+        if cid not in self.stats:
+            image = self.images[cid]
+            self.stats[cid] = case_stats(self.store, cid, getattr(image, "array", image))
         return self.stats[cid]
 
     def foreground_centre(self, cid: str, rng: np.random.Generator) -> np.ndarray | None:
@@ -168,6 +212,18 @@ class _ShardReader:
         start = np.maximum(origin, 0)
         stop = np.minimum(origin + size, shape)
         n_channels = img_arr.shape[0]
+        bshape = (n_channels,) + (1,) * self.nd
+        if np.array_equal(start, origin) and np.array_equal(stop, origin + size):
+            # patch inside the volume: normalise the freshly read block in place, no padding
+            src = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+            mean, std = self.case_stats(cid)
+            image = np.asarray(img_arr[(slice(None),) + src], dtype=np.float32)
+            if not (image.flags.owndata and image.flags.writeable and image.flags.c_contiguous):
+                image = np.array(image, dtype=np.float32)  # never normalise a caller's array
+            image -= mean.reshape(bshape)
+            image /= std.reshape(bshape)
+            label = np.asarray(lab_arr[src]).astype(np.float32)[None]
+            return image, label
         image = np.zeros((n_channels, *self.ds.patch_size), dtype=np.float32)
         label = np.zeros((1, *self.ds.patch_size), dtype=np.float32)
         if np.all(stop > start):
@@ -175,7 +231,6 @@ class _ShardReader:
             dst = tuple(slice(int(a - o), int(b - o)) for a, b, o in zip(start, stop, origin))
             mean, std = self.case_stats(cid)
             block = np.asarray(img_arr[(slice(None),) + src], dtype=np.float32)
-            bshape = (n_channels,) + (1,) * self.nd
             image[(slice(None),) + dst] = (block - mean.reshape(bshape)) / std.reshape(bshape)
             label[(0,) + dst] = np.asarray(lab_arr[src])
         return image, label

@@ -25,16 +25,16 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special
 
 __all__ = [
     "BRAIN_CHANNELS",
+    "BRAIN_FOV_MM",
     "SKIN_CHANNELS",
     "TISSUE_CLASSES",
     "PhantomCase",
     "brain_mets_case",
     "default_brain_shape",
-    "BRAIN_FOV_MM",
     "skin_case",
 ]
 
@@ -230,7 +230,7 @@ def _warp_coords(
     coords = np.einsum("ij,jzyx->izyx", mat, rel)
     coords += (centre + shift).astype(np.float32)[:, None, None, None]
     # Control points every ~32 mm: smooth, anatomically plausible shape variation.
-    n_ctrl = tuple(max(3, int(round(n * spacing_mm / 32.0))) for n in shape)
+    n_ctrl = tuple(max(3, round(n * spacing_mm / 32.0)) for n in shape)
     for axis in range(3):
         coords[axis] += _smooth_field(rng, shape, n_ctrl, elastic_mm / spacing_mm)
     return coords
@@ -256,14 +256,18 @@ class _LesionShape:
     weights: np.ndarray  # (K,)
 
     @classmethod
-    def random(cls, rng: np.random.Generator, centre_mm: np.ndarray, radius_mm: float, diameter_vox: float) -> _LesionShape:
+    def random(
+        cls, rng: np.random.Generator, centre_mm: np.ndarray, radius_mm: float, diameter_vox: float
+    ) -> _LesionShape:
         k = 6
         omegas = rng.standard_normal((k, 3))
         omegas /= np.linalg.norm(omegas, axis=1, keepdims=True)
         axes = np.exp(rng.normal(0.0, 0.12, size=3))
         axes /= np.exp(np.log(axes).mean())
         # Larger metastases are lobulated more; tiny ones are round at voxel scale anyway.
-        amp = float(rng.uniform(0.06, 0.14) + min(diameter_vox, 20.0) / 20.0 * rng.uniform(0.0, 0.12))
+        amp = float(
+            rng.uniform(0.06, 0.14) + min(diameter_vox, 20.0) / 20.0 * rng.uniform(0.0, 0.12)
+        )
         return cls(
             centre_mm=np.asarray(centre_mm, dtype=np.float64),
             radius_mm=float(radius_mm),
@@ -278,7 +282,9 @@ class _LesionShape:
 
     @property
     def max_radius_mm(self) -> float:
-        return float(self.radius_mm * self.axes.max() * np.exp(self.amp * np.abs(self.weights).sum()))
+        return float(
+            self.radius_mm * self.axes.max() * np.exp(self.amp * np.abs(self.weights).sum())
+        )
 
     def normalised_radius(self, pts_mm: np.ndarray) -> np.ndarray:
         """``|v| / r(u)`` for points (N, 3) in mm: < 1 inside the lesion, 1 on its surface."""
@@ -294,7 +300,9 @@ class _LesionShape:
         return rho / (f32(self.radius_mm) * np.exp(f32(self.amp) * g))
 
 
-def _box_points(lo: np.ndarray, hi: np.ndarray, spacing_mm: float, ss: int) -> tuple[np.ndarray, tuple[int, ...]]:
+def _box_points(
+    lo: np.ndarray, hi: np.ndarray, spacing_mm: float, ss: int
+) -> tuple[np.ndarray, tuple[int, ...]]:
     """Sub-voxel sample points (N*ss^3, 3) in mm for voxel box [lo, hi), with box shape."""
     box = tuple(int(h - l) for l, h in zip(lo, hi, strict=True))
     off = (np.arange(ss) + 0.5) / ss - 0.5
@@ -386,7 +394,9 @@ def brain_mets_case(
     tpl = _template_on_grid(shape, s)  # type: ignore[arg-type]
 
     # --- anatomy: warp the template -----------------------------------------------------------
-    coords = _warp_coords(rng, shape, s, rotate_deg=5.0, scale_range=0.05, shift_mm=3.0, elastic_mm=2.5)
+    coords = _warp_coords(
+        rng, shape, s, rotate_deg=5.0, scale_range=0.05, shift_mm=3.0, elastic_mm=2.5
+    )
     warped = {
         k: ndimage.map_coordinates(tpl[k], coords, order=1, mode="constant", cval=0.0)
         for k in ("t1", "gm", "wm", "brain")
@@ -398,9 +408,13 @@ def brain_mets_case(
     par = np.minimum(gm + wm, brain)  # parenchyma fraction
     csf = np.clip(brain - par, 0.0, 1.0)
     brain_mask = brain > 0.5
-    tissue = np.where(brain_mask, np.argmax(np.stack([csf, gm, wm]), axis=0) + 1, 0).astype(np.uint8)
+    tissue = np.where(brain_mask, np.argmax(np.stack([csf, gm, wm]), axis=0) + 1, 0).astype(
+        np.uint8
+    )
     # Residual anatomy (deep grey nuclei, etc.) not explained by the three classes, in T1 units.
-    t1_cls = csf * _TISSUE_INTENSITY[0, 0] + gm * _TISSUE_INTENSITY[0, 1] + wm * _TISSUE_INTENSITY[0, 2]
+    t1_cls = (
+        csf * _TISSUE_INTENSITY[0, 0] + gm * _TISSUE_INTENSITY[0, 1] + wm * _TISSUE_INTENSITY[0, 2]
+    )
     resid = np.where(brain > 0.5, warped["t1"] - t1_cls, 0.0).astype(np.float32)
     resid = np.clip(resid, -0.25, 0.25)
     del warped
@@ -412,9 +426,13 @@ def brain_mets_case(
     depth_flat = depth_mm.ravel()
 
     n_draw = int(rng.integers(n_lesions[0], n_lesions[1] + 1))
-    diameters = np.sort(_sample_diameters(rng, n_draw, median_diameter_vox, diameter_log_sigma, *diameter_vox))[::-1]
+    diameters = np.sort(
+        _sample_diameters(rng, n_draw, median_diameter_vox, diameter_log_sigma, *diameter_vox)
+    )[::-1]
     # Tissue intensities of this case (scanner / subject variation).
-    inten = _TISSUE_INTENSITY * np.exp(rng.normal(0.0, 0.04, size=_TISSUE_INTENSITY.shape)).astype(np.float32)
+    inten = _TISSUE_INTENSITY * np.exp(rng.normal(0.0, 0.04, size=_TISSUE_INTENSITY.shape)).astype(
+        np.float32
+    )
 
     label = np.zeros(shape, dtype=np.uint8)
     frac_les = np.zeros(shape, dtype=np.float32)  # lesion partial-volume fraction
@@ -426,10 +444,14 @@ def brain_mets_case(
     for d_vox in diameters:
         radius_mm = d_vox * s / 2.0
         # Necrotic core (ring enhancement) in lesions >= 1 cm, near-certain from ~3 cm.
-        ring = bool(d_vox * s >= 10.0 and rng.random() < 0.5 + 0.5 * min((d_vox * s - 10.0) / 20.0, 1.0))
+        ring = bool(
+            d_vox * s >= 10.0 and rng.random() < 0.5 + 0.5 * min((d_vox * s - 10.0) / 20.0, 1.0)
+        )
         core_ratio = float(rng.uniform(0.35, 0.7)) if ring else 0.0
         p_oed = 0.25 + 0.7 * min(d_vox / 10.0, 1.0)
-        oedema_mm = float(min(radius_mm * rng.uniform(0.6, 2.0), 25.0)) if rng.random() < p_oed else 0.0
+        oedema_mm = (
+            float(min(radius_mm * rng.uniform(0.6, 2.0), 25.0)) if rng.random() < p_oed else 0.0
+        )
         # Enhancement relative to WM: 1.45 x exp(N(0, 0.15)), kept in [1.2, 1.9] x WM.
         enh = float(inten[1, 2] * np.clip(1.45 * np.exp(rng.normal(0.0, 0.15)), 1.2, 1.9))
         les_int = np.array(
@@ -480,7 +502,9 @@ def brain_mets_case(
                 continue
             if ring:  # an irregular, slightly off-centre necrotic core: the rim's thickness varies
                 off = rng.normal(0.0, 0.12 * core_ratio * radius_mm, size=3)
-                core = _LesionShape.random(rng, les.centre_mm + off, core_ratio * radius_mm, float(d_vox))
+                core = _LesionShape.random(
+                    rng, les.centre_mm + off, core_ratio * radius_mm, float(d_vox)
+                )
                 in_core = (core.normalised_radius(pts) <= 1.0) & (nr <= 0.8)
                 f_core = _partial_volume(in_core.astype(np.float32), box, ss)
             else:
@@ -536,8 +560,10 @@ def brain_mets_case(
         img *= bias_field
         img = ndimage.gaussian_filter(img, psf_sigma, mode="nearest")
         sigma = float(rng.uniform(*noise)) * float(inten[c, 1:3].mean())
-        img = np.sqrt((img + sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2
-                      + (sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2)
+        img = np.sqrt(
+            (img + sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2
+            + (sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2
+        )
         img[~brain_mask] = 0.0  # skull-stripped, like BraTS-style preprocessing
         image[c] = img * np.float32(np.exp(rng.uniform(np.log(300.0), np.log(3000.0))))
 
@@ -580,7 +606,11 @@ def _add_oedema(
 
 
 def _vessels(
-    rng: np.random.Generator, shape: tuple[int, ...], s: float, where: np.ndarray, brain_mask: np.ndarray
+    rng: np.random.Generator,
+    shape: tuple[int, ...],
+    s: float,
+    where: np.ndarray,
+    brain_mask: np.ndarray,
 ) -> np.ndarray:
     """Thin, smooth, tortuous tubes (enhancing cortical vessels) as a fraction map (Z, Y, X)."""
     density = np.zeros(shape, dtype=np.float32)
@@ -614,7 +644,8 @@ def _vessels(
 
 # Dermoscopy skin tones (RGB, linear-ish 0..1), light to dark; a case interpolates between two.
 _SKIN_TONES = np.array(
-    [[0.95, 0.78, 0.72], [0.88, 0.66, 0.58], [0.76, 0.54, 0.43], [0.58, 0.40, 0.30]], dtype=np.float32
+    [[0.95, 0.78, 0.72], [0.88, 0.66, 0.58], [0.76, 0.54, 0.43], [0.58, 0.40, 0.30]],
+    dtype=np.float32,
 )
 
 
@@ -656,7 +687,9 @@ def skin_case(
     skin[1] -= 0.6 * red
     skin[2] -= 0.4 * red
     sig = (rng.uniform(0.6, 1.2), rng.uniform(2.0, 5.0))
-    lines = ndimage.gaussian_filter(rng.standard_normal(hw), sig if rng.random() < 0.5 else sig[::-1])
+    lines = ndimage.gaussian_filter(
+        rng.standard_normal(hw), sig if rng.random() < 0.5 else sig[::-1]
+    )
     skin *= 1.0 + rng.uniform(0.005, 0.025) * lines[None] / max(lines.std(), 1e-6)
 
     # Lesion boundary: r(theta) = R0 exp(sum_k a_k cos(k theta + phi_k)), rescaled to the target area.
@@ -674,9 +707,11 @@ def skin_case(
     cy, cx = size / 2 - 0.5 + rng.uniform(-1, 1, size=2) * min(margin, 0.12 * size)
     theta = np.arctan2(yy - cy, xx - cx)
     radius = np.hypot(yy - cy, xx - cx)
-    r_t = r0 * np.exp((amps[:, None, None] * np.cos(ks[:, None, None] * theta[None] + phis[:, None, None])).sum(0))
+    r_t = r0 * np.exp(
+        (amps[:, None, None] * np.cos(ks[:, None, None] * theta[None] + phis[:, None, None])).sum(0)
+    )
     width = rng.uniform(0.8, 3.0) * np.exp(0.6 * _smooth_field(rng, hw, 4, 1.0))  # fuzzy border
-    alpha = 1.0 / (1.0 + np.exp(-(r_t - radius) / width))
+    alpha = special.expit((r_t - radius) / width)
     label = alpha >= 0.5
     comp, n_comp = ndimage.label(label, structure=np.ones((3, 3)))
     if n_comp > 1:
@@ -685,7 +720,9 @@ def skin_case(
 
     # Lesion colour: a darker, browner version of the skin with internal structure.
     dark = rng.uniform(0.35, 0.7)
-    tint = np.array([1.0, 0.80, 0.68], dtype=np.float32) * rng.uniform(0.9, 1.05, size=3).astype(np.float32)
+    tint = np.array([1.0, 0.80, 0.68], dtype=np.float32) * rng.uniform(0.9, 1.05, size=3).astype(
+        np.float32
+    )
     base = tone * dark * tint
     mottle = _smooth_field(rng, hw, int(rng.integers(4, 9)), 1.0)
     centre_dark = np.exp(-((radius / max(r0, 1.0)) ** 2)) * rng.uniform(0.0, 0.35)
@@ -695,7 +732,10 @@ def skin_case(
     lesion *= 1.0 - rng.uniform(0.0, 0.2) * network[None]
     if rng.random() < 0.3:  # blue-white veil
         veil = np.clip(_smooth_field(rng, hw, 4, 1.0) - 0.3, 0, 1)[None] * 0.6
-        lesion = lesion * (1 - veil) + veil * np.array([0.42, 0.44, 0.52], dtype=np.float32)[:, None, None] * dark * 1.4
+        lesion = (
+            lesion * (1 - veil)
+            + veil * np.array([0.42, 0.44, 0.52], dtype=np.float32)[:, None, None] * dark * 1.4
+        )
     image = skin * (1.0 - alpha[None]) + lesion * alpha[None]
 
     # Hairs: dark smooth random curves.
@@ -725,7 +765,7 @@ def skin_case(
     image *= (1.0 - rng.uniform(0.1, 0.35) * rr**2)[None]
     if rng.random() < 0.3:
         rc = rng.uniform(1.05, 1.3)
-        image *= (0.03 + 0.97 / (1.0 + np.exp((rr - rc) / 0.03)))[None]
+        image *= (0.03 + 0.97 * special.expit((rc - rr) / 0.03))[None]
     image += rng.normal(0.0, rng.uniform(0.005, 0.025), size=image.shape)
     image = np.clip(image, 0.0, 1.0).astype(np.float32)
 

@@ -114,6 +114,8 @@ def _tune(args: argparse.Namespace) -> int:
     from noisyseg.tuning.sweep import run_sweep
 
     outcome = run_sweep(settings_from_args(args))
+    if outcome.interrupted:
+        return 130
     if outcome.best is not None:
         print(f"[noisyseg tune] best trial {outcome.best['trial_id']}: "
               f"`noisyseg tune --best {outcome.sweep_dir}` prints its config")

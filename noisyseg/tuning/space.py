@@ -171,6 +171,14 @@ class SearchSpace:
                 if check_store and key not in checked:
                     checked.add(key)
                     check_against_store(config)
+                    if config.reweight != "none":
+                        # the clean subset must exist among the cases flagged clean
+                        from noisyseg.storage.patches import select_clean_cases
+
+                        select_clean_cases(
+                            config.store, fraction=config.clean_fraction,
+                            count=config.clean_count, seed=config.seed,
+                        )
             except NoisysegInputError as error:
                 shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
                 raise NoisysegInputError(

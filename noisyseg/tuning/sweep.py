@@ -83,6 +83,7 @@ class SweepOutcome:
     rows: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     best_yaml: str | None = None
+    interrupted: bool = False
 
 
 # ---------------------------------------------------------------------------------- paths
@@ -224,9 +225,10 @@ def _rows_from_results(
     from noisyseg.tuning.tracking import find_child
 
     rows = []
-    for result in results:
+    trials = list(results._experiment_analysis.trials)  # same order as the results
+    for trial, result in zip(trials, results, strict=True):
         metrics = dict(result.metrics or {})
-        trial_id = metrics.get("trial_id") or Path(str(result.path)).name.split("_", 1)[-1]
+        trial_id = trial.trial_id
         history: list[tuple[int, float]] = []
         frame = result.metrics_dataframe
         if frame is not None and settings.metric in frame and "step" in frame:
@@ -234,12 +236,14 @@ def _rows_from_results(
                 if value is not None and math.isfinite(float(value)):
                     history.append((int(step), float(value)))
         last_step = int(metrics.get("step") or 0)
-        if result.error is not None:
+        if trial.status == "ERROR" or result.error is not None:
             status = "error"
+        elif trial.status != "TERMINATED":
+            status = "unfinished"  # the sweep was interrupted (Ctrl-C) before it ended
         elif last_step >= steps:
             status = "completed"
         else:
-            status = "stopped early"
+            status = "stopped early"  # terminated by the scheduler (ASHA) before max_t
         values = [v for _, v in history]
         best_value = (max if settings.mode == "max" else min)(values) if values else None
         rows.append(
@@ -325,8 +329,11 @@ def run_sweep(settings: SweepSettings, *, print_fn: Callable[[str], None] = prin
         print_fn(f"[noisyseg tune] MLflow tracking URI: {uri}; parent run {parent}"
                  + (" (resumed)" if resumed else ""))
 
+        # A local instance (no RAY_ADDRESS) gets logical CPUs for max_concurrent trials: Tune
+        # admits trials on the driver actor's CPUs alone, and a trial whose Train workers cannot
+        # be placed waits (and retries) until another finishes.
         need = settings.trial_cpus + sample.workers * sample.cpus_per_worker
-        started_ray = ensure_ray(need)
+        started_ray = ensure_ray(need * (settings.max_concurrent or 1))
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -369,6 +376,17 @@ def run_sweep(settings: SweepSettings, *, print_fn: Callable[[str], None] = prin
         results = tuner.fit()
 
         rows = _rows_from_results(results, settings, sample.steps, uri, experiment_id, parent)
+        expected = settings.space.grid_size() * settings.num_samples
+        if any(r["status"] == "unfinished" for r in rows) or len(rows) < expected:
+            print_fn(
+                f"[noisyseg tune] sweep {settings.name!r} interrupted with "
+                f"{sum(r['status'] in ('completed', 'stopped early') for r in rows)} of "
+                f"{expected} trials done; re-run the same command to resume it"
+            )
+            return SweepOutcome(
+                sweep_dir=str(sweep_dir), tracking_uri=uri, experiment_id=experiment_id,
+                parent_run_id=parent, rows=rows, interrupted=True,
+            )
         known = {r["trial_id"] for r in rows}
         client = tracking._client(uri)
         for run in tracking.children(uri, experiment_id, parent):

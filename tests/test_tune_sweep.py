@@ -1,0 +1,228 @@
+"""``noisyseg tune`` end to end: a real Ray head, a real MLflow server, the CLI as a subprocess.
+
+One Ray head (8 logical CPUs on this 2-core machine) and one MLflow server for the module.
+
+* A 2 x 2 grid over entropy_weight x clean_fraction (lopsided loss + meta reweighting) with ASHA
+  on ``train_loss`` (min), built so ASHA stops trials: a report every 2 steps, grace period 2
+  steps, reduction factor 2, 12 steps (rungs at 2, 4, 8), two trials at a time. Every trial but
+  the first to reach a rung is stopped there unless it beats the median of the trials recorded
+  before it, so with 4 trials a stop is all but certain — and with fixed seeds the run is
+  reproducible (observed: the second trial stopped at step 2).
+* An interrupted sweep (the driver killed with SIGKILL mid-trial) resumed by re-running the same
+  command, with one MLflow child run per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster_utils import make_ball_store, ray_env, start_mlflow_server, start_ray_head
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+NOISYSEG = [sys.executable, "-m", "noisyseg.cli"]
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from noisyseg.storage.store import VolumeStore
+
+    root = tmp_path_factory.mktemp("tune")
+    store = make_ball_store(root / "s.zarr", train=6, val=1, size=16, seed=1)
+    VolumeStore.open(store, mode="r+").set_clean(["case000", "case001", "case002"])
+    head = start_ray_head(num_cpus=8)
+    try:
+        server = start_mlflow_server(root / "mlflow")
+        try:
+            yield {"root": root, "store": store, "head": head, "server": server}
+        finally:
+            server.stop()
+    finally:
+        head.stop()
+
+
+def _env(cluster, **extra: str) -> dict[str, str]:
+    return ray_env(
+        RAY_ADDRESS=cluster["head"].address,
+        MLFLOW_TRACKING_URI=cluster["server"].uri,
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        **extra,
+    )
+
+
+def _command(cluster, name: str, *extra: str) -> list[str]:
+    return [
+        *NOISYSEG, "tune", "--name", name, "--store", cluster["store"], "--labels", "noisy",
+        "--loss", "lopsided", "--reweight", "meta", "--channels", "4", "8",
+        "--num-res-units", "1", "--patch-size", "16", "--batch-size", "1",
+        "--steps", str(STEPS), "--val-cases", "1", "--log-interval", "2",
+        "--storage-path", str(cluster["root"] / "sweeps"), "--experiment", f"exp-{name}",
+        "--trial-cpus", "0.5", *extra,
+    ]
+
+
+def _client(cluster):
+    from mlflow import MlflowClient
+
+    return MlflowClient(cluster["server"].uri)
+
+
+def _runs(cluster, name: str):
+    client = _client(cluster)
+    experiment = client.get_experiment_by_name(f"exp-{name}")
+    if experiment is None:
+        return client, None, []
+    return client, experiment, client.search_runs([experiment.experiment_id], max_results=100)
+
+
+def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> None:
+    command = _command(
+        cluster, "grid",
+        "--space", "entropy_weight=grid(0.05, 0.9)", "--space", "clean_fraction=grid(0.2, 0.4)",
+        "--metric", "train_loss", "--metric-mode", "min", "--checkpoint-interval", "2",
+        "--val-interval", "4", "--grace-period", "2", "--reduction-factor", "2",
+        "--max-concurrent", "2",
+    )
+    done = subprocess.run(command, env=_env(cluster), capture_output=True, text=True, timeout=800)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    client, experiment, runs = _runs(cluster, "grid")
+    parents = [r for r in runs if r.data.tags.get("noisyseg.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("noisyseg.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["space.entropy_weight"] == "grid(0.05, 0.9)"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert len({c.data.tags["noisyseg.trial_id"] for c in children}) == 4
+    points = {(c.data.params["entropy_weight"], c.data.params["clean_fraction"]) for c in children}
+    assert points == {("0.05", "0.2"), ("0.05", "0.4"), ("0.9", "0.2"), ("0.9", "0.4")}
+    for child in children:
+        assert child.data.tags["noisyseg.sweep"] == "grid"
+        assert child.data.params["loss"] == "lopsided" and child.data.params["reweight"] == "meta"
+        assert child.info.run_name == f"grid-{child.data.tags['noisyseg.trial_id']}"
+
+    # metrics per step; ASHA stopped some trials: fewer steps, status KILLED, tag set
+    last_step = {}
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "train/loss")
+        steps = sorted(m.step for m in history)
+        assert steps == list(range(1, steps[-1] + 1))  # one value per step, none twice
+        last_step[child.info.run_id] = steps[-1]
+    stopped = [c for c in children if c.data.tags["noisyseg.early_stopped"] == "true"]
+    completed = [c for c in children if c.data.tags["noisyseg.early_stopped"] == "false"]
+    assert stopped, "ASHA stopped no trial"
+    assert completed
+    for child in completed:
+        assert last_step[child.info.run_id] == STEPS and child.info.status == "FINISHED"
+        val_steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/ap")]
+        assert sorted(val_steps) == [4, 8, 12]
+    for child in stopped:
+        assert last_step[child.info.run_id] <= STEPS // 2 and child.info.status == "KILLED"
+
+    # the best trial: tagged on its child, best_* on the parent, and it is the lowest final loss
+    best = [c for c in children if c.data.tags.get("noisyseg.best") == "true"]
+    assert len(best) == 1
+    final_loss = {
+        c.info.run_id: [m for m in client.get_metric_history(c.info.run_id, "train/loss")
+                        if m.step == STEPS][0].value
+        for c in completed
+    }
+    assert best[0].info.run_id == min(final_loss, key=final_loss.get)
+    assert parent.data.tags["best_run_id"] == best[0].info.run_id
+    assert parent.data.tags["best_entropy_weight"] == best[0].data.params["entropy_weight"]
+    assert "best_train_loss" in parent.data.metrics
+
+    # summary artifact: table + plot
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert {"summary/trials.csv", "summary/trials.md", "summary/metric_vs_search.png",
+            "summary/best.yaml"} <= names
+    local = client.download_artifacts(parent.info.run_id, "summary", str(cluster["root"] / "dl"))
+    table = (Path(local) / "trials.csv").read_text().splitlines()
+    assert len(table) == 5 and table[0].startswith("trial_id,run_id,status,last_step")
+    assert (Path(local) / "metric_vs_search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --best prints YAML that `noisyseg train --config` accepts
+    shown = subprocess.run(
+        [*NOISYSEG, "tune", "--best", "grid", "--storage-path", str(cluster["root"] / "sweeps")],
+        env=_env(cluster), capture_output=True, text=True, timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    from noisyseg.distributed.config import make_config
+
+    config = make_config(yaml.safe_load(shown.stdout))
+    assert str(config.entropy_weight) == best[0].data.params["entropy_weight"]
+    assert str(config.clean_fraction) == best[0].data.params["clean_fraction"]
+    assert config.channels == (4, 8) and config.steps == STEPS
+
+
+def test_killed_sweep_resumes_with_one_child_run_per_trial(cluster) -> None:
+    name = "resume"
+    command = _command(
+        cluster, name, "--space", "entropy_weight=grid(0.1, 0.6)", "--space",
+        "clean_fraction=choice(0.2)", "--scheduler", "fifo", "--val-interval", "4",
+        "--max-concurrent", "1",
+    )
+    sweep_dir = cluster["root"] / "sweeps" / name
+    log = open(cluster["root"] / "resume-first.log", "w")
+    first = subprocess.Popen(
+        command, env=_env(cluster, NOISYSEG_TEST_STEP_DELAY_S="1.0"), stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        # wait until Tune saved its state and the first trial wrote a Train checkpoint
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            states = list(sweep_dir.glob("experiment_state-*.json"))
+            checkpoints = list((sweep_dir / "train").glob("*/checkpoint_*/state.pt"))
+            if states and checkpoints:
+                break
+            assert first.poll() is None, (cluster["root"] / "resume-first.log").read_text()[-3000:]
+            time.sleep(1)
+        else:
+            pytest.fail("the sweep never checkpointed")
+        time.sleep(3)  # let Tune's periodic experiment checkpoint catch the running trial
+        os.kill(first.pid, signal.SIGKILL)  # the driver only; Ray cleans up its actors
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGKILL)
+        log.close()
+    state = json.loads((sweep_dir / "noisyseg_sweep.json").read_text())
+    assert state["status"] == "running"
+    time.sleep(5)
+
+    done = subprocess.run(command, env=_env(cluster), capture_output=True, text=True, timeout=800)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "resuming sweep" in done.stdout
+
+    client, _, runs = _runs(cluster, name)
+    parents = [r for r in runs if r.data.tags.get("noisyseg.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("noisyseg.role") == "trial"]
+    assert len(parents) == 1 and parents[0].info.run_id == state["parent_run_id"]
+    assert len(children) == 2
+    assert len({c.data.tags["noisyseg.trial_id"] for c in children}) == 2
+    assert {c.data.params["entropy_weight"] for c in children} == {"0.1", "0.6"}
+    resumed_from = []
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+        assert max(steps) == STEPS
+        assert sorted(set(steps)) == list(range(1, STEPS + 1))
+        val = [m.step for m in client.get_metric_history(child.info.run_id, "val/ap")]
+        assert max(val) == STEPS
+        resumed_from += [m.value for m in client.get_metric_history(child.info.run_id,
+                                                                    "resumed_from_step")]
+    # the interrupted trial continued from its Train checkpoint instead of starting over
+    assert resumed_from and all(v > 0 for v in resumed_from)
+    assert json.loads((sweep_dir / "noisyseg_sweep.json").read_text())["status"] == "finished"
