@@ -111,9 +111,7 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def build(
-    tmp: Path, n_cases: int, size: int, integer: bool
-) -> tuple[str, list[str], dict, dict]:
+def build(tmp: Path, n_cases: int, size: int, integer: bool) -> tuple[str, list[str], dict, dict]:
     """Write the store and the NIfTI files; return (store url, ids, nifti arrays, memory arrays)."""
     import nibabel as nib
 
@@ -162,13 +160,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--patch", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--per-round", type=int, nargs=3, default=(40, 3, 120),
-                        metavar=("A", "B", "C"), help="patches per round for (a), (b), (c)")
+    parser.add_argument(
+        "--per-round",
+        type=int,
+        nargs=3,
+        default=(40, 3, 120),
+        metavar=("A", "B", "C"),
+        help="patches per round for (a), (b), (c)",
+    )
     parser.add_argument("--dir", default=None, help="parent of the temporary directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--content", choices=("int", "float"), default="int",
-                        help="int: integer-valued intensities (NIfTI int16, store float32); "
-                        "float: float32 with full-precision noise (compresses worst)")
+    parser.add_argument(
+        "--content",
+        choices=("int", "float"),
+        default="int",
+        help="int: integer-valued intensities (NIfTI int16, store float32); "
+        "float: float32 with full-precision noise (compresses worst)",
+    )
     args = parser.parse_args(argv)
 
     import zarr
@@ -232,22 +240,34 @@ def main(argv: list[str] | None = None) -> int:
             )
         med = {k: float(np.median(v)) for k, v in rates.items()}
         mb = 4 * np.prod(patch) / 1e6  # image MB per patch (float32, 1 channel)
-        print(f"\npatches/s, median of {args.rounds} interleaved rounds ({args.patch}^3 patches, "
-              f"{args.size}^3 volumes, {mb:.1f} MB float32 image + label per patch):")
+        print(
+            f"\npatches/s, median of {args.rounds} interleaved rounds ({args.patch}^3 patches, "
+            f"{args.size}^3 volumes, {mb:.1f} MB float32 image + label per patch):"
+        )
         for k in "abc":
-            print(f"  {names[k]:32s} {med[k]:9.1f} patches/s  ({med[k] * mb:7.1f} MB/s)"
-                  f"  [min {min(rates[k]):.1f}, max {max(rates[k]):.1f}]"
-                  f"  CPU {np.median(cpu[k]):.2f} ms/patch")
+            print(
+                f"  {names[k]:32s} {med[k]:9.1f} patches/s  ({med[k] * mb:7.1f} MB/s)"
+                f"  [min {min(rates[k]):.1f}, max {max(rates[k]):.1f}]"
+                f"  CPU {np.median(cpu[k]):.2f} ms/patch"
+            )
         ab = [a / b for a, b in zip(rates["a"], rates["b"])]
         ac = [a / c for a, c in zip(rates["a"], rates["c"])]
-        print(f"  (a)/(b) = {med['a'] / med['b']:.1f}x  (median of per-round ratios "
-              f"{np.median(ab):.1f}x; target >= 10x)")
-        print(f"  (a)/(c) = {med['a'] / med['c']:.2f}x  (median of per-round ratios "
-              f"{np.median(ac):.2f}x; target >= 0.25x)")
-        print(f"  CPU time per patch, (c)/(a) = {np.median(cpu['c']) / np.median(cpu['a']):.2f} "
-              "(process CPU time of all threads; the load-independent part of the ratio)")
-        print(f"load average at end: {os.getloadavg()[0]:.1f} on {cores} cores; "
-              f"RegionReader decoding threads: {store_mod.READ_THREADS}")
+        print(
+            f"  (a)/(b) = {med['a'] / med['b']:.1f}x  (median of per-round ratios "
+            f"{np.median(ab):.1f}x; target >= 10x)"
+        )
+        print(
+            f"  (a)/(c) = {med['a'] / med['c']:.2f}x  (median of per-round ratios "
+            f"{np.median(ac):.2f}x; target >= 0.25x)"
+        )
+        print(
+            f"  CPU time per patch, (c)/(a) = {np.median(cpu['c']) / np.median(cpu['a']):.2f} "
+            "(process CPU time of all threads; the load-independent part of the ratio)"
+        )
+        print(
+            f"load average at end: {os.getloadavg()[0]:.1f} on {cores} cores; "
+            f"RegionReader decoding threads: {store_mod.READ_THREADS}"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

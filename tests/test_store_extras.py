@@ -21,9 +21,9 @@ SPACING = (2.0, 1.5, 0.5)
 
 
 def _image(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    return np.stack(
-        [rng.normal(300.0, 40.0, shape), rng.normal(-2.0, 0.5, shape)]
-    ).astype(np.float32)
+    return np.stack([rng.normal(300.0, 40.0, shape), rng.normal(-2.0, 0.5, shape)]).astype(
+        np.float32
+    )
 
 
 def _label(shape: tuple[int, ...]) -> np.ndarray:
@@ -47,7 +47,7 @@ def store(tmp_path: Path) -> tuple[VolumeStore, dict[str, np.ndarray]]:
 
 
 def test_prediction_roundtrip_exact_and_layout(store) -> None:
-    st, images = store
+    st, _ = store
     rng = np.random.default_rng(0)
     prob = rng.random((12, 16, 20)).astype(np.float32)
     path = st.write_prediction("c0", "model-a", prob)
@@ -90,13 +90,18 @@ def test_prediction_reads_maps_in_the_earlier_inference_layout(store) -> None:
     g = zarr.open_group(store=st.zstore, path="cases/c0/predictions", mode="a", zarr_format=3)
     sub = g.create_group("old", attributes={"noisyseg": {"kind": "probability"}})
     a = sub.create_array(
-        "0", shape=prob.shape, dtype=np.float32, chunks=(12, 16, 20), fill_value=0.0,
+        "0",
+        shape=prob.shape,
+        dtype=np.float32,
+        chunks=(12, 16, 20),
+        fill_value=0.0,
         compressors=[zarr.codecs.ZstdCodec(level=3)],
     )
     a[...] = prob
     np.testing.assert_array_equal(st.prediction("c0", "old")[...], prob)
-    np.testing.assert_array_equal(RegionReader(st.prediction("c0", "old"))[1:5, 2:9, 0:20],
-                                  prob[1:5, 2:9, 0:20])
+    np.testing.assert_array_equal(
+        RegionReader(st.prediction("c0", "old"))[1:5, 2:9, 0:20], prob[1:5, 2:9, 0:20]
+    )
 
 
 @pytest.mark.parametrize(
@@ -146,8 +151,13 @@ def test_write_case_records_whole_image_stats(store) -> None:
 def test_extra_stats_take_precedence(tmp_path: Path) -> None:
     st = VolumeStore.create(str(tmp_path / "s.zarr"), spatial_dims=3, channel_names=["a"])
     img = np.arange(4 * 5 * 6, dtype=np.float32).reshape(1, 4, 5, 6)
-    st.write_case("c", img, {"truth": np.zeros((4, 5, 6), np.uint8)}, spacing=(1, 1, 1),
-                  extra={"channel_mean": [1.0], "channel_std": [2.0]})
+    st.write_case(
+        "c",
+        img,
+        {"truth": np.zeros((4, 5, 6), np.uint8)},
+        spacing=(1, 1, 1),
+        extra={"channel_mean": [1.0], "channel_std": [2.0]},
+    )
     assert st.case_attrs("c")["channel_mean"] == [1.0]
     assert st.case_attrs("c")["channel_std"] == [2.0]
 
@@ -157,8 +167,13 @@ def test_patches_use_stored_stats(tmp_path: Path) -> None:
     url = str(tmp_path / "s.zarr")
     st = VolumeStore.create(url, spatial_dims=3, channel_names=["a", "b"])
     img = _image(np.random.default_rng(5), (10, 12, 14))
-    st.write_case("c", img, {"truth": _label((10, 12, 14))}, spacing=(1, 1, 1),
-                  extra={"channel_mean": [10.0, -3.0], "channel_std": [2.0, 0.0]})
+    st.write_case(
+        "c",
+        img,
+        {"truth": _label((10, 12, 14))},
+        spacing=(1, 1, 1),
+        extra={"channel_mean": [10.0, -3.0], "channel_std": [2.0, 0.0]},
+    )
     mean, std = case_stats(st, "c")
     np.testing.assert_array_equal(mean, np.float32([10.0, -3.0]))
     np.testing.assert_array_equal(std, np.float32([2.0, 1.0]))  # zero std floored to 1
@@ -209,7 +224,10 @@ def test_region_reader_equals_numpy(tmp_path: Path, layout: str) -> None:
     lab = (rng.random(shape[1:]) < 0.1).astype(np.uint8)
     url = f"memory://{uuid.uuid4().hex}/s.zarr" if layout == "memory" else str(tmp_path / "s")
     st = VolumeStore.create(
-        url, spatial_dims=3, channel_names=["a", "b", "c"], chunk_bytes=16 * 16 * 16 * 4,
+        url,
+        spatial_dims=3,
+        channel_names=["a", "b", "c"],
+        chunk_bytes=16 * 16 * 16 * 4,
         shard_threshold_bytes=1024 if layout == "sharded" else 1 << 30,
     )
     st.write_case("c", img, {"truth": lab}, spacing=(1, 1, 1))

@@ -200,11 +200,13 @@ class RegionReader:
             dtype = np.dtype(array.dtype)
             endian = getattr(codecs[0], "endian", None)
             if dtype.itemsize > 1 and endian is not None:
-                dtype = dtype.newbyteorder("<" if str(getattr(endian, "value", endian)) == "little" else ">")
+                dtype = dtype.newbyteorder(
+                    "<" if str(getattr(endian, "value", endian)) == "little" else ">"
+                )
             chunks = tuple(int(c) for c in meta.chunk_grid.chunk_shape)
             fill = meta.fill_value
             return (base, chunks, dtype, meta.chunk_key_encoding, compressed, fill)
-        except Exception:  # any metadata we do not understand: the generic path
+        except (AttributeError, ImportError, TypeError, ValueError):  # unknown metadata: zarr path
             return None
 
     def __getitem__(self, selection: Any) -> np.ndarray:
@@ -258,10 +260,12 @@ class RegionReader:
         for idx in keys:
             lo = [i * c for i, c in zip(idx, chunks)]
             src = tuple(
-                slice(max(a, l) - l, min(b, l + c) - l) for a, b, l, c in zip(start, stop, lo, chunks)
+                slice(max(a, l) - l, min(b, l + c) - l)
+                for a, b, l, c in zip(start, stop, lo, chunks)
             )
             dst = tuple(
-                slice(max(a, l) - a, min(b, l + c) - a) for a, b, l, c in zip(start, stop, lo, chunks)
+                slice(max(a, l) - a, min(b, l + c) - a)
+                for a, b, l, c in zip(start, stop, lo, chunks)
             )
             path = os.path.join(base, key_encoding.encode_chunk_key(idx))
             try:
@@ -1339,8 +1343,12 @@ class VolumeStore:
             raise NoisysegInputError(
                 f"prediction {name!r} has shape {data.shape}, the case's image {shape}", case=cid
             )
-        if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
-            raise NoisysegInputError(f"prediction {name!r} is not real-valued ({data.dtype})", case=cid)
+        if not np.issubdtype(data.dtype, np.number) or np.issubdtype(
+            data.dtype, np.complexfloating
+        ):
+            raise NoisysegInputError(
+                f"prediction {name!r} is not real-valued ({data.dtype})", case=cid
+            )
         data = data.astype(np.float32, copy=False)
         if not np.isfinite(data).all():
             raise NoisysegInputError(f"prediction {name!r} has NaN/Inf values", case=cid)
