@@ -78,6 +78,20 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
 @dataclass
 class RayHead:
     """A running ``ray start --head``; ``address`` is the GCS address, ``dashboard_url`` the job API."""
@@ -88,25 +102,47 @@ class RayHead:
     _stopped: bool = field(default=False, repr=False)
 
     def pids(self) -> list[int]:
-        """Every live process of this head (matched by its unique temp dir)."""
-        return _pids_with(str(self.temp_dir))
+        """Every live process of this head.
+
+        The processes whose command line holds the unique temp dir (gcs_server, raylet,
+        dashboard, monitors), every descendant of those (agents and workers rename themselves to
+        ``ray::...`` and lose it), and the Ray client server, which is re-parented to init and
+        named only by the GCS address.
+        """
+        roots = set(_pids_with(str(self.temp_dir)))
+        gcs_port = self.address.rsplit(":", 1)[1]
+        roots |= {
+            pid for pid in _pids_with("ray.util.client.server")
+            if pid in set(_pids_with(f":{gcs_port} "))
+        }
+        tree = _children()
+        found, stack = set(), list(roots)
+        while stack:
+            pid = stack.pop()
+            if pid in found or pid == os.getpid():
+                continue
+            found.add(pid)
+            stack.extend(tree.get(pid, []))
+        return sorted(found)
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL, exactly this head's processes; remove its temp dir."""
         if self._stopped:
             return
         self._stopped = True
+        known: set[int] = set()
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = self.pids()
+            pids = set(self.pids()) | {p for p in known if Path(f"/proc/{p}").exists()}
+            known |= pids
             for pid in pids:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5)
-            while self.pids() and time.monotonic() < deadline:
+            while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in known):
                 time.sleep(0.2)
-            if not self.pids():
+            if not any(Path(f"/proc/{p}").exists() for p in known):
                 break
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -114,8 +150,11 @@ class RayHead:
 def start_ray_head(num_cpus: int = 4, *, timeout: float = 60.0) -> RayHead:
     """``ray start --head`` on 127.0.0.1 with the dashboard (job server) on 127.0.0.1.
 
-    The temp dir is short (``/tmp/rt-XXXX``: Ray's socket paths must stay under 108 bytes) and
-    unique, which is what :meth:`RayHead.stop` keys on.
+    Every port is a free one (GCS, dashboard, dashboard agent HTTP/gRPC, runtime-env agent,
+    metrics, Ray client server): Ray's fixed defaults (agent 52365, client 10001) collide when two
+    heads run on one machine and the job API then answers "No available agent". The temp dir is
+    short (``/tmp/rt-XXXX``: Ray's socket paths must stay under 108 bytes) and unique, which is
+    what :meth:`RayHead.stop` keys on.
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     port, dash_port = free_port(), free_port()
@@ -125,6 +164,11 @@ def start_ray_head(num_cpus: int = 4, *, timeout: float = 60.0) -> RayHead:
         "--port", str(port),
         "--dashboard-host", "127.0.0.1",
         "--dashboard-port", str(dash_port),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+        "--metrics-export-port", str(free_port()),
+        "--ray-client-server-port", str(free_port()),
         "--include-dashboard", "true",
         "--num-cpus", str(num_cpus),
         "--temp-dir", str(temp_dir),
@@ -274,7 +318,7 @@ def ray_job_submit(
     if runtime_env:
         command += ["--runtime-env-json", json.dumps(runtime_env)]
     command += ["--", *entrypoint]
-    deadline = time.monotonic() + 300  # agents register slowly on a loaded 2-core machine
+    deadline = time.monotonic() + 120  # the agent registers a few seconds after the dashboard
     while True:
         done = subprocess.run(
             command, check=False, env=ray_env(), capture_output=True, text=True, timeout=timeout
