@@ -42,68 +42,27 @@ BlendName = Literal["gaussian", "constant"]
 
 #: Artifact path of the final model inside a training run (written by distributed/checkpoints.py).
 FINAL_CHECKPOINT_ARTIFACT = "checkpoint/final.pt"
-#: Group, inside a case's group, that holds probability maps.
-PREDICTIONS_GROUP = "predictions"
 
 
 # ----------------------------------------------------------------------------------------------
 # Normalisation
 
 
-#: Points per axis of the strided subsample the z-score statistics come from (as in training).
-STATS_POINTS_PER_AXIS = 32
-#: Per-case info keys that may hold recorded per-channel statistics, in order of preference.
-STATS_KEYS = (("channel_mean", "channel_std"), ("mean", "std"), ("intensity_mean", "intensity_std"))
-
-
-def _training_constants() -> tuple[int, tuple]:
-    try:  # the patch loader owns the training-time normalisation; inference must match it
-        from noisyseg.storage import patches
-    except ImportError:
-        return STATS_POINTS_PER_AXIS, STATS_KEYS
-    return (
-        int(getattr(patches, "STATS_POINTS_PER_AXIS", STATS_POINTS_PER_AXIS)),
-        tuple(getattr(patches, "STATS_KEYS", STATS_KEYS)),
-    )
-
-
 def normalization_stats(image: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel ``(mean, std)`` of an image, as the training patch loader computes them.
+    """Per-channel ``(mean, std)`` of an image not in a store, by the patch loader's rule
+    (:func:`noisyseg.storage.patches.subsample_stats`, std below 1e-8 replaced by 1)."""
+    from noisyseg.storage.patches import subsample_stats
 
-    The statistics come from a strided subsample of about ``STATS_POINTS_PER_AXIS`` points per
-    axis (every ``ceil(S_i / 32)``-th voxel along axis ``i``; the whole image when it is at most
-    32 voxels along every axis), accumulated in float64.
-
-    Args:
-        image: ``(C, *S)`` numpy or zarr array (only the subsample is read from zarr).
-
-    Returns:
-        ``(mean, std)``, each float32 ``(C,)``; a std below 1e-8 is replaced by 1.
-    """
-    points, _ = _training_constants()
-    steps = tuple(max(1, -(-int(s) // points)) for s in image.shape[1:])
-    sub = np.asarray(image[(slice(None),) + tuple(slice(None, None, k) for k in steps)])
-    sub = sub.reshape(sub.shape[0], -1).astype(np.float64)
-    mean = sub.mean(axis=1).astype(np.float32)
-    std = sub.std(axis=1).astype(np.float32)
+    mean, std = subsample_stats(image)
     return mean, np.where(std > 1e-8, std, 1.0).astype(np.float32)
 
 
 def case_normalization_stats(store: Any, case_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel ``(mean, std)`` for a stored case: recorded in the case info, else computed
-    by :func:`normalization_stats` from the stored image (the patch loader's rule)."""
-    _, keys = _training_constants()
-    info: dict[str, Any] = {}
-    try:
-        info = dict(store.case_info(case_id) or {})
-    except (KeyError, AttributeError):
-        info = {}
-    for mean_key, std_key in keys:
-        if info.get(mean_key) is not None and info.get(std_key) is not None:
-            mean = np.asarray(info[mean_key], dtype=np.float32)
-            std = np.asarray(info[std_key], dtype=np.float32)
-            return mean, np.where(std > 1e-8, std, 1.0).astype(np.float32)
-    return normalization_stats(store.image(case_id))
+    """Per-channel ``(mean, std)`` of a stored case exactly as training normalises it
+    (:func:`noisyseg.storage.patches.case_stats`: recorded statistics, else a subsample)."""
+    from noisyseg.storage.patches import case_stats
+
+    return case_stats(store, case_id)
 
 
 def normalize_image(
@@ -389,104 +348,18 @@ def check_channels(store: Any, spec: UNetSpec, *, store_path: str | None = None)
         )
 
 
-def _case_rel(case_id: str) -> str:
-    from noisyseg.storage.store import CASES_DIR
-
-    return f"{CASES_DIR}/{case_id}"
-
-
 def write_prediction(store: Any, case_id: str, name: str, probabilities: np.ndarray) -> str:
-    """Write a probability map to ``cases/<case>/predictions/<name>`` of an ``"r+"`` store.
-
-    Layout (OME-Zarr 0.5 style, like a label image without ``image-label``): group
-    ``predictions/<name>`` with ``attributes["ome"]["multiscales"]`` (axes ``z, y, x`` / ``y, x``,
-    ``scale`` = spacing in mm) and one float32 array ``"0"`` of shape ``(*S)``, values in
-    ``[0, 1]``, chunked like the case's labels. Re-running replaces an earlier map of the same
-    name; on local stores the new map is staged under a hidden name and renamed into place, so a
-    reader never sees a half-written map.
-
-    Args:
-        probabilities: ``(*S)``, same spatial shape as the case image.
-
-    Returns:
-        The array's path inside the store.
-    """
-    writer = getattr(store, "write_prediction", None)
-    if callable(writer):
-        return writer(case_id, name, probabilities)
-    import shutil
-    import uuid
-
-    import zarr
-
-    from noisyseg.storage.store import OME_VERSION, axis_names
-    from noisyseg.storage.validate import check_label_set_name
-
-    check_label_set_name(name)
+    """Write a ``(*S)`` probability map into an ``"r+"`` store
+    (:meth:`~noisyseg.storage.store.VolumeStore.write_prediction`: ``cases/<id>/predictions/
+    <name>``, OME-Zarr 0.5 multiscales, atomic on local stores). Returns the array's path."""
     if getattr(store, "mode", "r+") != "r+":
         raise NoisysegInputError("store is opened read-only (mode 'r')", path=store.url)
-    image_shape = tuple(int(s) for s in store.image(case_id).shape[1:])
-    data = np.asarray(probabilities, dtype=np.float32)
-    if data.shape != image_shape:
-        raise ValueError(f"prediction shape {data.shape} != image shape {image_shape}")
-    spacing = [float(s) for s in store.spacing(case_id)]
-    labels = store.labels(case_id)  # chunk like the case's label arrays
-    chunks = tuple(int(c) for c in labels.chunks)
-    rel = f"{_case_rel(case_id)}/{PREDICTIONS_GROUP}"
-    group = zarr.open_group(store=store.zstore, path=rel, mode="a", zarr_format=3)
-    local = bool(getattr(store, "_local", False))
-    write_name = f".tmp-{name}-{uuid.uuid4().hex[:12]}" if local else name
-    attrs = {
-        "ome": {
-            "version": OME_VERSION,
-            "multiscales": [
-                {
-                    "name": name,
-                    "axes": [
-                        {"name": a, "type": "space", "unit": "millimeter"}
-                        for a in axis_names(len(image_shape))
-                    ],
-                    "datasets": [
-                        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": spacing}]}
-                    ],
-                }
-            ],
-        },
-        "noisyseg": {"kind": "probability", "case_id": case_id},
-    }
-    target = group.create_group(write_name, attributes=attrs, overwrite=True)
-    array = target.create_array(
-        "0", shape=image_shape, dtype=np.float32, chunks=chunks, fill_value=0.0,
-        compressors=[zarr.codecs.ZstdCodec(level=3)],
-        dimension_names=list(axis_names(len(image_shape))),
-    )
-    array[...] = data
-    if local:
-        root = Path(store.root)
-        final = root / rel / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(root / rel / write_name, final)
-    return f"{rel}/{name}/0"
+    return store.write_prediction(case_id, name, np.asarray(probabilities, dtype=np.float32))
 
 
 def read_prediction(store: Any, case_id: str, name: str) -> np.ndarray:
-    """Read back a probability map written by :func:`write_prediction`; ``(*S)`` float32.
-
-    Raises:
-        NoisysegInputError: the case has no prediction of that name.
-    """
-    reader = getattr(store, "prediction", None)
-    if callable(reader):
-        return np.asarray(reader(case_id, name)[...], dtype=np.float32)
-    import zarr
-
-    path = f"{_case_rel(case_id)}/{PREDICTIONS_GROUP}/{name}/0"
-    try:
-        array = zarr.open_array(store=store.zstore, path=path, mode="r")
-    except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
-        raise NoisysegInputError(f"prediction {name!r} missing", case=case_id, path=store.url) from None
-    return np.asarray(array[...], dtype=np.float32)
+    """Read back a probability map written by :func:`write_prediction`; ``(*S)`` float32."""
+    return np.asarray(store.prediction(case_id, name)[...], dtype=np.float32)
 
 
 def case_affine(store: Any, case_id: str) -> np.ndarray:
