@@ -6,14 +6,15 @@ One Ray head (8 logical CPUs on this 2-core machine) and one MLflow server for t
   on ``train_loss`` (min), built so ASHA stops trials: a report every 2 steps, grace period 2
   steps, reduction factor 2, 12 steps (rungs at 2, 4, 8), two trials at a time. Every trial but
   the first to reach a rung is stopped there unless it beats the median of the trials recorded
-  before it, so with 4 trials a stop is all but certain — and with fixed seeds the run is
-  reproducible (observed: the second trial stopped at step 2).
+  before it, so with 4 trials a stop is all but certain (observed: one trial stopped at step 2
+  in one run, at step 8 in another).
 * An interrupted sweep (the driver killed with SIGKILL mid-trial) resumed by re-running the same
   command, with one MLflow child run per trial.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -128,7 +129,7 @@ def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> N
         val_steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/ap")]
         assert sorted(val_steps) == [4, 8, 12]
     for child in stopped:
-        assert last_step[child.info.run_id] <= STEPS // 2 and child.info.status == "KILLED"
+        assert child.info.status == "KILLED"
 
     # the best trial: tagged on its child, best_* on the parent, and it is the lowest final loss
     best = [c for c in children if c.data.tags.get("noisyseg.best") == "true"]
@@ -150,6 +151,18 @@ def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> N
     local = client.download_artifacts(parent.info.run_id, "summary", str(cluster["root"] / "dl"))
     table = (Path(local) / "trials.csv").read_text().splitlines()
     assert len(table) == 5 and table[0].startswith("trial_id,run_id,status,last_step")
+    # Tune saw a stopped trial's reports end at a rung (2, 4 or 8). Its workers may still log a
+    # step or two to MLflow before Tune's stop reaches them (reports are forwarded
+    # asynchronously), so the reported step count is the one to compare.
+    rows = list(csv.DictReader(table))
+    reported = {r["run_id"]: int(r["last_step"]) for r in rows}
+    assert {r["run_id"] for r in rows if r["status"] == "stopped early"} == {
+        c.info.run_id for c in stopped
+    }
+    for child in stopped:
+        assert reported[child.info.run_id] in (2, 4, 8)
+    for child in completed:
+        assert reported[child.info.run_id] == STEPS
     assert (Path(local) / "metric_vs_search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # --best prints YAML that `noisyseg train --config` accepts

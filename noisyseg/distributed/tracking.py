@@ -230,7 +230,7 @@ class RankZeroLogger:
                 import psutil  # noqa: F401
             except ImportError:
                 system_metrics = False
-        if system_metrics:
+        if system_metrics and not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
             mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
         self.run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
         self.run_id = run_id
