@@ -76,6 +76,12 @@ def test_cli_flags_override_yaml(tmp_path) -> None:
         ({"strides": [2]}, "strides needs"),
         ({"bogus": 1}, "bogus: unknown field"),
         ({"patch_size": [0, 16]}, "patch_size"),
+        ({"train_subset": "clean"}, "train_subset=clean needs clean_fraction"),
+        (
+            {"train_subset": "clean", "reweight": "meta", "clean_fraction": 0.2},
+            "use reweight=none",
+        ),
+        ({"train_subset": "noisy"}, "train_subset"),
     ],
 )
 def test_invalid_values_fail_with_one_line(fields: dict, message: str) -> None:

@@ -69,6 +69,11 @@ class TrainConfig(BaseModel):
         None, gt=0.0, le=1.0, description="fraction of training cases used as the clean set"
     )
     clean_count: int | None = Field(None, ge=1, description="number of clean cases")
+    train_subset: Literal["all", "clean"] = Field(
+        "all",
+        description="all: every training case; clean: only the clean subset "
+        "(clean_fraction/clean_count), e.g. the clean-only baseline",
+    )
     inner_lr: float = Field(1.0, gt=0.0, description="virtual-step learning rate (alpha)")
 
     # --- network (spatial_dims and in_channels come from the store)
@@ -161,12 +166,19 @@ class TrainConfig(BaseModel):
             )
         if self.clean_fraction is not None and self.clean_count is not None:
             raise ValueError("clean_fraction and clean_count are mutually exclusive; give one")
-        if self.reweight == "none" and (
+        uses_clean_subset = self.reweight != "none" or self.train_subset == "clean"
+        if not uses_clean_subset and (
             self.clean_fraction is not None or self.clean_count is not None
         ):
             raise ValueError(
-                "clean_fraction/clean_count only apply with reweight=meta or meta-head"
+                "clean_fraction/clean_count only apply with reweight=meta or meta-head "
+                "or train_subset=clean"
             )
+        if self.train_subset == "clean":
+            if self.reweight != "none":
+                raise ValueError("train_subset=clean trains on clean labels only: use reweight=none")
+            if self.clean_fraction is None and self.clean_count is None:
+                raise ValueError("train_subset=clean needs clean_fraction or clean_count")
         if self.amp != "none" and not self.gpu:
             raise ValueError(f"amp={self.amp} needs a GPU (--gpu); on CPU use amp=none")
         if self.amp != "none" and self.reweight != "none":
@@ -369,7 +381,7 @@ def check_against_store(config: TrainConfig) -> StoreInfo:
     train_ids = list(store.case_ids(split="train"))
     if not train_ids:
         raise NoisysegInputError("store has no cases in split 'train'", path=config.store)
-    if config.reweight != "none":
+    if config.reweight != "none" or config.train_subset == "clean":
         from noisyseg.storage.patches import select_clean_cases
 
         # The same draw the workers make (seed = config.seed): fails when too few cases are
@@ -378,7 +390,7 @@ def check_against_store(config: TrainConfig) -> StoreInfo:
             store, fraction=config.clean_fraction, count=config.clean_count,
             seed=config.seed, split="train",
         )
-        if len(clean) >= len(train_ids):
+        if config.reweight != "none" and len(clean) >= len(train_ids):
             raise NoisysegInputError(
                 f"clean subset of {len(clean)} cases leaves no noisy cases out of "
                 f"{len(train_ids)} training cases",

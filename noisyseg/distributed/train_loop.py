@@ -397,22 +397,23 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
     run_id = mlflow_info["run_id"] if mlflow_info else None
     config_json = config.model_dump(mode="json")
 
-    # A resumed stream should not replay the patches already seen, so the seed moves with the
-    # step — except with reweighting, where make_train_loaders also draws the clean subset from
-    # this seed and the subset must stay the same for the whole run.
-    data_seed = config.seed if config.reweight != "none" else config.seed + 7919 * start_step
+    # The clean subset is drawn from the run's seed (the same cases for the whole run); the
+    # patch streams' seed moves with the step so a resumed run does not replay seen patches.
+    uses_clean_subset = config.reweight != "none" or config.train_subset == "clean"
     loaders = make_train_loaders(
         config.store,
         label_set=config.labels,
         patch_size=tuple(info.patch_shape),
         batch_size=config.batch_size,
         foreground_fraction=config.foreground_fraction,
-        clean_fraction=config.clean_fraction if config.reweight != "none" else None,
-        clean_count=config.clean_count if config.reweight != "none" else None,
+        clean_fraction=config.clean_fraction if uses_clean_subset else None,
+        clean_count=config.clean_count if uses_clean_subset else None,
+        train_subset=config.train_subset,
         rank=rank,
         world_size=world,
         num_workers=config.num_dataloader_workers,
-        seed=data_seed,
+        seed=config.seed,
+        stream_seed=config.seed + 7919 * start_step,
     )
     noisy_batches: Iterator = iter(loaders.noisy)
     clean_batches: Iterator | None = (

@@ -439,10 +439,12 @@ def make_train_loaders(
     clean_fraction: float | None = None,
     clean_count: int | None = None,
     exclude_clean_from_noisy: bool = True,
+    train_subset: str = "all",
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
     seed: int = 0,
+    stream_seed: int | None = None,
     augment: bool = False,
     multiprocessing_context: str | None = None,
 ) -> TrainLoaders:
@@ -451,6 +453,10 @@ def make_train_loaders(
     The clean stream exists when ``clean_fraction`` or ``clean_count`` is given
     (:func:`select_clean_cases`); it reads the ``truth`` labels of the clean cases. With
     ``exclude_clean_from_noisy`` the clean cases are left out of the noisy stream.
+    ``train_subset="clean"`` trains on the clean subset alone: the main stream reads
+    ``label_set`` of the clean cases only and there is no separate clean stream (the clean-only
+    baseline). ``seed`` draws the clean subset; ``stream_seed`` (default ``seed``) seeds the patch
+    streams, so a resumed run can move its streams on while keeping the same clean subset.
     Batches: ``image (B, C, *P)``, ``label (B, 1, *P)``, ``case_id`` list of B strings,
     ``origin`` list of ``nd`` int tensors of shape (B,).
     """
@@ -476,7 +482,16 @@ def make_train_loaders(
         clean = select_clean_cases(
             store, fraction=clean_fraction, count=clean_count, seed=seed, split="train"
         )
-    noisy = [c for c in train if c not in set(clean)] if exclude_clean_from_noisy else train
+    if train_subset not in ("all", "clean"):
+        raise NoisysegInputError(f"train_subset must be 'all' or 'clean', got {train_subset!r}")
+    if train_subset == "clean":
+        if not clean:
+            raise NoisysegInputError("train_subset='clean' needs clean_fraction or clean_count")
+        noisy, clean = clean, []
+    elif exclude_clean_from_noisy:
+        noisy = [c for c in train if c not in set(clean)]
+    else:
+        noisy = train
     if not noisy:
         raise NoisysegInputError(
             "no training cases left for the noisy stream after removing the clean subset",
@@ -495,7 +510,7 @@ def make_train_loaders(
     common = {
         "patch_size": tuple(patch_size),
         "foreground_fraction": foreground_fraction,
-        "seed": seed,
+        "seed": seed if stream_seed is None else stream_seed,
         "rank": rank,
         "world_size": world_size,
         "augment": augment,
