@@ -136,7 +136,7 @@ def settings_for(kind: Kind, size: Size, *, seed: int = 0, gpu: bool = False) ->
             return BenchmarkSettings(
                 kind=kind, size=size, cases=10, seed=seed,
                 generator_opts={"shape": [48, 64, 48], "spacing_mm": 2.0},
-                clean_fraction_flagged=0.2, steps=60, patch_size=32, batch_size=2,
+                clean_fraction_flagged=0.2, steps=300, patch_size=32, batch_size=2,
                 channels=(8, 16, 32), lr=1e-2, entropy_weight=0.5, meta_clean_fraction=0.2,
                 methods=("bce", "lopsided"), label_modes=("random",), gpu=gpu,
             )
@@ -483,7 +483,7 @@ def print_rich_table(rows: list[BenchmarkRow], title: str) -> None:
             f"{m['max_sensitivity']:.3f}", f"{m['sensitivity_at_80_precision']:.3f}",
             f"{m['ap']:.3f}", f"{m['fp_per_case']:.2f}", f"{m['dice']:.3f}", f"{m['jaccard']:.3f}",
         )
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 def plot_sensitivity_by_size(rows: list[BenchmarkRow], path: Path) -> Path:
