@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 Kind = Literal["brain-mets", "skin"]
 Size = Literal["quick", "default", "full"]
@@ -383,8 +383,8 @@ class RobustnessBenchmark:
 
     def run_variant(self, variant: Variant, test_cases: list[str]) -> BenchmarkRow:
         from noisyseg.distributed.inference import evaluate_cases, load_trained_model
-        from noisyseg.metrics import REPORT_CANDIDATE_THRESHOLD
         from noisyseg.distributed.trainer import run_training
+        from noisyseg.metrics import REPORT_CANDIDATE_THRESHOLD
         from noisyseg.storage.store import VolumeStore
 
         config = self.train_config(variant)
@@ -401,6 +401,10 @@ class RobustnessBenchmark:
             device="cuda" if self.settings.gpu else "cpu",
         )
         metrics = {k: float(result.metrics[k]) for k in ROW_METRICS}
+        if math.isnan(metrics["precision"]):
+            # No lesion predicted at the operating threshold: precision 0, as scikit-learn's
+            # zero_division=0 (the table stays comparable; sensitivity is 0 there as well).
+            metrics["precision"] = 0.0
         self._log_eval(outcome.run_id, metrics)
         mode, rate = _censoring(variant.label_set)
         return BenchmarkRow(
@@ -587,7 +591,6 @@ def write_outputs(
     }
     json_path = Path(output) if output else out_dir / "results.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(document, indent=2, default=float))
     table = format_table(rows)
     (out_dir / "table.md").write_text(table + "\n")
     plots = [plot_sensitivity_by_size(rows, out_dir / "sensitivity_by_size.png")]
@@ -599,6 +602,8 @@ def write_outputs(
     mlflow.set_tracking_uri(benchmark.tracking_uri)
     mlflow.set_experiment(benchmark.experiment)
     with mlflow.start_run(run_name=f"robustness-{s.kind}-{s.size}-{benchmark.stamp}") as run:
+        document["summary_run_id"] = run.info.run_id
+        json_path.write_text(json.dumps(document, indent=2, default=float))
         mlflow.set_tags({"noisyseg.benchmark": "robustness", "noisyseg.kind": s.kind})
         mlflow.log_params({"kind": s.kind, "size": s.size, "cases": s.cases, "steps": s.steps,
                            "entropy_weight": s.entropy_weight, "seed": s.seed})
@@ -608,20 +613,29 @@ def write_outputs(
             ):
                 mlflow.log_metric(f"rel_max_sensitivity/{row.key}", row.relative_max_sensitivity)
             mlflow.log_metric(f"dice/{row.key}", row.metrics["dice"])
-        mlflow.log_artifact(str(json_path))
+        mlflow.log_artifact(str(json_path), artifact_path=None)
+        if json_path.name != "results.json":  # the summary run always holds results.json
+            mlflow.log_text(json_path.read_text(), "results.json")
         mlflow.log_artifact(str(out_dir / "table.md"))
         for plot in plots:
             if plot is not None:
                 mlflow.log_artifact(str(plot))
-        summary_run = run.info.run_id
-    document["summary_run_id"] = summary_run
     document["json_path"] = str(json_path)
     document["table"] = table
     return document
 
 
 def ui_command(tracking_uri: str) -> str:
-    """The one command that opens the MLflow UI on this benchmark's runs."""
+    """The one command that opens the MLflow UI on this benchmark's runs.
+
+    For the embedded SQLite default it names the ``mlflow`` executable of this very environment
+    (``.venv/bin/mlflow`` after ``make demo``), so it works without activating the venv.
+    """
     if tracking_uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+        import shutil
+        import sys
+
+        beside = Path(sys.executable).parent / "mlflow"
+        mlflow_exe = str(beside) if beside.exists() else shutil.which("mlflow") or "mlflow"
+        return f"{mlflow_exe} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
     return f"open {tracking_uri} in a browser"
