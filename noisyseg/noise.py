@@ -354,6 +354,33 @@ def lesion_records(
     return records
 
 
+def _labelled_cases(
+    masks: Sequence[Any], spacings: Any, connectivity: int | None
+) -> tuple[
+    list[np.ndarray],
+    list[tuple[float, ...]],
+    list[tuple[np.ndarray, int]],
+    list[list[LesionRecord]],
+]:
+    """Check the per-case masks, spacings and connectivity, then label every case's lesions.
+
+    Returns:
+        ``(arrays, spacings, labelled, tables)``, one entry per case: the checked binary masks,
+        the resolved spacings (mm), ``(labels, n)`` from :func:`label_lesions` and the
+        :func:`lesion_records` of each case.
+    """
+    arrays = _check_masks(masks)
+    space = resolve_spacings(spacings, [a.shape for a in arrays])
+    for i, a in enumerate(arrays):
+        resolve_connectivity(a.ndim, connectivity, case=i)
+
+    labelled = [label_lesions(a, connectivity) for a in arrays]
+    tables = [
+        lesion_records(lab, n, case=i, spacing=space[i]) for i, (lab, n) in enumerate(labelled)
+    ]
+    return arrays, space, labelled, tables
+
+
 def _select(
     records: list[LesionRecord], n: int, mode: str, rng: np.random.Generator
 ) -> list[LesionRecord]:
@@ -404,15 +431,7 @@ def censor_lesions(
         raise NoisysegInputError(f"censoring mode must be one of {CENSOR_MODES}, got {mode!r}")
     if scope not in SCOPES:
         raise NoisysegInputError(f"scope must be one of {SCOPES}, got {scope!r}")
-    arrays = _check_masks(masks)
-    space = resolve_spacings(spacings, [a.shape for a in arrays])
-    for i, a in enumerate(arrays):
-        resolve_connectivity(a.ndim, connectivity, case=i)
-
-    labelled = [label_lesions(a, connectivity) for a in arrays]
-    tables = [
-        lesion_records(lab, n, case=i, spacing=space[i]) for i, (lab, n) in enumerate(labelled)
-    ]
+    arrays, _, labelled, tables = _labelled_cases(masks, spacings, connectivity)
 
     if scope == "dataset":
         pooled = [r for table in tables for r in table]
@@ -693,15 +712,7 @@ def corrupt_boundaries(
     """
     rate = check_rate(rate)
     resolved = _resolve_params(mode, level, params)
-    arrays = _check_masks(masks)
-    space = resolve_spacings(spacings, [a.shape for a in arrays])
-    for i, a in enumerate(arrays):
-        resolve_connectivity(a.ndim, connectivity, case=i)
-
-    labelled = [label_lesions(a, connectivity) for a in arrays]
-    tables = [
-        lesion_records(lab, n, case=i, spacing=space[i]) for i, (lab, n) in enumerate(labelled)
-    ]
+    arrays, space, labelled, tables = _labelled_cases(masks, spacings, connectivity)
     pooled = [r for t in tables for r in t]
     chosen = {
         (r.case, r.label)

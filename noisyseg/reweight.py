@@ -178,6 +178,25 @@ def _check_batches(
         raise NoisysegInputError(f"inner_lr must be > 0, got {inner_lr}")
 
 
+def _prepare(
+    model: nn.Module,
+    noisy_images: Tensor,
+    noisy_labels: Tensor,
+    clean_images: Tensor,
+    clean_labels: Tensor,
+    loss: object | None,
+    inner_lr: float,
+    method: str,
+    head: HeadSpec,
+) -> tuple[PixelLoss, nn.Module, dict[str, Tensor]]:
+    """Check the public functions' arguments; ``(per-pixel loss, unwrapped model, selected
+    parameters)``."""
+    _check_batches(noisy_images, noisy_labels, clean_images, clean_labels, inner_lr)
+    per_pixel = _pixel_loss(loss)
+    inner = _unwrap(model)
+    return per_pixel, inner, _selected(inner, method, head)
+
+
 def _normalise(scores: Tensor) -> Tensor:
     """``w̃ = max(scores, 0)``, divided by its sum when the sum is positive (else all zero)."""
     clipped = scores.clamp(min=0)
@@ -250,6 +269,23 @@ def _dual_forward(
     return dual_loss, tangent
 
 
+def _graph_free_tangent(
+    inner: nn.Module,
+    selected: dict[str, Tensor],
+    tangents: dict[str, Tensor],
+    noisy_images: Tensor,
+    noisy_labels: Tensor,
+    per_pixel: PixelLoss,
+) -> Tensor:
+    """``⟨∇l_j, v⟩`` per noisy pixel (shaped like ``noisy_labels``, detached) from a
+    gradient-free dual forward of the unwrapped model; running stats (BatchNorm) kept."""
+    with preserved_buffers(inner):
+        _, tangent = _dual_forward(
+            inner, "", selected, tangents, noisy_images, noisy_labels, per_pixel, attach=False
+        )
+    return tangent
+
+
 def _reference_scores(
     inner: nn.Module,
     selected: dict[str, Tensor],
@@ -314,10 +350,9 @@ def meta_pixel_weights(
         Detached weights shaped like ``noisy_labels`` in the logits' dtype, ``>= 0``, summing to 1
         over the whole batch, or all zero when no pixel's gradient agrees with the clean one.
     """
-    _check_batches(noisy_images, noisy_labels, clean_images, clean_labels, inner_lr)
-    per_pixel = _pixel_loss(loss)
-    inner = _unwrap(model)
-    selected = _selected(inner, method, head)
+    per_pixel, inner, selected = _prepare(
+        model, noisy_images, noisy_labels, clean_images, clean_labels, loss, inner_lr, method, head
+    )
     if method == "reference":
         scores = _reference_scores(
             inner, selected, noisy_images, noisy_labels, clean_images, clean_labels,
@@ -327,10 +362,9 @@ def meta_pixel_weights(
         tangents, _ = _clean_gradient(
             inner, selected, clean_images, clean_labels, per_pixel, sync_clean_gradient
         )
-        with preserved_buffers(inner):
-            _, tangent = _dual_forward(
-                inner, "", selected, tangents, noisy_images, noisy_labels, per_pixel, attach=False
-            )
+        tangent = _graph_free_tangent(
+            inner, selected, tangents, noisy_images, noisy_labels, per_pixel
+        )
         scores = inner_lr * tangent  # -g_j = α ⟨∇L_c, ∇l_j⟩
     return _normalise(scores).detach()
 
@@ -390,10 +424,9 @@ def meta_reweighted_step(
     Arguments as in :func:`meta_pixel_weights`. The model's running stats (BatchNorm) are
     updated once, by the real noisy forward.
     """
-    _check_batches(noisy_images, noisy_labels, clean_images, clean_labels, inner_lr)
-    per_pixel = _pixel_loss(loss)
-    inner = _unwrap(model)
-    selected = _selected(inner, method, head)
+    per_pixel, inner, selected = _prepare(
+        model, noisy_images, noisy_labels, clean_images, clean_labels, loss, inner_lr, method, head
+    )
     clean_loss = float("nan")
     if share_forward is None:
         share_forward = method == "head"
@@ -414,11 +447,9 @@ def meta_reweighted_step(
                 attach=True,
             )
         else:
-            with preserved_buffers(inner):
-                _, tangent = _dual_forward(
-                    inner, "", selected, tangents, noisy_images, noisy_labels, per_pixel,
-                    attach=False,
-                )
+            tangent = _graph_free_tangent(
+                inner, selected, tangents, noisy_images, noisy_labels, per_pixel
+            )
             per = per_pixel(model(noisy_images), noisy_labels)
         weights = _normalise(inner_lr * tangent)
     weighted = (weights * per).sum()
@@ -449,7 +480,7 @@ def head_weight_correlation(
 
     Returns a value in ``[-1, 1]``; NaN when either weight map is constant (e.g. all zero).
     """
-    kwargs = dict(loss=loss, inner_lr=inner_lr)
+    kwargs = {"loss": loss, "inner_lr": inner_lr}
     exact = meta_pixel_weights(
         model, noisy_images, noisy_labels, clean_images, clean_labels, method="fast", **kwargs
     )

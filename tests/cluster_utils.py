@@ -184,6 +184,21 @@ def start_ray_head(num_cpus: int = 4, *, timeout: float = 60.0) -> RayHead:
     return head
 
 
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process group of ``process`` (started with ``start_new_session``), wait up to
+    10 s, then SIGKILL it; nothing when the process has already exited."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(timeout=5)
+
+
 @dataclass
 class MlflowServer:
     """A running ``mlflow server`` on SQLite; ``uri`` is its HTTP tracking URI."""
@@ -194,16 +209,7 @@ class MlflowServer:
 
     def stop(self) -> None:
         """Kill the server's process group (it was started with ``start_new_session``)."""
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.process.wait(timeout=5)
+        stop_process_group(self.process)
 
 
 def start_mlflow_server(root: str | Path, *, timeout: float = 60.0) -> MlflowServer:

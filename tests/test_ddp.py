@@ -7,12 +7,11 @@ instance norm, so each sample's output does not depend on the others in its batc
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cluster_utils import free_port
 
 from noisyseg.distributed.config import make_config
 from noisyseg.distributed.train_loop import make_optimizer, make_step_loss, train_step
@@ -56,17 +55,11 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.timeout(300)
 def test_two_ranks_match_one_process_with_double_batch(tmp_path) -> None:
     out = str(tmp_path / "ddp.pt")
     # fork: the children inherit the imports (spawn re-imports torch + MONAI: ~30 s here)
-    mp.start_processes(_rank, args=(2, _free_port(), out), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_rank, args=(2, free_port(), out), nprocs=2, join=True, start_method="fork")
     ddp_state = torch.load(out, weights_only=True)
 
     config = _config()

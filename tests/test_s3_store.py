@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cluster_utils import free_port, stop_process_group
 
 pytestmark = pytest.mark.integration
 
@@ -35,12 +34,6 @@ BUCKET = "noisyseg-test"
 SHAPE_XYZ = (24, 20, 16)
 TRAIN_IDS = ["mets_001", "mets_002", "mets_003"]
 TEST_IDS = ["mets_101"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _write_nifti(path: Path, data: np.ndarray, zooms=(1.0, 1.2, 1.5)) -> None:
@@ -82,7 +75,7 @@ def _make_source(root: Path, seed: int = 0) -> None:
 
 class S3Server:
     def __init__(self, root: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log = open(root / "moto.log", "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
@@ -111,13 +104,7 @@ class S3Server:
         }
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
+        stop_process_group(self.process)
         self.log.close()
 
 

@@ -606,23 +606,10 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     Returns:
         ``True`` when this call started/connected Ray (the caller should shut it down).
     """
-    import ray
+    from noisyseg.distributed.ray_utils import connect_or_start_ray
 
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(
-            address="local",
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            num_cpus=num_cpus,
-            log_to_driver=False,
-        )
-    return True
+    outcome = connect_or_start_ray(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return outcome != "already"
 
 
 #: Per Ray worker process: the last CasePredictor built, keyed by checkpoint ref and settings,

@@ -70,24 +70,11 @@ def ensure_ray(num_cpus_hint: float = 1.0) -> bool:
     the same for every process of a cluster; for the local instance it is set to ``disabled``
     unless the caller set it.
     """
-    import ray
+    from noisyseg.distributed.ray_utils import connect_or_start_ray
 
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = os.environ.get("RAY_ADDRESS", "").strip()
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return False
     num_cpus = max(os.cpu_count() or 1, int(num_cpus_hint + 0.999))
-    ray.init(
-        address="local",
-        _node_ip_address="127.0.0.1",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        num_cpus=num_cpus,
-    )
-    return True
+    outcome = connect_or_start_ray(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
+    return outcome == "started"
 
 
 def run_training(

@@ -148,23 +148,9 @@ def synth_store(
         store.cleanup_staging()
     done = set(store.case_ids()) if store is not None else set()
     written = []
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from noisyseg.storage.ingest import progress_bar
 
-    bar = Progress(
-        TextColumn(f"[bold]synth[/bold] {kind}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not progress,
-    )
+    bar = progress_bar("synth", enabled=progress)
     with bar:
         task = bar.add_task(kind, total=cases)
         for i in range(cases):

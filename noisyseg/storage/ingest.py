@@ -470,6 +470,31 @@ def load_2d_case(spec: CaseSpec) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def progress_bar(verb: str, *, enabled: bool) -> Any:
+    """A ``rich`` progress bar on stderr: ``<verb> <task description>``, bar, done/total, ETA.
+
+    ``enabled=False`` gives a bar that prints nothing (``--no-progress``).
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(f"[bold]{verb}[/bold] {{task.description}}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
+
+
 def ingest_folder(
     src: str | os.PathLike,
     store_url: str,
@@ -521,24 +546,7 @@ def ingest_folder(
         if on_error is not None:
             on_error(failure)
 
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(
-        TextColumn("[bold]ingest[/bold] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not progress,
-        transient=False,
-    )
+    bar = progress_bar("ingest", enabled=progress)
     since_compact = 0
     with bar:
         task = bar.add_task(Path(src).name, total=len(specs))

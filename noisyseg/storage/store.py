@@ -894,6 +894,37 @@ class VolumeStore:
             shards = (1, *shards) if shards else None
         return chunks, shards
 
+    def _create_array(
+        self,
+        group: zarr.Group,
+        shape: Sequence[int],
+        dtype: type[np.generic],
+        *,
+        channel_axis: bool,
+        layout_itemsize: int | None = None,
+    ) -> zarr.Array:
+        """Array ``"0"`` of an OME group: zero-filled, Blosc-compressed, chunked by
+        :meth:`_array_layout` for ``layout_itemsize`` bytes a voxel (default: ``dtype``'s size).
+
+        Args:
+            shape: ``(C, *spatial)`` when ``channel_axis`` else ``spatial``.
+        """
+        dt = np.dtype(dtype)
+        chunks, shards = self._array_layout(
+            shape, layout_itemsize or dt.itemsize, channel_axis=channel_axis
+        )
+        spatial_names = list(axis_names(self.spatial_dims))
+        return group.create_array(
+            "0",
+            shape=tuple(shape),
+            dtype=dt,
+            chunks=chunks,
+            shards=shards,
+            compressors=[_codec(dt.itemsize)],
+            fill_value=0.0 if dt.kind == "f" else 0,
+            dimension_names=["c", *spatial_names] if channel_axis else spatial_names,
+        )
+
     def _multiscales(self, name: str, spacing: Sequence[float], channel_axis: bool) -> list[dict]:
         axes = [{"name": "c", "type": "channel"}] if channel_axis else []
         axes += [
@@ -914,7 +945,6 @@ class VolumeStore:
     def _write_label_group(
         self, labels_group: zarr.Group, name: str, label: np.ndarray, spacing: Sequence[float]
     ) -> None:
-        chunks, shards = self._array_layout(label.shape, 1, channel_axis=False)
         attrs = {
             "ome": {
                 "version": OME_VERSION,
@@ -927,16 +957,7 @@ class VolumeStore:
             }
         }
         g = labels_group.create_group(name, attributes=attrs, overwrite=True)
-        arr = g.create_array(
-            "0",
-            shape=label.shape,
-            dtype=np.uint8,
-            chunks=chunks,
-            shards=shards,
-            compressors=[_codec(1)],
-            fill_value=0,
-            dimension_names=list(axis_names(self.spatial_dims)),
-        )
+        arr = self._create_array(g, label.shape, np.uint8, channel_axis=False)
         arr[...] = label
 
     def write_case(
@@ -1036,17 +1057,7 @@ class VolumeStore:
         group = zarr.open_group(
             store=self.zstore, path=write_rel, mode="w", zarr_format=3, attributes=attrs
         )
-        chunks, shards = self._array_layout(img.shape, 4, channel_axis=True)
-        arr = group.create_array(
-            "0",
-            shape=img.shape,
-            dtype=np.float32,
-            chunks=chunks,
-            shards=shards,
-            compressors=[_codec(4)],
-            fill_value=0.0,
-            dimension_names=["c", *axis_names(self.spatial_dims)],
-        )
+        arr = self._create_array(group, img.shape, np.float32, channel_axis=True)
         arr[...] = img
         labels_group = group.create_group(
             "labels", attributes={"ome": {"version": OME_VERSION, "labels": list(checked)}}
@@ -1364,17 +1375,8 @@ class VolumeStore:
             "noisyseg": {"kind": "probability", "case_id": cid},
         }
         target = group.create_group(write_name, attributes=attrs, overwrite=True)
-        chunks, shards = self._array_layout(shape, 1, channel_axis=False)  # the labels' layout
-        out = target.create_array(
-            "0",
-            shape=shape,
-            dtype=np.float32,
-            chunks=chunks,
-            shards=shards,
-            compressors=[_codec(4)],
-            fill_value=0.0,
-            dimension_names=list(axis_names(self.spatial_dims)),
-        )
+        # chunked and sharded like the labels (layout_itemsize=1), so the two align
+        out = self._create_array(target, shape, np.float32, channel_axis=False, layout_itemsize=1)
         out[...] = data
         if self._local:
             final = self._p(f"{rel}/{name}")
