@@ -202,8 +202,12 @@ def mlflow_sqlite(tmp_path_factory):
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     # the loader resolves the URI like training does: MLFLOW_TRACKING_URI first
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/m.db"
+    # An earlier in-process command may have set a global URI, which outranks the variable.
+    previous_global = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     experiment_id = mlflow.create_experiment("inference-test", artifact_location=str(root / "art"))
     yield mlflow, experiment_id, root
+    mlflow.set_tracking_uri(previous_global)
     if previous is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
