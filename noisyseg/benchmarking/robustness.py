@@ -349,9 +349,19 @@ class RobustnessBenchmark:
                 self._write_mixed_label_set(store, noisy, skin_mixed_name(s))
 
     def _write_mixed_label_set(self, store: Any, noisy: str, name: str) -> None:
-        """Truth labels on clean-flagged cases, the noisy set elsewhere (clean+noisy training)."""
+        """Truth labels on the reference clean subset, the noisy set elsewhere (clean+noisy BCE).
+
+        The subset is the one the clean-only and the meta runs at ``meta_clean_fraction`` draw
+        (same fraction, same seed), so the three baselines see the same clean cases.
+        """
+        from noisyseg.storage.patches import select_clean_cases
+
         records: dict[str, list[dict]] = {}
-        clean = set(store.case_ids(split="train", clean=True))
+        clean = set(
+            select_clean_cases(
+                store, fraction=self.settings.meta_clean_fraction, seed=self.settings.seed
+            )
+        )
         for case_id in store.case_ids(split="train"):
             source = "truth" if case_id in clean else noisy
             records[case_id] = store.write_label_set(
