@@ -461,22 +461,28 @@ class RobustnessBenchmark:
 
 
 # ---------------------------------------------------------------------------------- reporting
+TABLE_COLUMNS: tuple[str, ...] = (
+    "labels", "method", "rel. max sens.", "max sens.", "sens. @80% prec.", "AP", "FP/case",
+    "Dice", "Jaccard",
+)
+
+
+def _row_cells(row: BenchmarkRow) -> list[str]:
+    """One table row as text, in :data:`TABLE_COLUMNS` order (shared by Markdown and terminal)."""
+    m = row.metrics
+    rel = row.relative_max_sensitivity
+    return [
+        row.label_set, row.method,
+        "n/a" if rel is None or math.isnan(rel) else f"{rel:.0%}",
+        f"{m['max_sensitivity']:.3f}", f"{m['sensitivity_at_80_precision']:.3f}",
+        f"{m['ap']:.3f}", f"{m['fp_per_case']:.2f}", f"{m['dice']:.3f}", f"{m['jaccard']:.3f}",
+    ]
+
+
 def format_table(rows: list[BenchmarkRow]) -> str:
     """A Markdown table in the papers' form (relative maximum sensitivity first)."""
-    header = (
-        "| labels | method | rel. max sens. | max sens. | sens. @80% prec. | AP | FP/case "
-        "| Dice | Jaccard |"
-    )
-    lines = [header, "|" + "---|" * 9]
-    for row in rows:
-        m = row.metrics
-        rel = row.relative_max_sensitivity
-        lines.append(
-            f"| {row.label_set} | {row.method} | "
-            f"{'n/a' if rel is None or math.isnan(rel) else f'{rel:.0%}'} | "
-            f"{m['max_sensitivity']:.3f} | {m['sensitivity_at_80_precision']:.3f} | "
-            f"{m['ap']:.3f} | {m['fp_per_case']:.2f} | {m['dice']:.3f} | {m['jaccard']:.3f} |"
-        )
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(_row_cells(row)) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -485,18 +491,10 @@ def print_rich_table(rows: list[BenchmarkRow], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("labels", "method", "rel. max sens.", "max sens.", "sens@80%P", "AP",
-                   "FP/case", "Dice", "Jaccard"):
+    for column in TABLE_COLUMNS:
         table.add_column(column, justify="left" if column in ("labels", "method") else "right")
     for row in rows:
-        m = row.metrics
-        rel = row.relative_max_sensitivity
-        table.add_row(
-            row.label_set, row.method,
-            "n/a" if rel is None or math.isnan(rel) else f"{rel:.0%}",
-            f"{m['max_sensitivity']:.3f}", f"{m['sensitivity_at_80_precision']:.3f}",
-            f"{m['ap']:.3f}", f"{m['fp_per_case']:.2f}", f"{m['dice']:.3f}", f"{m['jaccard']:.3f}",
-        )
+        table.add_row(*_row_cells(row))
     Console(width=140).print(table)
 
 
