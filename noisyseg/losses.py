@@ -177,6 +177,15 @@ class BootstrapLoss(_VoxelwiseLoss):
         return self.beta * bce_with_logits(logits, labels) + (1.0 - self.beta) * self_term
 
 
+#: Default ``entropy_weight`` λ of the lopsided loss. In the soft form the background gradient
+#: with respect to the logit ``z`` is ``p·((1-λ) - λ·z·(1-p))``; ``z·(1-p)`` never exceeds 0.278,
+#: so for ``λ < 0.782`` the sign never changes and the loss is only a down-weighted BCE on
+#: background: it cannot hold a confident prediction on an unlabelled lesion. At 0.95 a background
+#: voxel above ``p ≈ 0.53`` is pulled *up* (to ``p ≈ 0.99``) and one below it down — the
+#: self-training the method relies on. benchmarks/RESULTS.md compares 0.5, 0.8, 0.9 and 0.95.
+DEFAULT_ENTROPY_WEIGHT = 0.95
+
+
 class LopsidedBootstrapLoss(_VoxelwiseLoss):
     """Lopsided bootstrap loss (Yi et al., MIDL 2020), robust to missed lesions (false negatives).
 

@@ -7,9 +7,11 @@ by ``prod(strides)`` (``2 ** (depth - 1)`` with the default strides of 2).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+import torch
 from torch import nn
 
 NormName = Literal["instance", "batch", "group", "none"]
@@ -106,6 +108,35 @@ def build_unet(spec: UNetSpec | None = None, **overrides) -> nn.Module:
         norm=_monai_norm(spec.norm),
         dropout=spec.dropout,
     )
+
+
+def output_convolution(model: nn.Module, out_channels: int = 1) -> nn.Module:
+    """The convolution that produces the logits: the last one (in module order) with
+    ``out_channels`` outputs. In MONAI's U-Net that is the final conv of the top residual unit
+    (whose skip is the identity), or the top transposed conv when ``num_res_units=0``."""
+    last = None
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and module.out_channels == out_channels:
+            last = module
+    if last is None or last.bias is None:
+        raise ValueError(f"no biased convolution with {out_channels} output channels found")
+    return last
+
+
+def init_output_bias(model: nn.Module, prior: float, out_channels: int = 1) -> nn.Module:
+    """Start the lesion logit at ``log(prior / (1 - prior))`` (Lin et al. 2017, "Focal Loss").
+
+    With lesions at ~1 % of the voxels a default-initialised network starts at ``p ≈ 0.5`` and
+    spends hundreds of steps (thousands with Adam's bounded step size) learning the background
+    rate before it learns lesions; starting at the prior removes that phase. Only the output
+    convolution's bias changes. Returns the model (changed in place).
+    """
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"prior must be in (0, 1), got {prior}")
+    conv = output_convolution(model, out_channels)
+    with torch.no_grad():
+        conv.bias.fill_(math.log(prior / (1.0 - prior)))
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -58,7 +58,7 @@ def test_cli_flags_override_yaml(tmp_path) -> None:
     path.write_text("store: a.zarr\nentropy-weight: 0.7\nsteps: 50\npatch_size: [16, 32, 32]\n")
     config = config_from_args(parse("--config", str(path), "--steps", "7"))
     assert config.steps == 7  # flag wins
-    assert config.entropy_weight == 0.7  # from YAML, not the default 0.5
+    assert config.entropy_weight == 0.7  # from YAML, not the default 0.95
     assert config.patch_size == (16, 32, 32)
     assert load_config(path, loss="bce").loss == "bce"
 

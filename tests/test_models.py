@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from noisyseg.models import UNetSpec, build_unet, count_parameters
+from noisyseg.models import (
+    UNetSpec,
+    build_unet,
+    count_parameters,
+    init_output_bias,
+    output_convolution,
+)
 
 
 def _norm_types(model: nn.Module) -> set[type]:
@@ -50,3 +58,29 @@ def test_invalid_specs_rejected() -> None:
         UNetSpec(channels=(4,))
     with pytest.raises(ValueError, match="norm"):
         UNetSpec(norm="layer")
+
+
+@pytest.mark.parametrize("res_units", [0, 1, 2])
+def test_output_bias_is_the_last_additive_term(res_units: int) -> None:
+    """Moving the found bias by δ moves every output logit by exactly δ: it really is the
+    output's bias (a bias feeding a norm or a nonlinearity would not shift outputs uniformly)."""
+    torch.manual_seed(0)
+    model = build_unet(spatial_dims=2, channels=(4, 8, 16), num_res_units=res_units).eval()
+    x = torch.randn(2, 1, 16, 16)
+    before = model(x)
+    with torch.no_grad():
+        output_convolution(model).bias += 0.75
+    assert torch.allclose(model(x) - before, torch.full_like(before, 0.75), atol=1e-5)
+
+
+def test_init_output_bias_starts_at_the_prior() -> None:
+    torch.manual_seed(0)
+    model = init_output_bias(build_unet(channels=(4, 8, 16)), 0.01)
+    assert output_convolution(model).bias.item() == pytest.approx(math.log(0.01 / 0.99))
+    p = torch.sigmoid(model(torch.randn(2, 1, 16, 16, 16)))
+    # the rest of the network adds O(1) logits around the bias: p stays near the prior
+    assert 0.001 < float(p.mean()) < 0.1
+    untouched = build_unet(channels=(4, 8, 16))
+    assert 0.2 < float(torch.sigmoid(untouched(torch.randn(2, 1, 16, 16, 16))).mean()) < 0.8
+    with pytest.raises(ValueError, match="prior"):
+        init_output_bias(model, 1.0)

@@ -128,3 +128,16 @@ def test_meta_reweighting_step_updates_the_model(store: str) -> None:
     assert math.isfinite(out.loss)
     assert 0.0 < out.extra["train/positive_weight_fraction"] <= 1.0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_output_prior_starts_training_near_the_background_rate(store: str) -> None:
+    """The first step's BCE: ~ln 2 from MONAI's init (p ≈ 0.5); from logit(0.1) about
+    f·ln 10 + (1-f)·ln(10/9) ≈ 0.37 with this store's ~12 % lesion voxels per patch."""
+    losses = {}
+    for prior in (0.0, 0.1):
+        config = small(store, steps=1, loss="bce", output_prior=prior, seed=1)
+        context = LocalContext()
+        run_worker(loop_config(config), context)
+        losses[prior] = context.reports[0]["train_loss"]
+    assert 0.4 < losses[0.0] < 1.2
+    assert losses[0.1] < 0.6 * losses[0.0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 
 from noisyseg.errors import NoisysegInputError
 
@@ -11,7 +12,7 @@ DEFAULT_WORKDIR = "noisyseg-runs"
 
 
 def _run_robustness(kind: str, size: str, *, workdir: str, output: str | None, seed: int,
-                    gpu: bool) -> dict:
+                    gpu: bool, parallel: int | None = None) -> dict:
     from noisyseg.benchmarking.robustness import (
         RobustnessBenchmark,
         print_rich_table,
@@ -21,6 +22,10 @@ def _run_robustness(kind: str, size: str, *, workdir: str, output: str | None, s
     )
 
     settings = settings_for(kind, size, seed=seed, gpu=gpu)  # type: ignore[arg-type]
+    if parallel is not None:
+        if parallel < 1:
+            raise NoisysegInputError(f"--parallel must be >= 1, got {parallel}")
+        settings = replace(settings, parallel=parallel)
     benchmark = RobustnessBenchmark(settings, workdir)
     rows = benchmark.run()
     document = write_outputs(benchmark, rows, output)
@@ -37,7 +42,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         raise NoisysegInputError(f"unknown benchmark {args.benchmark!r}")
     size = "quick" if args.quick else "full" if args.full else "default"
     document = _run_robustness(args.kind, size, workdir=args.workdir, output=args.output,
-                               seed=args.seed, gpu=args.gpu)
+                               seed=args.seed, gpu=args.gpu, parallel=args.parallel)
     finite = all(
         math.isfinite(value) for row in document["rows"] for value in row["metrics"].values()
         if value is not None and not (isinstance(value, float) and math.isnan(value))
@@ -69,6 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help=f"store, checkpoints and reports (default ./{DEFAULT_WORKDIR})")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--gpu", action="store_true", help="train and evaluate on GPUs (bf16)")
+    bench.add_argument("--parallel", type=int, default=None, metavar="N",
+                       help="models trained at once (default: 2 on CPU, 1 with --gpu)")
     bench.set_defaults(func=_cmd_benchmark)
 
     demo = subparsers.add_parser(

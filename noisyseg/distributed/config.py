@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from noisyseg.errors import NoisysegInputError
+from noisyseg.losses import DEFAULT_ENTROPY_WEIGHT
 
 LossName = Literal["bce", "dicebce", "bootstrap", "lopsided"]
 ReweightName = Literal["none", "meta", "meta-head"]
@@ -58,7 +59,9 @@ class TrainConfig(BaseModel):
     # --- loss
     loss: LossName = Field("bce", description="bce | dicebce | bootstrap | lopsided")
     entropy_weight: float = Field(
-        0.5, ge=0.0, le=1.0, description="lopsided bootstrap entropy weight (lambda)"
+        DEFAULT_ENTROPY_WEIGHT, ge=0.0, le=1.0,
+        description="lopsided bootstrap entropy weight (lambda; soft mode needs > 0.78 to keep "
+        "confident predictions on unlabelled lesions)",
     )
     beta: float = Field(0.95, ge=0.0, le=1.0, description="Reed bootstrap label weight")
     mode: Literal["soft", "hard"] = Field("soft", description="bootstrap target: soft | hard")
@@ -82,6 +85,11 @@ class TrainConfig(BaseModel):
     num_res_units: int = Field(2, ge=0, description="residual units per U-Net block")
     norm: Literal["instance", "batch", "group", "none"] = Field("instance", description="norm")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
+    output_prior: float = Field(
+        0.01, ge=0.0, lt=1.0,
+        description="initial lesion probability: the output bias starts at logit(prior), "
+        "as in RetinaNet (0: MONAI's default init, p ≈ 0.5 everywhere)",
+    )
 
     # --- optimisation
     patch_size: int | tuple[int, ...] = Field(64, description="patch edge (int) or per-axis sizes")

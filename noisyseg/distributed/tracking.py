@@ -64,6 +64,24 @@ class RunHandle:
         return run_url(self.tracking_uri, self.experiment_id, self.run_id)
 
 
+def experiment_id_for(uri: str, name: str) -> str:
+    """Id of experiment ``name``, created when missing (embedded stores keep artifacts beside
+    the database). Safe when several launchers create it at once: the loser re-reads it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_embedded_artifact_root(uri))
+    except Exception:  # noqa: BLE001 - created concurrently by another process
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
 def open_run(
     tracking_uri: str,
     experiment: str,
@@ -90,13 +108,7 @@ def open_run(
                 client.set_tag(resume_run_id, f"resume.{key}", value)
         _log_params(client, resume_run_id, new)
         return RunHandle(tracking_uri, run.info.experiment_id, resume_run_id, True)
-    experiment_obj = client.get_experiment_by_name(experiment)
-    if experiment_obj is None:
-        experiment_id = client.create_experiment(
-            experiment, artifact_location=_embedded_artifact_root(tracking_uri)
-        )
-    else:
-        experiment_id = experiment_obj.experiment_id
+    experiment_id = experiment_id_for(tracking_uri, experiment)
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
     _log_params(client, run.info.run_id, params)
     return RunHandle(tracking_uri, experiment_id, run.info.run_id, False)

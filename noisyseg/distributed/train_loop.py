@@ -342,7 +342,7 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
     ``mlflow`` (``{"tracking_uri", "run_id"}`` or None: no MLflow), and test hooks
     ``_pid_dir`` (rank r writes ``rank<r>.pid``) and ``_step_delay_s`` (sleep per step).
     """
-    from noisyseg.models import build_unet
+    from noisyseg.models import build_unet, init_output_bias
     from noisyseg.storage.patches import make_train_loaders
 
     config = TrainConfig.model_validate(loop_config["config"])
@@ -360,6 +360,8 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
     torch.manual_seed(config.seed)
     spec = config.unet_spec(info.spatial_dims, info.in_channels)
     model = build_unet(spec)
+    if config.output_prior > 0:
+        init_output_bias(model, config.output_prior, spec.out_channels)
     start_step = 0
     payload: dict[str, Any] | None = None
     restore = context.restore_dir()

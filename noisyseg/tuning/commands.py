@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     group.add_argument(
         "--space", action="append", default=[], metavar="NAME=EXPR",
-        help="searched field, e.g. 'entropy_weight=loguniform(0.01,0.9)', "
+        help="searched field, e.g. 'entropy_weight=uniform(0.8,0.99)', "
         "'clean_fraction=choice(0.05,0.1)', 'lr=grid(0.01,0.02)' (repeatable)",
     )
     group.add_argument("--num-samples", type=int, default=None,

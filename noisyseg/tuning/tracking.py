@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from noisyseg.distributed.tracking import experiment_id_for
 from noisyseg.errors import NoisysegInputError
 
 SWEEP_TAG = "noisyseg.sweep"
@@ -179,23 +180,6 @@ def _client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(uri)
-
-
-def experiment_id_for(uri: str, name: str) -> str:
-    """Id of experiment ``name`` (created when missing)."""
-    from noisyseg.distributed.tracking import _embedded_artifact_root
-
-    client = _client(uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=_embedded_artifact_root(uri))
-    except Exception:  # noqa: BLE001 - created concurrently by another process
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
 
 
 def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
