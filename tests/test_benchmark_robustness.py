@@ -124,12 +124,13 @@ def test_quick_brain_benchmark_end_to_end(tmp_path: Path) -> None:
         assert row["run_id"]
     baseline = next(r for r in rows if r["key"] == "truth_bce")
     reference = baseline["metrics"]["max_sensitivity"]
-    for row in rows:  # relative to the truth-trained BCE model; undefined (NaN) when it found none
-        if reference > 0:
-            expected = row["metrics"]["max_sensitivity"] / reference
-            assert row["relative_max_sensitivity"] == pytest.approx(expected)
-        else:
-            assert math.isnan(row["relative_max_sensitivity"])
+    # the truth-trained baseline finds lesions even at the quick budget, so every relative
+    # figure is defined (finite), and each is the row's max sensitivity over the baseline's
+    assert reference > 0
+    for row in rows:
+        expected = row["metrics"]["max_sensitivity"] / reference
+        assert math.isfinite(row["relative_max_sensitivity"])
+        assert row["relative_max_sensitivity"] == pytest.approx(expected)
     assert "rel. max sens." in completed.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in completed.stdout
 

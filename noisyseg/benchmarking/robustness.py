@@ -143,7 +143,7 @@ def settings_for(kind: Kind, size: Size, *, seed: int = 0, gpu: bool = False) ->
             return BenchmarkSettings(
                 kind=kind, size=size, cases=10, seed=seed,
                 generator_opts={"shape": [48, 64, 48], "spacing_mm": 2.0},
-                clean_fraction_flagged=0.2, steps=300, patch_size=32, batch_size=2,
+                clean_fraction_flagged=0.2, steps=1000, patch_size=32, batch_size=2,
                 channels=(8, 16, 32), lr=1e-2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
                 meta_clean_fraction=0.2, methods=("bce", "lopsided"), label_modes=("random",),
                 gpu=gpu, parallel=1 if gpu else 2,
