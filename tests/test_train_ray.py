@@ -31,10 +31,13 @@ from cluster_utils import (
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
+# MONAI's init (--output-prior 0): the loss then starts near ln 2 and falls clearly within 20
+# steps, which the logged-loss assertion relies on; from the prior it starts near its floor.
 COMMON = [
     "--labels", "truth", "--loss", "lopsided", "--entropy-weight", "0.3",
     "--patch-size", "32", "--batch-size", "2", "--channels", "8", "16", "32",
     "--num-res-units", "1", "--lr", "0.01", "--experiment", "itest", "--log-interval", "5",
+    "--output-prior", "0",
 ]
 
 
