@@ -137,7 +137,15 @@ class BenchmarkSettings:
 
 
 def settings_for(kind: Kind, size: Size, *, seed: int = 0, gpu: bool = False) -> BenchmarkSettings:
-    """The embedded settings. ``quick`` is the CI smoke test and ``make demo``."""
+    """The embedded settings. ``quick`` is the CI smoke test and ``make demo``.
+
+    On CPU two models train at once; with ``gpu`` one (each worker holds the one GPU).
+    """
+    settings = _embedded_settings(kind, size, seed=seed, gpu=gpu)
+    return replace(settings, parallel=1) if gpu else settings
+
+
+def _embedded_settings(kind: Kind, size: Size, *, seed: int, gpu: bool) -> BenchmarkSettings:
     if kind == "brain-mets":
         if size == "quick":
             return BenchmarkSettings(
@@ -146,7 +154,7 @@ def settings_for(kind: Kind, size: Size, *, seed: int = 0, gpu: bool = False) ->
                 clean_fraction_flagged=0.2, steps=1000, patch_size=32, batch_size=2,
                 channels=(8, 16, 32), lr=1e-2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
                 meta_clean_fraction=0.2, methods=("bce", "lopsided"), label_modes=("random",),
-                gpu=gpu, parallel=1 if gpu else 2,
+                gpu=gpu,
             )
         if size == "default":
             return BenchmarkSettings(
@@ -155,7 +163,6 @@ def settings_for(kind: Kind, size: Size, *, seed: int = 0, gpu: bool = False) ->
                 clean_fraction_flagged=0.1, steps=2000, patch_size=40, batch_size=2,
                 channels=(16, 32, 64, 128), lr=1e-2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
                 meta_clean_fraction=0.05, rate_sweep=(0.0, 0.25, 0.5, 0.75), gpu=gpu,
-                parallel=1 if gpu else 2,
             )
         return BenchmarkSettings(
             kind=kind, size=size, cases=200, seed=seed,
@@ -163,14 +170,13 @@ def settings_for(kind: Kind, size: Size, *, seed: int = 0, gpu: bool = False) ->
             batch_size=4, channels=(32, 64, 128, 256, 320), lr=1e-2,
             entropy_weight=DEFAULT_ENTROPY_WEIGHT, meta_clean_fraction=0.05,
             rate_sweep=(0.0, 0.25, 0.5, 0.75), gpu=gpu, val_cases=4, cpus_per_worker=4.0,
-            parallel=1 if gpu else 2,
         )
     if size == "quick":
         return BenchmarkSettings(
             kind=kind, size=size, cases=24, seed=seed, generator_opts={"size": 64},
             clean_fraction_flagged=0.25, steps=40, patch_size=64, batch_size=4,
             channels=(8, 16, 32), lr=1e-2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
-            meta_clean_fraction=0.1, clean_sizes=(0.1,), gpu=gpu, parallel=1 if gpu else 2,
+            meta_clean_fraction=0.1, clean_sizes=(0.1,), gpu=gpu,
         )
     if size == "default":
         return BenchmarkSettings(
@@ -178,14 +184,13 @@ def settings_for(kind: Kind, size: Size, *, seed: int = 0, gpu: bool = False) ->
             clean_fraction_flagged=0.2, steps=400, patch_size=128, batch_size=8,
             channels=(16, 32, 64, 128), lr=1e-2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
             meta_clean_fraction=0.05, clean_sizes=(0.02, 0.05, 0.1, 0.2), gpu=gpu,
-            parallel=1 if gpu else 2,
         )
     return BenchmarkSettings(
         kind=kind, size=size, cases=2000, seed=seed, generator_opts={"size": 256},
         clean_fraction_flagged=0.2, steps=5000, patch_size=256, batch_size=16,
         channels=(32, 64, 128, 256, 512), lr=1e-2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
         meta_clean_fraction=0.05, clean_sizes=(0.02, 0.05, 0.1, 0.2), gpu=gpu, val_cases=8,
-        cpus_per_worker=4.0, parallel=1 if gpu else 2,
+        cpus_per_worker=4.0,
     )
 
 
