@@ -143,7 +143,14 @@ def run_training(
     resources: dict[str, float] = {"CPU": config.cpus_per_worker}
     if config.gpu:
         resources["GPU"] = 1.0
-    env = {"MLFLOW_TRACKING_URI": tracking_uri, **(worker_env or {})}
+    # Train V2 patches print() in workers to go through its logger *and*, once MLflow has
+    # wrapped sys.stdout, to the original print as well: every progress line reached the driver
+    # twice. Without the patch the line goes to the worker's stdout once (Ray still streams it).
+    env = {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        **(worker_env or {}),
+    }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
