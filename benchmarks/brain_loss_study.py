@@ -70,8 +70,7 @@ def run_variant(store: str, overrides: dict) -> dict:
     volumes = VolumeStore.open(store)
     result = evaluate_cases(
         model, volumes, volumes.case_ids(split="test"), label_set="truth",
-        roi_size=(config.patch_size,) * info.spatial_dims if isinstance(config.patch_size, int)
-        else config.patch_size,
+        roi_size=config.patch_shape(info.spatial_dims),
         candidate_threshold=REPORT_CANDIDATE_THRESHOLD,
     )
     return {

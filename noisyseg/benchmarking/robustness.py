@@ -464,15 +464,13 @@ class RobustnessBenchmark:
         Each variant is its own TorchTrainer (own Ray Train controller and workers) launched
         from a driver thread; the cluster schedules them side by side. The longest (meta
         reweighting, ~2.5x a standard step) start first so the last one to finish is short.
-        MLflow on SQLite takes the concurrent writers: it waits up to 20 s on a lock.
+        MLflow on SQLite takes the concurrent writers (it waits up to 20 s on a lock), and
+        :func:`noisyseg.distributed.tracking.open_run` creates the experiment race-free.
         """
         from concurrent.futures import ThreadPoolExecutor
 
         if self.settings.parallel <= 1 or len(variants) <= 1:
             return [self.run_variant(v, test_cases) for v in variants]
-        from noisyseg.distributed.tracking import experiment_id_for
-
-        experiment_id_for(self.tracking_uri, self.experiment)  # create it once, not in a race
         order = sorted(range(len(variants)), key=lambda i: variants[i].reweight == "none")
         with ThreadPoolExecutor(max_workers=self.settings.parallel) as pool:
             futures = {i: pool.submit(self.run_variant, variants[i], test_cases) for i in order}
