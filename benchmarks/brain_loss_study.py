@@ -27,9 +27,19 @@ import time
 from pathlib import Path
 
 BASE = {
-    "labels": "truth", "loss": "bce", "steps": 2000, "patch_size": 40, "batch_size": 2,
-    "channels": [16, 32, 64, 128], "lr": 1e-2, "val_cases": 0, "val_interval": 0,
-    "checkpoint_interval": 10**9, "log_interval": 500, "cpus_per_worker": 1, "seed": 0,
+    "labels": "truth",
+    "loss": "bce",
+    "steps": 2000,
+    "patch_size": 40,
+    "batch_size": 2,
+    "channels": [16, 32, 64, 128],
+    "lr": 1e-2,
+    "val_cases": 0,
+    "val_interval": 0,
+    "checkpoint_interval": 10**9,
+    "log_interval": 500,
+    "cpus_per_worker": 1,
+    "seed": 0,
 }
 METRICS = ("max_sensitivity", "sensitivity_at_80_precision", "ap", "fp_per_case", "dice")
 
@@ -61,20 +71,27 @@ def run_variant(store: str, overrides: dict) -> dict:
         context = LocalContext(checkpoint_root=tmp)
         began = time.perf_counter()
         run_worker(
-            {"config": config.model_dump(mode="json"), "store_info": info.model_dump(mode="json"),
-             "mlflow": None},
+            {
+                "config": config.model_dump(mode="json"),
+                "store_info": info.model_dump(mode="json"),
+                "mlflow": None,
+            },
             context,
         )
         seconds = time.perf_counter() - began
         model, _, _ = load_trained_model(sorted(Path(tmp).glob("checkpoint_*"))[-1])
     volumes = VolumeStore.open(store)
     result = evaluate_cases(
-        model, volumes, volumes.case_ids(split="test"), label_set="truth",
+        model,
+        volumes,
+        volumes.case_ids(split="test"),
+        label_set="truth",
         roi_size=config.patch_shape(info.spatial_dims),
         candidate_threshold=REPORT_CANDIDATE_THRESHOLD,
     )
     return {
-        "overrides": overrides, "train_seconds": round(seconds, 1),
+        "overrides": overrides,
+        "train_seconds": round(seconds, 1),
         **{k: round(float(result.metrics[k]), 3) for k in METRICS},
     }
 

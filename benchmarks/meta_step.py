@@ -93,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer.step()
             else:
                 meta_reweighted_step(
-                    model, optimizer, noisy_x, noisy_y, clean_x, clean_y,
+                    model,
+                    optimizer,
+                    noisy_x,
+                    noisy_y,
+                    clean_x,
+                    clean_y,
                     method=method.removesuffix("-shared"),
                     share_forward=True if method.endswith("-shared") else None,
                 )
@@ -136,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             f"fast / reference: median per-round {statistics.median(ratios):.2f}, "
             f"ratio of mins {min(times['fast']) / min(times['reference']):.2f}"
         )
-    print(f"head-vs-exact weight Pearson correlation (initial network, this batch): {correlation:.4f}")
+    print(
+        f"head-vs-exact weight Pearson correlation (initial network, this batch): {correlation:.4f}"
+    )
     return 0
 
 

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch", type=int, default=48)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
-    parser.add_argument("--gpu", action="store_true", help="one GPU, bf16 autocast; prints voxels/s")
+    parser.add_argument(
+        "--gpu", action="store_true", help="one GPU, bf16 autocast; prints voxels/s"
+    )
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -46,10 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         store = make_ball_store(Path(tmp) / "bench.zarr", train=4, val=1, size=max(64, args.patch))
         config = make_config(
             dict(
-                store=store, labels="noisy", loss="lopsided", entropy_weight=0.3,
-                patch_size=args.patch, batch_size=args.batch, channels=args.channels,
-                steps=args.steps, checkpoint_interval=args.steps, log_interval=args.steps,
-                val_cases=0, cpus_per_worker=1, gpu=args.gpu,
+                store=store,
+                labels="noisy",
+                loss="lopsided",
+                entropy_weight=0.3,
+                patch_size=args.patch,
+                batch_size=args.batch,
+                channels=args.channels,
+                steps=args.steps,
+                checkpoint_interval=args.steps,
+                log_interval=args.steps,
+                val_cases=0,
+                cpus_per_worker=1,
+                gpu=args.gpu,
                 amp="bf16" if args.gpu else "none",
             )
         )
@@ -84,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.init(
-            address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-            num_cpus=max(2, os.cpu_count() or 2), log_to_driver=False,
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            num_cpus=max(2, os.cpu_count() or 2),
+            log_to_driver=False,
         )
         try:
             first = plain()
@@ -96,12 +110,16 @@ def main(argv: list[str] | None = None) -> int:
 
     plain_rate = (first + second) / 2
     voxels = args.batch * args.patch**3
-    print(f"model channels={args.channels} patch={args.patch}^3 batch={args.batch} steps={args.steps}")
+    print(
+        f"model channels={args.channels} patch={args.patch}^3 batch={args.batch} steps={args.steps}"
+    )
     print(f"plain process      : {first:.3f}, {second:.3f} steps/s (mean {plain_rate:.3f})")
     print(f"TorchTrainer(1)    : {ray_rate:.3f} steps/s")
     if args.gpu:
-        print(f"GPU throughput bf16: {ray_rate * voxels:.3e} voxels/s (Ray), "
-              f"{plain_rate * voxels:.3e} (plain)")
+        print(
+            f"GPU throughput bf16: {ray_rate * voxels:.3e} voxels/s (Ray), "
+            f"{plain_rate * voxels:.3e} (plain)"
+        )
     ratio = ray_rate / plain_rate
     print(f"ratio Ray/plain    : {ratio:.3f} (target >= 0.95) {'OK' if ratio >= 0.95 else 'BELOW'}")
     return 0

@@ -143,7 +143,9 @@ class DiceBCELoss(_VoxelwiseLoss):
 
     def per_voxel(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         dice_per_sample = self.dice(logits, labels)  # (N, 1, 1, ..., 1)
-        return self.bce_weight * bce_with_logits(logits, labels) + self.dice_weight * dice_per_sample
+        return (
+            self.bce_weight * bce_with_logits(logits, labels) + self.dice_weight * dice_per_sample
+        )
 
 
 class BootstrapLoss(_VoxelwiseLoss):

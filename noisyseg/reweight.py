@@ -141,7 +141,9 @@ def head_parameter_names(model: nn.Module, head: HeadSpec = DEFAULT_HEAD_MODULES
         for owner in chosen:
             module = inner.get_submodule(owner)
             prefix = f"{owner}." if owner else ""
-            names += [prefix + n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            names += [
+                prefix + n for n, p in module.named_parameters(recurse=False) if p.requires_grad
+            ]
     if not names:
         raise NoisysegInputError("head selects no trainable parameter")
     return names
@@ -161,15 +163,24 @@ def _selected(model: nn.Module, method: str, head: HeadSpec) -> dict[str, Tensor
 
 
 def _check_batches(
-    noisy_images: Tensor, noisy_labels: Tensor, clean_images: Tensor, clean_labels: Tensor,
+    noisy_images: Tensor,
+    noisy_labels: Tensor,
+    clean_images: Tensor,
+    clean_labels: Tensor,
     inner_lr: float,
 ) -> None:
-    if noisy_labels.shape[0] != noisy_images.shape[0] or noisy_labels.shape[2:] != noisy_images.shape[2:]:
+    if (
+        noisy_labels.shape[0] != noisy_images.shape[0]
+        or noisy_labels.shape[2:] != noisy_images.shape[2:]
+    ):
         raise NoisysegInputError(
             f"noisy labels {tuple(noisy_labels.shape)} do not match noisy images "
             f"{tuple(noisy_images.shape)}"
         )
-    if clean_labels.shape[0] != clean_images.shape[0] or clean_labels.shape[2:] != clean_images.shape[2:]:
+    if (
+        clean_labels.shape[0] != clean_images.shape[0]
+        or clean_labels.shape[2:] != clean_images.shape[2:]
+    ):
         raise NoisysegInputError(
             f"clean labels {tuple(clean_labels.shape)} do not match clean images "
             f"{tuple(clean_images.shape)}"
@@ -219,7 +230,9 @@ def _clean_gradient(
         if len(selected) == sum(p.requires_grad for p in all_params.values()):
             logits = inner(clean_images)
         else:  # head: no graph through the body, so its backward is never built
-            params = {n: (selected[n] if n in selected else p.detach()) for n, p in all_params.items()}
+            params = {
+                n: (selected[n] if n in selected else p.detach()) for n, p in all_params.items()
+            }
             logits = functional_call(inner, params, (clean_images,))
         clean_loss = per_pixel(logits, clean_labels).mean()
         grads = torch.autograd.grad(clean_loss, list(selected.values()), allow_unused=True)
@@ -355,8 +368,14 @@ def meta_pixel_weights(
     )
     if method == "reference":
         scores = _reference_scores(
-            inner, selected, noisy_images, noisy_labels, clean_images, clean_labels,
-            per_pixel, inner_lr,
+            inner,
+            selected,
+            noisy_images,
+            noisy_labels,
+            clean_images,
+            clean_labels,
+            per_pixel,
+            inner_lr,
         )
     else:
         tangents, _ = _clean_gradient(
@@ -432,8 +451,14 @@ def meta_reweighted_step(
         share_forward = method == "head"
     if method == "reference":
         weights = meta_pixel_weights(
-            model, noisy_images, noisy_labels, clean_images, clean_labels,
-            loss=loss, inner_lr=inner_lr, method="reference",
+            model,
+            noisy_images,
+            noisy_labels,
+            clean_images,
+            clean_labels,
+            loss=loss,
+            inner_lr=inner_lr,
+            method="reference",
         )
         per = per_pixel(model(noisy_images), noisy_labels)
     else:
@@ -443,7 +468,13 @@ def meta_reweighted_step(
         if share_forward:
             prefix = "module." if inner is not model else ""
             per, tangent = _dual_forward(
-                model, prefix, selected, tangents, noisy_images, noisy_labels, per_pixel,
+                model,
+                prefix,
+                selected,
+                tangents,
+                noisy_images,
+                noisy_labels,
+                per_pixel,
                 attach=True,
             )
         else:
@@ -485,7 +516,13 @@ def head_weight_correlation(
         model, noisy_images, noisy_labels, clean_images, clean_labels, method="fast", **kwargs
     )
     approx = meta_pixel_weights(
-        model, noisy_images, noisy_labels, clean_images, clean_labels, method="head", head=head,
+        model,
+        noisy_images,
+        noisy_labels,
+        clean_images,
+        clean_labels,
+        method="head",
+        head=head,
         **kwargs,
     )
     a = exact.reshape(-1).double()

@@ -112,7 +112,8 @@ class RayHead:
         roots = set(_pids_with(str(self.temp_dir)))
         gcs_port = self.address.rsplit(":", 1)[1]
         roots |= {
-            pid for pid in _pids_with("ray.util.client.server")
+            pid
+            for pid in _pids_with("ray.util.client.server")
             if pid in set(_pids_with(f":{gcs_port} "))
         }
         tree = _children()
@@ -159,19 +160,33 @@ def start_ray_head(num_cpus: int = 4, *, timeout: float = 60.0) -> RayHead:
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     port, dash_port = free_port(), free_port()
     command = [
-        str(VENV_BIN / "ray"), "start", "--head",
-        "--node-ip-address", "127.0.0.1",
-        "--port", str(port),
-        "--dashboard-host", "127.0.0.1",
-        "--dashboard-port", str(dash_port),
-        "--dashboard-agent-listen-port", str(free_port()),
-        "--dashboard-agent-grpc-port", str(free_port()),
-        "--runtime-env-agent-port", str(free_port()),
-        "--metrics-export-port", str(free_port()),
-        "--ray-client-server-port", str(free_port()),
-        "--include-dashboard", "true",
-        "--num-cpus", str(num_cpus),
-        "--temp-dir", str(temp_dir),
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash_port),
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--dashboard-agent-grpc-port",
+        str(free_port()),
+        "--runtime-env-agent-port",
+        str(free_port()),
+        "--metrics-export-port",
+        str(free_port()),
+        "--ray-client-server-port",
+        str(free_port()),
+        "--include-dashboard",
+        "true",
+        "--num-cpus",
+        str(num_cpus),
+        "--temp-dir",
+        str(temp_dir),
         "--disable-usage-stats",
     ]
     head = RayHead(temp_dir, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}")
@@ -225,12 +240,24 @@ def start_mlflow_server(root: str | Path, *, timeout: float = 60.0) -> MlflowSer
     log = open(root / "server.log", "wb")
     process = subprocess.Popen(
         [
-            str(VENV_BIN / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "mlartifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "mlartifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
         ],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     server = MlflowServer(f"http://127.0.0.1:{port}", process, root)
     try:
@@ -280,7 +307,9 @@ def make_ball_store(
     for index in range(train + val):
         balls = _balls(shape, rng, lesions)
         truth = np.any(balls, axis=0)
-        noisy = np.any(balls[noisy_drop:], axis=0) if len(balls) > noisy_drop else np.zeros(shape, bool)
+        noisy = (
+            np.any(balls[noisy_drop:], axis=0) if len(balls) > noisy_drop else np.zeros(shape, bool)
+        )
         image = truth.astype(np.float32) + rng.normal(0, 0.3, shape).astype(np.float32)
         case_id = f"case{index:03d}"
         store.write_case(
@@ -317,9 +346,13 @@ def ray_job_submit(
     import json
 
     command = [
-        str(VENV_BIN / "ray"), "job", "submit",
-        "--address", head.dashboard_url,
-        "--working-dir", str(working_dir),
+        str(VENV_BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        head.dashboard_url,
+        "--working-dir",
+        str(working_dir),
     ]
     if runtime_env:
         command += ["--runtime-env-json", json.dumps(runtime_env)]

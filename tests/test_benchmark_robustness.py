@@ -26,12 +26,34 @@ from noisyseg.storage.corrupt import default_name
 
 
 def _row(key: str, max_sensitivity: float) -> BenchmarkRow:
-    metrics = {k: 0.5 for k in ("sensitivity", "sensitivity_at_80_precision", "ap", "precision",
-                                "fp_per_case", "dice", "jaccard")}
+    metrics = {
+        k: 0.5
+        for k in (
+            "sensitivity",
+            "sensitivity_at_80_precision",
+            "ap",
+            "precision",
+            "fp_per_case",
+            "dice",
+            "jaccard",
+        )
+    }
     metrics["max_sensitivity"] = max_sensitivity
-    return BenchmarkRow(key=key, group="main", label_set="truth", loss="bce", reweight="none",
-                        clean_fraction=None, train_subset="all", method="BCE", censor_mode=None,
-                        censor_rate=0.0, run_id="r", train_seconds=1.0, metrics=metrics)
+    return BenchmarkRow(
+        key=key,
+        group="main",
+        label_set="truth",
+        loss="bce",
+        reweight="none",
+        clean_fraction=None,
+        train_subset="all",
+        method="BCE",
+        censor_mode=None,
+        censor_rate=0.0,
+        run_id="r",
+        train_seconds=1.0,
+        metrics=metrics,
+    )
 
 
 def test_label_set_names_match_the_store_defaults() -> None:
@@ -62,8 +84,9 @@ def test_default_brain_plan_covers_both_censorings_meta_and_the_rate_sweep() -> 
     assert "truth_bce_meta0.05" not in keys  # reweighting clean labels shows nothing
     sweep = {(v.label_set, v.loss) for v in variants if v.group == "rate-sweep"}
     # rates 0 and 0.5 are already in the main grid; 0.25 and 0.75 are added for both losses
-    assert sweep == {(f"censor-random-{r}-s0", loss) for r in ("0.25", "0.75")
-                     for loss in ("bce", "lopsided")}
+    assert sweep == {
+        (f"censor-random-{r}-s0", loss) for r in ("0.25", "0.75") for loss in ("bce", "lopsided")
+    }
 
 
 def test_skin_plan_has_the_papers_baselines_and_every_clean_size() -> None:
@@ -106,18 +129,40 @@ def test_quick_brain_benchmark_end_to_end(tmp_path: Path) -> None:
     env["RAY_AUTH_MODE"] = "disabled"
     noisyseg = Path(sys.executable).parent / "noisyseg"
     completed = subprocess.run(
-        [str(noisyseg), "benchmark", "robustness", "--kind", "brain-mets", "--quick",
-         "--workdir", str(tmp_path / "work"), "--output", str(output)],
-        check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        [
+            str(noisyseg),
+            "benchmark",
+            "robustness",
+            "--kind",
+            "brain-mets",
+            "--quick",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--output",
+            str(output),
+        ],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     document = json.loads(output.read_text())
     rows = document["rows"]
-    assert [r["key"] for r in rows] == [v.key for v in brain_variants(settings_for("brain-mets",
-                                                                                  "quick"))]
+    assert [r["key"] for r in rows] == [
+        v.key for v in brain_variants(settings_for("brain-mets", "quick"))
+    ]
     for row in rows:
-        assert set(row["metrics"]) >= {"max_sensitivity", "sensitivity_at_80_precision", "ap",
-                                       "fp_per_case", "dice", "jaccard"}
+        assert set(row["metrics"]) >= {
+            "max_sensitivity",
+            "sensitivity_at_80_precision",
+            "ap",
+            "fp_per_case",
+            "dice",
+            "jaccard",
+        }
         for name, value in row["metrics"].items():
             assert math.isfinite(value), (row["key"], name, value)
         assert 0.0 <= row["metrics"]["max_sensitivity"] <= 1.0

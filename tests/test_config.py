@@ -22,22 +22,55 @@ def parse(*argv: str):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    return make_ball_store(tmp_path_factory.mktemp("cfg") / "s.zarr", train=4, val=1, size=16, clean=2)
+    return make_ball_store(
+        tmp_path_factory.mktemp("cfg") / "s.zarr", train=4, val=1, size=16, clean=2
+    )
 
 
 def test_defaults_follow_nnunet() -> None:
     config = make_config({"store": "x"})
-    assert (config.optimizer, config.lr, config.momentum, config.nesterov) == ("sgd", 1e-2, 0.99, True)
+    assert (config.optimizer, config.lr, config.momentum, config.nesterov) == (
+        "sgd",
+        1e-2,
+        0.99,
+        True,
+    )
     assert (config.weight_decay, config.lr_schedule, config.poly_exponent) == (3e-5, "poly", 0.9)
     assert config.norm == "instance"
 
 
 def test_issue_command_line_parses_to_typed_fields() -> None:
     args = parse(
-        "--store", "s.zarr", "--labels", "noisy", "--loss", "lopsided", "--entropy-weight", "0.3",
-        "--reweight", "meta", "--clean-fraction", "0.25", "--workers", "2", "--gpu",
-        "--steps", "20", "--patch-size", "32", "--batch-size", "2", "--run-name", "t1",
-        "--experiment", "exp", "--channels", "8", "16", "32", "--no-nesterov",
+        "--store",
+        "s.zarr",
+        "--labels",
+        "noisy",
+        "--loss",
+        "lopsided",
+        "--entropy-weight",
+        "0.3",
+        "--reweight",
+        "meta",
+        "--clean-fraction",
+        "0.25",
+        "--workers",
+        "2",
+        "--gpu",
+        "--steps",
+        "20",
+        "--patch-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--run-name",
+        "t1",
+        "--experiment",
+        "exp",
+        "--channels",
+        "8",
+        "16",
+        "32",
+        "--no-nesterov",
     )
     config = config_from_args(args)
     assert config.entropy_weight == 0.3 and isinstance(config.entropy_weight, float)

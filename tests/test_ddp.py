@@ -22,8 +22,15 @@ B = 2  # per-rank batch
 
 def _config():
     return make_config(
-        {"store": "unused", "loss": "lopsided", "entropy_weight": 0.3, "channels": [4, 8, 16],
-         "num_res_units": 1, "lr": 0.1, "patch_size": 16}
+        {
+            "store": "unused",
+            "loss": "lopsided",
+            "entropy_weight": 0.3,
+            "channels": [4, 8, 16],
+            "num_res_units": 1,
+            "lr": 0.1,
+            "patch_size": 16,
+        }
     )
 
 
@@ -41,14 +48,18 @@ def _fresh_model() -> torch.nn.Module:
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         config = _config()
         model = torch.nn.parallel.DistributedDataParallel(_fresh_model())
         optimizer = make_optimizer(config, model.parameters())
         images, labels = _batch()
         part = slice(rank * B, (rank + 1) * B)
-        train_step(model, optimizer, make_step_loss(config), images[part], labels[part], config=config)
+        train_step(
+            model, optimizer, make_step_loss(config), images[part], labels[part], config=config
+        )
         if rank == 0:
             torch.save(model.module.state_dict(), out)
     finally:

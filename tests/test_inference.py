@@ -55,8 +55,9 @@ def test_pointwise_model_matches_numpy(shape, roi, mode):
     bias = -0.3
     model = _pointwise(weights, bias, len(shape) - 1)
 
-    got = predict_volume(model, image, roi_size=roi, overlap=0.5, sw_batch_size=3, mode=mode,
-                         normalize=False)
+    got = predict_volume(
+        model, image, roi_size=roi, overlap=0.5, sw_batch_size=3, mode=mode, normalize=False
+    )
     expected = _sigmoid(np.tensordot(weights, image.astype(np.float64), axes=(0, 0)) + bias)
     assert got.shape == shape[1:]
     assert got.dtype == np.float32
@@ -82,8 +83,9 @@ def test_zarr_input_equals_numpy_input(tmp_path):
 
     rng = np.random.default_rng(2)
     image = rng.normal(size=(1, 20, 24)).astype(np.float32)
-    array = zarr.create_array(str(tmp_path / "img.zarr"), shape=image.shape, chunks=(1, 8, 8),
-                              dtype="float32")
+    array = zarr.create_array(
+        str(tmp_path / "img.zarr"), shape=image.shape, chunks=(1, 8, 8), dtype="float32"
+    )
     array[...] = image
     model = build_unet(spatial_dims=2, in_channels=1, channels=(4, 8), num_res_units=0)
     from_numpy = predict_volume(model, image, roi_size=(16, 16))
@@ -148,8 +150,10 @@ def test_load_pt_file_and_ray_directory(tmp_path):
     ray_dir = tmp_path / "checkpoint_000003"
     ray_dir.mkdir()
     ddp_state = {f"module.{k}": v for k, v in checkpoint["model"].items()}
-    torch.save({**checkpoint, "model": ddp_state, "optimizer": {"state": {}, "param_groups": []}},
-               ray_dir / "state.pt")
+    torch.save(
+        {**checkpoint, "model": ddp_state, "optimizer": {"state": {}, "param_groups": []}},
+        ray_dir / "state.pt",
+    )
     loaded_dir, _, _ = load_trained_model(ray_dir)
     _same_outputs(model, loaded_dir)
     # a different random init really gives different outputs (the comparison has teeth)

@@ -52,7 +52,8 @@ def _script(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     return subprocess.run(
         ["bash", str(SCRIPT), *args],
         env=env or _script_env(),
-        check=False, capture_output=True,
+        check=False,
+        capture_output=True,
         text=True,
         timeout=timeout,
     )
@@ -179,30 +180,87 @@ def test_two_worker_training_job_runs_on_both_nodes(cluster: LocalCluster, tmp_p
 
     store = tmp_path / "mets.zarr"
     synth = subprocess.run(
-        [str(VENV_BIN / "noisyseg"), "synth", str(store), "--kind", "brain-mets", "--cases", "3",
-         "--seed", "0", "--val-fraction", "0", "--test-fraction", "0", "--no-progress"],
-        check=False, capture_output=True, text=True, timeout=300,
+        [
+            str(VENV_BIN / "noisyseg"),
+            "synth",
+            str(store),
+            "--kind",
+            "brain-mets",
+            "--cases",
+            "3",
+            "--seed",
+            "0",
+            "--val-fraction",
+            "0",
+            "--test-fraction",
+            "0",
+            "--no-progress",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert synth.returncode == 0, synth.stderr
 
     run_name = "local-two-node"
     experiment = "local-cluster-test"
     entrypoint = [
-        "noisyseg", "train", "--store", str(store), "--labels", "truth",
-        "--loss", "lopsided", "--entropy-weight", "0.3",
-        "--workers", "2", "--cpus-per-worker", "1",
-        "--steps", "3", "--patch-size", "16", "--batch-size", "1",
-        "--channels", "4", "8", "--num-res-units", "0", "--val-cases", "0",
-        "--checkpoint-interval", "3", "--log-interval", "1",
-        "--run-name", run_name, "--experiment", experiment,
-        "--storage-path", str(tmp_path / "ray_results"),
+        "noisyseg",
+        "train",
+        "--store",
+        str(store),
+        "--labels",
+        "truth",
+        "--loss",
+        "lopsided",
+        "--entropy-weight",
+        "0.3",
+        "--workers",
+        "2",
+        "--cpus-per-worker",
+        "1",
+        "--steps",
+        "3",
+        "--patch-size",
+        "16",
+        "--batch-size",
+        "1",
+        "--channels",
+        "4",
+        "8",
+        "--num-res-units",
+        "0",
+        "--val-cases",
+        "0",
+        "--checkpoint-interval",
+        "3",
+        "--log-interval",
+        "1",
+        "--run-name",
+        run_name,
+        "--experiment",
+        experiment,
+        "--storage-path",
+        str(tmp_path / "ray_results"),
     ]
-    command = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard,
-               "--entrypoint-num-cpus", "0", "--", *entrypoint]
+    command = [
+        str(VENV_BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard,
+        "--entrypoint-num-cpus",
+        "0",
+        "--",
+        *entrypoint,
+    ]
     env = _script_env()
     deadline = time.monotonic() + 60
     while True:  # the dashboard answers a moment before its job agent registers
-        job = subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=600)
+        job = subprocess.run(
+            command, env=env, check=False, capture_output=True, text=True, timeout=600
+        )
         if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
             break
         time.sleep(2)

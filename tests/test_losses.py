@@ -195,7 +195,9 @@ def test_reductions_are_consistent(name: str, params: dict) -> None:
     per_voxel = make_loss(name, reduction="none", **params)(logits, labels)
     assert per_voxel.shape == logits.shape
     assert torch.allclose(make_loss(name, **params)(logits, labels), per_voxel.mean())
-    assert torch.allclose(make_loss(name, reduction="sum", **params)(logits, labels), per_voxel.sum())
+    assert torch.allclose(
+        make_loss(name, reduction="sum", **params)(logits, labels), per_voxel.sum()
+    )
 
 
 def test_integer_labels_accepted() -> None:

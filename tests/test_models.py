@@ -18,7 +18,13 @@ from noisyseg.models import (
 
 
 def _norm_types(model: nn.Module) -> set[type]:
-    return {type(m) for m in model.modules() if isinstance(m, (nn.InstanceNorm3d, nn.InstanceNorm2d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm))}
+    return {
+        type(m)
+        for m in model.modules()
+        if isinstance(
+            m, (nn.InstanceNorm3d, nn.InstanceNorm2d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
+        )
+    }
 
 
 def test_default_is_3d_instance_norm_single_logit() -> None:

@@ -376,8 +376,14 @@ def test_clean_only_subset_and_stream_seed(tmp_path) -> None:
     for i in range(8):
         label = np.zeros((16, 16, 16), np.uint8)
         label[4:8, 4:8, 4:8] = 1
-        store.write_case(f"c{i}", rng.normal(size=(1, 16, 16, 16)).astype(np.float32),
-                         {"truth": label}, spacing=(1.0, 1.0, 1.0), split="train", clean=i < 4)
+        store.write_case(
+            f"c{i}",
+            rng.normal(size=(1, 16, 16, 16)).astype(np.float32),
+            {"truth": label},
+            spacing=(1.0, 1.0, 1.0),
+            split="train",
+            clean=i < 4,
+        )
     store.compact()
     expected = select_clean_cases(url, count=2, seed=3)
     common = dict(label_set="truth", patch_size=(8, 8, 8), batch_size=2, clean_count=2, seed=3)
@@ -386,8 +392,9 @@ def test_clean_only_subset_and_stream_seed(tmp_path) -> None:
     seen = {cid for _, batch in zip(range(10), only.noisy) for cid in batch["case_id"]}
     assert seen <= set(expected)
     with pytest.raises(NoisysegInputError, match="train_subset"):
-        make_train_loaders(url, train_subset="clean", label_set="truth", patch_size=(8, 8, 8),
-                           batch_size=2)
+        make_train_loaders(
+            url, train_subset="clean", label_set="truth", patch_size=(8, 8, 8), batch_size=2
+        )
     a = make_train_loaders(url, stream_seed=100, **common)
     b = make_train_loaders(url, stream_seed=101, **common)
     assert a.clean_case_ids == b.clean_case_ids == expected

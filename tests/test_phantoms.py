@@ -244,7 +244,7 @@ def test_skin_layout_and_determinism() -> None:
     assert a.label.shape == (128, 128) and a.label.dtype == np.uint8
     assert a.channel_names == SKIN_CHANNELS and a.affine is None
     assert a.spacing == pytest.approx((20.0 / 128, 20.0 / 128))
-    assert 0.0 <= a.image.min() and a.image.max() <= 1.0
+    assert a.image.min() >= 0.0 and a.image.max() <= 1.0
     np.testing.assert_array_equal(a.image, b.image)
     np.testing.assert_array_equal(a.label, b.label)
     assert not np.array_equal(a.label, c.label)

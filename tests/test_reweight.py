@@ -108,8 +108,13 @@ def test_reference_and_fast_match_finite_differences_of_virtual_step() -> None:
     assert expected.sum() > 0 and (expected == 0).any()
     expected /= expected.sum()
 
-    args = (model, torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(xc),
-            torch.from_numpy(yc))
+    args = (
+        model,
+        torch.from_numpy(x),
+        torch.from_numpy(y),
+        torch.from_numpy(xc),
+        torch.from_numpy(yc),
+    )
     for method in ("reference", "fast"):
         weights = meta_pixel_weights(*args, inner_lr=alpha, method=method).numpy().reshape(-1)
         np.testing.assert_allclose(weights, expected, rtol=1e-6, atol=1e-9 * expected.max())
@@ -131,7 +136,12 @@ def test_all_zero_when_clean_gradient_opposes_every_pixel(method: str) -> None:
     model = _constant_logistic_model()
     ones = torch.ones(2, 1, 2, 3, 4, dtype=torch.float64)
     weights = meta_pixel_weights(
-        model, ones, ones, ones[:1], torch.zeros_like(ones[:1]), method=method,
+        model,
+        ones,
+        ones,
+        ones[:1],
+        torch.zeros_like(ones[:1]),
+        method=method,
         head=lambda name: True,
     )
     assert weights.shape == ones.shape
@@ -218,8 +228,8 @@ def _expected_sgd_update(model, x, y, xc, yc, loss, method: str) -> dict[str, to
 
 
 @pytest.mark.parametrize(
-    ("method", "share"), [("fast", False), ("fast", True), ("head", True), ("head", False),
-                          ("reference", None)]
+    ("method", "share"),
+    [("fast", False), ("fast", True), ("head", True), ("head", False), ("reference", None)],
 )
 def test_step_applies_the_weighted_gradient(method: str, share) -> None:
     model = small_unet()
@@ -280,14 +290,21 @@ def test_head_parameter_names_counts_last_modules_and_accepts_predicates() -> No
     model = nn.Sequential(nn.Conv3d(1, 2, 1), nn.ReLU(), nn.Conv3d(2, 2, 1), nn.Conv3d(2, 1, 1))
     assert head_parameter_names(model, 1) == ["3.weight", "3.bias"]
     assert head_parameter_names(model, 2) == ["2.weight", "2.bias", "3.weight", "3.bias"]
-    assert head_parameter_names(model, lambda n: n.endswith("bias")) == ["0.bias", "2.bias", "3.bias"]
+    assert head_parameter_names(model, lambda n: n.endswith("bias")) == [
+        "0.bias",
+        "2.bias",
+        "3.bias",
+    ]
 
 
 def test_head_with_every_parameter_is_the_exact_method() -> None:
     model = small_unet()
     x, y = mixed_batch(1)
     xc, yc = mixed_batch(2)
-    everything = lambda name: True  # noqa: E731
+
+    def everything(name: str) -> bool:
+        return True
+
     exact = meta_pixel_weights(model, x, y, xc, yc, method="fast")
     head = meta_pixel_weights(model, x, y, xc, yc, method="head", head=everything)
     torch.testing.assert_close(head, exact, rtol=1e-10, atol=1e-14)

@@ -58,7 +58,10 @@ def _make_source(root: Path, seed: int = 0) -> None:
             }
         )
     )
-    for images, labels, ids in (("imagesTr", "labelsTr", TRAIN_IDS), ("imagesTs", "labelsTs", TEST_IDS)):
+    for images, labels, ids in (
+        ("imagesTr", "labelsTr", TRAIN_IDS),
+        ("imagesTs", "labelsTs", TEST_IDS),
+    ):
         (root / images).mkdir(exist_ok=True)
         (root / labels).mkdir(exist_ok=True)
         for cid in ids:
@@ -80,7 +83,9 @@ class S3Server:
         self.log = open(root / "moto.log", "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 60
         while True:
@@ -132,7 +137,12 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
 def _noisyseg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     return subprocess.run(
-        [str(VENV_BIN / "noisyseg"), *args], env=env, cwd=cwd, check=False, capture_output=True, text=True,
+        [str(VENV_BIN / "noisyseg"), *args],
+        env=env,
+        cwd=cwd,
+        check=False,
+        capture_output=True,
+        text=True,
         timeout=600,
     )
 
@@ -154,8 +164,8 @@ def _bucket_keys(prefix: str) -> list[str]:
     import boto3
 
     keys: list[str] = []
-    for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(
-        Bucket=BUCKET, Prefix=prefix
+    for page in (
+        boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     ):
         keys += [item["Key"] for item in page.get("Contents", [])]
     return keys
@@ -183,8 +193,13 @@ def test_ingest_into_s3_matches_local_ingest(stores: dict[str, str]) -> None:
 
 def test_reingest_into_s3_skips_existing_cases(stores: dict[str, str]) -> None:
     before = set(_bucket_keys("ds.zarr/"))
-    done = _noisyseg("ingest", str(Path(stores["work"]) / "src"), stores["s3"], "--no-progress",
-                     cwd=Path(stores["work"]))
+    done = _noisyseg(
+        "ingest",
+        str(Path(stores["work"]) / "src"),
+        stores["s3"],
+        "--no-progress",
+        cwd=Path(stores["work"]),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert set(_bucket_keys("ds.zarr/cases/")) <= before  # resumed: nothing rewritten
 
@@ -229,14 +244,32 @@ def test_predict_writes_probability_maps_into_s3_store(stores: dict[str, str]) -
     model = build_unet(spec).eval()
     checkpoint = work / "final.pt"
     torch.save(
-        {"model": model.state_dict(), "unet_spec": spec.to_dict(),
-         "config": {"patch_size": 16}, "step": 1},
+        {
+            "model": model.state_dict(),
+            "unet_spec": spec.to_dict(),
+            "config": {"patch_size": 16},
+            "step": 1,
+        },
         checkpoint,
     )
     for url in (stores["local"], stores["s3"]):
         done = _noisyseg(
-            "predict", "--store", url, "--checkpoint", str(checkpoint), "--cases", *TEST_IDS,
-            "--name", "s3check", "--device", "cpu", "--roi-size", "16", "--workers", "1", cwd=work,
+            "predict",
+            "--store",
+            url,
+            "--checkpoint",
+            str(checkpoint),
+            "--cases",
+            *TEST_IDS,
+            "--name",
+            "s3check",
+            "--device",
+            "cpu",
+            "--roi-size",
+            "16",
+            "--workers",
+            "1",
+            cwd=work,
         )
         assert done.returncode == 0, done.stdout + done.stderr
     local, remote = VolumeStore.open(stores["local"]), VolumeStore.open(stores["s3"])

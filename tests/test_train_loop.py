@@ -28,8 +28,16 @@ def store(tmp_path_factory) -> str:
 
 def small(store: str, **fields):
     base = dict(
-        store=store, labels="noisy", loss="lopsided", entropy_weight=0.3, patch_size=16,
-        batch_size=2, channels=[4, 8, 16], num_res_units=1, val_cases=0, log_interval=100,
+        store=store,
+        labels="noisy",
+        loss="lopsided",
+        entropy_weight=0.3,
+        patch_size=16,
+        batch_size=2,
+        channels=[4, 8, 16],
+        num_res_units=1,
+        val_cases=0,
+        log_interval=100,
         foreground_fraction=0.5,
     )
     base.update(fields)
@@ -38,7 +46,11 @@ def small(store: str, **fields):
 
 def loop_config(config) -> dict:
     info = check_against_store(config)
-    return {"config": config.model_dump(mode="json"), "store_info": info.model_dump(), "mlflow": None}
+    return {
+        "config": config.model_dump(mode="json"),
+        "store_info": info.model_dump(),
+        "mlflow": None,
+    }
 
 
 def test_lr_schedules_hand_numbers() -> None:
@@ -58,9 +70,14 @@ def test_optimizer_is_nnunet_sgd() -> None:
     group = sgd.param_groups[0]
     assert isinstance(sgd, torch.optim.SGD)
     assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (
-        1e-2, 0.99, True, 3e-5
+        1e-2,
+        0.99,
+        True,
+        3e-5,
     )
-    adamw = make_optimizer(make_config({"store": "x", "optimizer": "adamw", "lr": 3e-4}), net.parameters())
+    adamw = make_optimizer(
+        make_config({"store": "x", "optimizer": "adamw", "lr": 3e-4}), net.parameters()
+    )
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["lr"] == 3e-4
 
 
@@ -70,7 +87,10 @@ def test_plain_loop_trains_checkpoints_and_resumes(store: str, tmp_path) -> None
     last = run_worker(loop_config(config), context)
     assert [r["step"] for r in context.reports] == [5, 10]
     assert last["step"] == 10 and math.isfinite(last["train_loss"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_0000005", "checkpoint_0000010"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_0000005",
+        "checkpoint_0000010",
+    ]
 
     state = read_state(tmp_path / "checkpoint_0000010")  # torch.load(weights_only=True)
     assert state["step"] == 10 and state["config"]["entropy_weight"] == 0.3
@@ -80,7 +100,9 @@ def test_plain_loop_trains_checkpoints_and_resumes(store: str, tmp_path) -> None
     # Resume from step 10 with steps raised to 13: 3 more steps, and the LR schedule continues
     # (a fresh scheduler would give lr = 0.01 at step 11 instead of 0.01 * (1 - 10/13) ** 0.9).
     longer = small(store, steps=13, checkpoint_interval=1, lr=0.01)
-    resumed = LocalContext(checkpoint_root=tmp_path / "more", restore=tmp_path / "checkpoint_0000010")
+    resumed = LocalContext(
+        checkpoint_root=tmp_path / "more", restore=tmp_path / "checkpoint_0000010"
+    )
     run_worker(loop_config(longer), resumed)
     assert [r["step"] for r in resumed.reports] == [11, 12, 13]
     assert resumed.reports[0]["lr"] == pytest.approx(0.01 * (1 - 10 / 13) ** 0.9)

@@ -34,10 +34,30 @@ REPO = Path(__file__).resolve().parents[1]
 # MONAI's init (--output-prior 0): the loss then starts near ln 2 and falls clearly within 20
 # steps, which the logged-loss assertion relies on; from the prior it starts near its floor.
 COMMON = [
-    "--labels", "truth", "--loss", "lopsided", "--entropy-weight", "0.3",
-    "--patch-size", "32", "--batch-size", "2", "--channels", "8", "16", "32",
-    "--num-res-units", "1", "--lr", "0.01", "--experiment", "itest", "--log-interval", "5",
-    "--output-prior", "0",
+    "--labels",
+    "truth",
+    "--loss",
+    "lopsided",
+    "--entropy-weight",
+    "0.3",
+    "--patch-size",
+    "32",
+    "--batch-size",
+    "2",
+    "--channels",
+    "8",
+    "16",
+    "32",
+    "--num-res-units",
+    "1",
+    "--lr",
+    "0.01",
+    "--experiment",
+    "itest",
+    "--log-interval",
+    "5",
+    "--output-prior",
+    "0",
 ]
 
 
@@ -91,14 +111,21 @@ def _train_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> st
     """``noisyseg train`` as a Ray client of the head (RAY_ADDRESS set)."""
     done = subprocess.run(
         [str(VENV_BIN / "noisyseg"), "train", *args],
-        check=False, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        check=False,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     return output
 
 
-def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, mlflow_server, store, workspace) -> None:
+def test_ray_job_submit_trains_and_logs_to_mlflow(
+    ray_head, mlflow_server, store, workspace
+) -> None:
     runtime_env = {
         "env_vars": {
             "MLFLOW_TRACKING_URI": mlflow_server.uri,
@@ -107,10 +134,23 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, mlflow_server, store
         }
     }
     entrypoint = [
-        "noisyseg", "train", "--store", store, *COMMON,
-        "--workers", "2", "--steps", "20", "--run-name", "t1",
-        "--val-interval", "10", "--checkpoint-interval", "10",
-        "--storage-path", str(workspace / "ray_results"),
+        "noisyseg",
+        "train",
+        "--store",
+        store,
+        *COMMON,
+        "--workers",
+        "2",
+        "--steps",
+        "20",
+        "--run-name",
+        "t1",
+        "--val-interval",
+        "10",
+        "--checkpoint-interval",
+        "10",
+        "--storage-path",
+        str(workspace / "ray_results"),
     ]
     done = ray_job_submit(ray_head, entrypoint, working_dir=REPO, runtime_env=runtime_env)
     output = done.stdout + done.stderr
@@ -147,7 +187,9 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, mlflow_server, store
     assert {"figures/validation_slice.png", "figures/pr_curve.png"} <= _artifacts(
         mlflow_server.uri, run_id, "figures"
     )
-    local = Path(_client(mlflow_server.uri).download_artifacts(run_id, "checkpoint/final.pt", str(workspace)))
+    local = Path(
+        _client(mlflow_server.uri).download_artifacts(run_id, "checkpoint/final.pt", str(workspace))
+    )
     from noisyseg.distributed.checkpoints import load_model_state
 
     model, spec, config, step = load_model_state(local)
@@ -156,7 +198,9 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, mlflow_server, store
     with torch.no_grad():
         torch.testing.assert_close(logged.eval()(x), model(x))  # same weights in both forms
     for name in ("validation_slice.png", "pr_curve.png"):
-        png = Path(_client(mlflow_server.uri).download_artifacts(run_id, f"figures/{name}", str(workspace)))
+        png = Path(
+            _client(mlflow_server.uri).download_artifacts(run_id, f"figures/{name}", str(workspace))
+        )
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (workspace / "ray_results" / "t1" / "checkpoint_0000020" / "state.pt").is_file()
 
@@ -172,13 +216,33 @@ def test_killed_worker_recovers_from_checkpoint(ray_head, mlflow_server, store, 
         NOISYSEG_TEST_STEP_DELAY_S="0.3",
     )
     args = [
-        "--store", store, *COMMON, "--workers", "2", "--steps", "30", "--run-name", "t2",
-        "--val-cases", "1", "--val-interval", "0", "--checkpoint-interval", "5",
-        "--max-failures", "1", "--storage-path", str(results),
+        "--store",
+        store,
+        *COMMON,
+        "--workers",
+        "2",
+        "--steps",
+        "30",
+        "--run-name",
+        "t2",
+        "--val-cases",
+        "1",
+        "--val-interval",
+        "0",
+        "--checkpoint-interval",
+        "5",
+        "--max-failures",
+        "1",
+        "--storage-path",
+        str(results),
     ]
     process = subprocess.Popen(
         [str(VENV_BIN / "noisyseg"), "train", *args],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 400
@@ -211,8 +275,19 @@ def test_relaunch_resumes_same_run(ray_head, mlflow_server, store, workspace) ->
     results = workspace / "ray_results"
     env = ray_env(RAY_ADDRESS=ray_head.address, MLFLOW_TRACKING_URI=mlflow_server.uri)
     base = [
-        "--store", store, *COMMON, "--workers", "1", "--run-name", "t3", "--val-cases", "0",
-        "--checkpoint-interval", "5", "--storage-path", str(results),
+        "--store",
+        store,
+        *COMMON,
+        "--workers",
+        "1",
+        "--run-name",
+        "t3",
+        "--val-cases",
+        "0",
+        "--checkpoint-interval",
+        "5",
+        "--storage-path",
+        str(results),
     ]
     first = _train_cli([*base, "--steps", "10"], env)
     assert "starting" in first

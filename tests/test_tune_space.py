@@ -7,9 +7,9 @@ import argparse
 import numpy as np
 import pytest
 import yaml
+from cluster_utils import make_ball_store
 from ray import tune
 
-from cluster_utils import make_ball_store
 from noisyseg.distributed.config import make_config
 from noisyseg.errors import NoisysegInputError
 from noisyseg.tuning.space import parse_expression, parse_space
@@ -44,7 +44,12 @@ def test_each_function_becomes_the_matching_tune_domain() -> None:
         "grid_search": ["bce", "lopsided"]
     }
     q = parse_expression("steps", "quniform(100, 400, 100)")
-    assert sorted(set(q.to_tune().sample(size=200, random_state=rng))) == [100.0, 200.0, 300.0, 400.0]
+    assert sorted(set(q.to_tune().sample(size=200, random_state=rng))) == [
+        100.0,
+        200.0,
+        300.0,
+        400.0,
+    ]
     r = parse_expression("seed", "randint(0, 3)")
     assert sorted(set(r.to_tune().sample(size=200, random_state=rng))) == [0, 1, 2]
     assert r.probes() == [0, 2]  # the upper bound is excluded
@@ -79,8 +84,11 @@ def test_bad_expressions_are_rejected_without_evaluating(text: str, message: str
 def test_flags_and_yaml_merge_flags_win() -> None:
     space = parse_space(
         ["entropy-weight=uniform(0.1, 0.5)"],
-        {"entropy_weight": "choice(0.3)", "clean_fraction": {"grid_search": [0.2, 0.4]},
-         "lr": "loguniform(1e-3, 1e-1)"},
+        {
+            "entropy_weight": "choice(0.3)",
+            "clean_fraction": {"grid_search": [0.2, 0.4]},
+            "lr": "loguniform(1e-3, 1e-1)",
+        },
     )
     assert space.names == ["entropy_weight", "clean_fraction", "lr"]
     assert space.dimensions["entropy_weight"].kind == "uniform"
@@ -101,8 +109,18 @@ def test_unknown_or_reserved_fields_and_bad_flags() -> None:
 
 
 def _base(store: str, **extra) -> dict:
-    base = dict(store=store, labels="noisy", loss="lopsided", reweight="meta", channels=[4, 8],
-                num_res_units=1, patch_size=16, steps=20, val_interval=5, val_cases=1)
+    base = dict(
+        store=store,
+        labels="noisy",
+        loss="lopsided",
+        reweight="meta",
+        channels=[4, 8],
+        num_res_units=1,
+        patch_size=16,
+        steps=20,
+        val_interval=5,
+        val_cases=1,
+    )
     base.update(extra)
     return base
 
@@ -112,7 +130,9 @@ def test_validation_builds_a_config_for_every_probe_value(store: str) -> None:
     configs = space.validate(_base(store))
     # first probe point, then the other end of entropy_weight, then the other clean fraction
     assert [(c.entropy_weight, c.clean_fraction) for c in configs] == [
-        (0.1, 0.2), (0.9, 0.2), (0.1, 0.3)
+        (0.1, 0.2),
+        (0.9, 0.2),
+        (0.1, 0.3),
     ]
 
     out_of_range = parse_space(["entropy_weight=uniform(0.1, 1.5)", "clean_fraction=choice(0.2)"])
@@ -131,8 +151,9 @@ def test_validation_builds_a_config_for_every_probe_value(store: str) -> None:
 
 def test_prepare_aligns_reports_with_validation_and_checks_asha(store: str) -> None:
     space = parse_space(["entropy_weight=grid(0.1, 0.9)", "clean_fraction=grid(0.2, 0.3)"])
-    base, sample = prepare(SweepSettings(name="s1", base=_base(store, checkpoint_interval=7),
-                                         space=space))
+    base, sample = prepare(
+        SweepSettings(name="s1", base=_base(store, checkpoint_interval=7), space=space)
+    )
     assert base["checkpoint_interval"] == 5  # every report carries val/ap
     assert "entropy_weight" not in base and sample.entropy_weight == 0.1
     with pytest.raises(NoisysegInputError, match="needs validation during training"):
@@ -142,15 +163,26 @@ def test_prepare_aligns_reports_with_validation_and_checks_asha(store: str) -> N
     with pytest.raises(NoisysegInputError, match="sweep name"):
         prepare(SweepSettings(name="../x", base=_base(store), space=space))
     # train_loss needs no validation, and reports stay at checkpoint_interval
-    base, _ = prepare(SweepSettings(name="s2", base=_base(store, val_cases=0, checkpoint_interval=4),
-                                    space=space, metric="train_loss", mode="min"))
+    base, _ = prepare(
+        SweepSettings(
+            name="s2",
+            base=_base(store, val_cases=0, checkpoint_interval=4),
+            space=space,
+            metric="train_loss",
+            mode="min",
+        )
+    )
     assert base["checkpoint_interval"] == 4
 
 
 def test_best_yaml_loads_back_into_the_same_config(store: str) -> None:
     base = {k: v for k, v in _base(store).items() if k not in ("entropy_weight",)}
-    best = {"trial_id": "abc_00001", "run_id": "r1", "metric_last": 0.5,
-            "point": {"entropy_weight": 0.3, "clean_fraction": 0.2}}
+    best = {
+        "trial_id": "abc_00001",
+        "run_id": "r1",
+        "metric_last": 0.5,
+        "point": {"entropy_weight": 0.3, "clean_fraction": 0.2},
+    }
     text = best_config_yaml(base, best, sweep="s", metric="val/ap")
     loaded = make_config(yaml.safe_load(text))
     assert loaded == make_config({**base, **best["point"]})
@@ -163,14 +195,35 @@ def test_cli_merges_yaml_sections_and_flags(store: str, tmp_path) -> None:
     from noisyseg.tuning.commands import settings_from_args
 
     cfg = tmp_path / "sweep.yaml"
-    cfg.write_text(yaml.safe_dump({
-        **_base(store), "search_space": {"entropy_weight": "loguniform(0.01, 0.9)"},
-        "tune": {"name": "from-yaml", "num_samples": 3, "mode": "min", "metric": "train_loss"},
-    }))
-    args = build_parser().parse_args([
-        "tune", "--config", str(cfg), "--space", "clean_fraction=choice(0.2,0.3)",
-        "--num-samples", "5", "--lr", "0.02", "--mode", "hard",
-    ])
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                **_base(store),
+                "search_space": {"entropy_weight": "loguniform(0.01, 0.9)"},
+                "tune": {
+                    "name": "from-yaml",
+                    "num_samples": 3,
+                    "mode": "min",
+                    "metric": "train_loss",
+                },
+            }
+        )
+    )
+    args = build_parser().parse_args(
+        [
+            "tune",
+            "--config",
+            str(cfg),
+            "--space",
+            "clean_fraction=choice(0.2,0.3)",
+            "--num-samples",
+            "5",
+            "--lr",
+            "0.02",
+            "--mode",
+            "hard",
+        ]
+    )
     settings = settings_from_args(args)
     assert isinstance(args, argparse.Namespace)
     assert settings.name == "from-yaml" and settings.num_samples == 5
@@ -189,7 +242,10 @@ def test_sqlite_tracking_is_refused_for_concurrent_trials(monkeypatch, tmp_path)
     with pytest.raises(NoisysegInputError, match="local file store"):
         resolve_sweep_tracking(tmp_path, max_concurrent=4)
     # one trial at a time: no concurrent writers, the URI is used as given
-    assert resolve_sweep_tracking(tmp_path, max_concurrent=1) == (f"sqlite:///{tmp_path}/m.db", None)
+    assert resolve_sweep_tracking(tmp_path, max_concurrent=1) == (
+        f"sqlite:///{tmp_path}/m.db",
+        None,
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert resolve_sweep_tracking(tmp_path, max_concurrent=8)[1] is None
 

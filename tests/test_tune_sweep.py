@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cluster_utils import make_ball_store, ray_env, start_mlflow_server, start_ray_head
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -63,12 +62,40 @@ def _env(cluster, **extra: str) -> dict[str, str]:
 
 def _command(cluster, name: str, *extra: str) -> list[str]:
     return [
-        *NOISYSEG, "tune", "--name", name, "--store", cluster["store"], "--labels", "noisy",
-        "--loss", "lopsided", "--reweight", "meta", "--channels", "4", "8",
-        "--num-res-units", "1", "--patch-size", "16", "--batch-size", "1",
-        "--steps", str(STEPS), "--val-cases", "1", "--log-interval", "2",
-        "--storage-path", str(cluster["root"] / "sweeps"), "--experiment", f"exp-{name}",
-        "--trial-cpus", "0.5", *extra,
+        *NOISYSEG,
+        "tune",
+        "--name",
+        name,
+        "--store",
+        cluster["store"],
+        "--labels",
+        "noisy",
+        "--loss",
+        "lopsided",
+        "--reweight",
+        "meta",
+        "--channels",
+        "4",
+        "8",
+        "--num-res-units",
+        "1",
+        "--patch-size",
+        "16",
+        "--batch-size",
+        "1",
+        "--steps",
+        str(STEPS),
+        "--val-cases",
+        "1",
+        "--log-interval",
+        "2",
+        "--storage-path",
+        str(cluster["root"] / "sweeps"),
+        "--experiment",
+        f"exp-{name}",
+        "--trial-cpus",
+        "0.5",
+        *extra,
     ]
 
 
@@ -88,11 +115,26 @@ def _runs(cluster, name: str):
 
 def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> None:
     command = _command(
-        cluster, "grid",
-        "--space", "entropy_weight=grid(0.05, 0.9)", "--space", "clean_fraction=grid(0.2, 0.4)",
-        "--metric", "train_loss", "--metric-mode", "min", "--checkpoint-interval", "2",
-        "--val-interval", "4", "--grace-period", "2", "--reduction-factor", "2",
-        "--max-concurrent", "2",
+        cluster,
+        "grid",
+        "--space",
+        "entropy_weight=grid(0.05, 0.9)",
+        "--space",
+        "clean_fraction=grid(0.2, 0.4)",
+        "--metric",
+        "train_loss",
+        "--metric-mode",
+        "min",
+        "--checkpoint-interval",
+        "2",
+        "--val-interval",
+        "4",
+        "--grace-period",
+        "2",
+        "--reduction-factor",
+        "2",
+        "--max-concurrent",
+        "2",
     )
     done = subprocess.run(command, env=_env(cluster), capture_output=True, text=True, timeout=800)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -135,8 +177,9 @@ def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> N
     best = [c for c in children if c.data.tags.get("noisyseg.best") == "true"]
     assert len(best) == 1
     final_loss = {
-        c.info.run_id: [m for m in client.get_metric_history(c.info.run_id, "train/loss")
-                        if m.step == STEPS][0].value
+        c.info.run_id: [
+            m for m in client.get_metric_history(c.info.run_id, "train/loss") if m.step == STEPS
+        ][0].value
         for c in completed
     }
     assert best[0].info.run_id == min(final_loss, key=final_loss.get)
@@ -146,8 +189,12 @@ def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> N
 
     # summary artifact: table + plot
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
-    assert {"summary/trials.csv", "summary/trials.md", "summary/metric_vs_search.png",
-            "summary/best.yaml"} <= names
+    assert {
+        "summary/trials.csv",
+        "summary/trials.md",
+        "summary/metric_vs_search.png",
+        "summary/best.yaml",
+    } <= names
     local = client.download_artifacts(parent.info.run_id, "summary", str(cluster["root"] / "dl"))
     table = (Path(local) / "trials.csv").read_text().splitlines()
     assert len(table) == 5 and table[0].startswith("trial_id,run_id,status,last_step")
@@ -168,7 +215,10 @@ def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> N
     # --best prints YAML that `noisyseg train --config` accepts
     shown = subprocess.run(
         [*NOISYSEG, "tune", "--best", "grid", "--storage-path", str(cluster["root"] / "sweeps")],
-        env=_env(cluster), capture_output=True, text=True, timeout=120,
+        env=_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert shown.returncode == 0, shown.stderr
     from noisyseg.distributed.config import make_config
@@ -182,15 +232,27 @@ def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> N
 def test_killed_sweep_resumes_with_one_child_run_per_trial(cluster) -> None:
     name = "resume"
     command = _command(
-        cluster, name, "--space", "entropy_weight=grid(0.1, 0.6)", "--space",
-        "clean_fraction=choice(0.2)", "--scheduler", "fifo", "--val-interval", "4",
-        "--max-concurrent", "1",
+        cluster,
+        name,
+        "--space",
+        "entropy_weight=grid(0.1, 0.6)",
+        "--space",
+        "clean_fraction=choice(0.2)",
+        "--scheduler",
+        "fifo",
+        "--val-interval",
+        "4",
+        "--max-concurrent",
+        "1",
     )
     sweep_dir = cluster["root"] / "sweeps" / name
     log = open(cluster["root"] / "resume-first.log", "w")
     first = subprocess.Popen(
-        command, env=_env(cluster, NOISYSEG_TEST_STEP_DELAY_S="1.0"), stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True,
+        command,
+        env=_env(cluster, NOISYSEG_TEST_STEP_DELAY_S="1.0"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         # wait until Tune saved its state and the first trial wrote a Train checkpoint
@@ -234,8 +296,9 @@ def test_killed_sweep_resumes_with_one_child_run_per_trial(cluster) -> None:
         assert sorted(set(steps)) == list(range(1, STEPS + 1))
         val = [m.step for m in client.get_metric_history(child.info.run_id, "val/ap")]
         assert max(val) == STEPS
-        resumed_from += [m.value for m in client.get_metric_history(child.info.run_id,
-                                                                    "resumed_from_step")]
+        resumed_from += [
+            m.value for m in client.get_metric_history(child.info.run_id, "resumed_from_step")
+        ]
     # the interrupted trial continued from its Train checkpoint instead of starting over
     assert resumed_from and all(v > 0 for v in resumed_from)
     assert json.loads((sweep_dir / "noisyseg_sweep.json").read_text())["status"] == "finished"

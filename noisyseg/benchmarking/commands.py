@@ -11,8 +11,16 @@ from noisyseg.errors import NoisysegInputError
 DEFAULT_WORKDIR = "noisyseg-runs"
 
 
-def _run_robustness(kind: str, size: str, *, workdir: str, output: str | None, seed: int,
-                    gpu: bool, parallel: int | None = None) -> dict:
+def _run_robustness(
+    kind: str,
+    size: str,
+    *,
+    workdir: str,
+    output: str | None,
+    seed: int,
+    gpu: bool,
+    parallel: int | None = None,
+) -> dict:
     from noisyseg.benchmarking.robustness import (
         RobustnessBenchmark,
         print_rich_table,
@@ -31,8 +39,10 @@ def _run_robustness(kind: str, size: str, *, workdir: str, output: str | None, s
     document = write_outputs(benchmark, rows, output)
     print_rich_table(rows, title=f"robustness on {kind} phantoms ({size}), test split vs truth")
     print(f"[benchmark] results JSON: {document['json_path']}")
-    print(f"[benchmark] MLflow summary run {document['summary_run_id']} "
-          f"(experiment {benchmark.experiment}) at {benchmark.tracking_uri}")
+    print(
+        f"[benchmark] MLflow summary run {document['summary_run_id']} "
+        f"(experiment {benchmark.experiment}) at {benchmark.tracking_uri}"
+    )
     print(f"[benchmark] open the MLflow UI: {ui_command(benchmark.tracking_uri)}")
     return document
 
@@ -41,10 +51,19 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.benchmark != "robustness":
         raise NoisysegInputError(f"unknown benchmark {args.benchmark!r}")
     size = "quick" if args.quick else "full" if args.full else "default"
-    document = _run_robustness(args.kind, size, workdir=args.workdir, output=args.output,
-                               seed=args.seed, gpu=args.gpu, parallel=args.parallel)
+    document = _run_robustness(
+        args.kind,
+        size,
+        workdir=args.workdir,
+        output=args.output,
+        seed=args.seed,
+        gpu=args.gpu,
+        parallel=args.parallel,
+    )
     finite = all(
-        math.isfinite(value) for row in document["rows"] for value in row["metrics"].values()
+        math.isfinite(value)
+        for row in document["rows"]
+        for value in row["metrics"].values()
         if value is not None and not (isinstance(value, float) and math.isnan(value))
     )
     return 0 if finite else 1
@@ -52,8 +71,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Quick brain-mets comparison: truth vs 50% random censoring, BCE vs lopsided."""
-    _run_robustness("brain-mets", "quick", workdir=args.workdir, output=None, seed=args.seed,
-                    gpu=False)
+    _run_robustness(
+        "brain-mets", "quick", workdir=args.workdir, output=None, seed=args.seed, gpu=False
+    )
     return 0
 
 
@@ -70,12 +90,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sizes.add_argument("--quick", action="store_true", help="CI-sized smoke setting (minutes)")
     sizes.add_argument("--full", action="store_true", help="GPU-sized setting")
     bench.add_argument("--output", help="write the results JSON here")
-    bench.add_argument("--workdir", default=DEFAULT_WORKDIR,
-                       help=f"store, checkpoints and reports (default ./{DEFAULT_WORKDIR})")
+    bench.add_argument(
+        "--workdir",
+        default=DEFAULT_WORKDIR,
+        help=f"store, checkpoints and reports (default ./{DEFAULT_WORKDIR})",
+    )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--gpu", action="store_true", help="train and evaluate on GPUs (bf16)")
-    bench.add_argument("--parallel", type=int, default=None, metavar="N",
-                       help="models trained at once (default: 2 on CPU, 1 with --gpu)")
+    bench.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="models trained at once (default: 2 on CPU, 1 with --gpu)",
+    )
     bench.set_defaults(func=_cmd_benchmark)
 
     demo = subparsers.add_parser(

@@ -149,47 +149,113 @@ def _embedded_settings(kind: Kind, size: Size, *, seed: int, gpu: bool) -> Bench
     if kind == "brain-mets":
         if size == "quick":
             return BenchmarkSettings(
-                kind=kind, size=size, cases=10, seed=seed,
+                kind=kind,
+                size=size,
+                cases=10,
+                seed=seed,
                 generator_opts={"shape": [48, 64, 48], "spacing_mm": 2.0},
-                clean_fraction_flagged=0.2, steps=1000, patch_size=32, batch_size=2,
-                channels=(8, 16, 32), lr=1e-2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
-                meta_clean_fraction=0.2, methods=("bce", "lopsided"), label_modes=("random",),
+                clean_fraction_flagged=0.2,
+                steps=1000,
+                patch_size=32,
+                batch_size=2,
+                channels=(8, 16, 32),
+                lr=1e-2,
+                entropy_weight=DEFAULT_ENTROPY_WEIGHT,
+                meta_clean_fraction=0.2,
+                methods=("bce", "lopsided"),
+                label_modes=("random",),
                 gpu=gpu,
             )
         if size == "default":
             return BenchmarkSettings(
-                kind=kind, size=size, cases=32, seed=seed,
+                kind=kind,
+                size=size,
+                cases=32,
+                seed=seed,
                 generator_opts={"shape": [64, 80, 64], "spacing_mm": 2.0},
-                clean_fraction_flagged=0.1, steps=2000, patch_size=40, batch_size=2,
-                channels=(16, 32, 64, 128), lr=1e-2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
-                meta_clean_fraction=0.05, rate_sweep=(0.0, 0.25, 0.5, 0.75), gpu=gpu,
+                clean_fraction_flagged=0.1,
+                steps=2000,
+                patch_size=40,
+                batch_size=2,
+                channels=(16, 32, 64, 128),
+                lr=1e-2,
+                entropy_weight=DEFAULT_ENTROPY_WEIGHT,
+                meta_clean_fraction=0.05,
+                rate_sweep=(0.0, 0.25, 0.5, 0.75),
+                gpu=gpu,
             )
         return BenchmarkSettings(
-            kind=kind, size=size, cases=200, seed=seed,
-            generator_opts={}, clean_fraction_flagged=0.1, steps=10000, patch_size=64,
-            batch_size=4, channels=(32, 64, 128, 256, 320), lr=1e-2,
-            entropy_weight=DEFAULT_ENTROPY_WEIGHT, meta_clean_fraction=0.05,
-            rate_sweep=(0.0, 0.25, 0.5, 0.75), gpu=gpu, val_cases=4, cpus_per_worker=4.0,
+            kind=kind,
+            size=size,
+            cases=200,
+            seed=seed,
+            generator_opts={},
+            clean_fraction_flagged=0.1,
+            steps=10000,
+            patch_size=64,
+            batch_size=4,
+            channels=(32, 64, 128, 256, 320),
+            lr=1e-2,
+            entropy_weight=DEFAULT_ENTROPY_WEIGHT,
+            meta_clean_fraction=0.05,
+            rate_sweep=(0.0, 0.25, 0.5, 0.75),
+            gpu=gpu,
+            val_cases=4,
+            cpus_per_worker=4.0,
         )
     if size == "quick":
         return BenchmarkSettings(
-            kind=kind, size=size, cases=24, seed=seed, generator_opts={"size": 64},
-            clean_fraction_flagged=0.25, steps=40, patch_size=64, batch_size=4,
-            channels=(8, 16, 32), lr=1e-2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
-            meta_clean_fraction=0.1, clean_sizes=(0.1,), gpu=gpu,
+            kind=kind,
+            size=size,
+            cases=24,
+            seed=seed,
+            generator_opts={"size": 64},
+            clean_fraction_flagged=0.25,
+            steps=40,
+            patch_size=64,
+            batch_size=4,
+            channels=(8, 16, 32),
+            lr=1e-2,
+            entropy_weight=DEFAULT_ENTROPY_WEIGHT,
+            meta_clean_fraction=0.1,
+            clean_sizes=(0.1,),
+            gpu=gpu,
         )
     if size == "default":
         return BenchmarkSettings(
-            kind=kind, size=size, cases=160, seed=seed, generator_opts={"size": 128},
-            clean_fraction_flagged=0.2, steps=400, patch_size=128, batch_size=8,
-            channels=(16, 32, 64, 128), lr=1e-2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
-            meta_clean_fraction=0.05, clean_sizes=(0.02, 0.05, 0.1, 0.2), gpu=gpu,
+            kind=kind,
+            size=size,
+            cases=160,
+            seed=seed,
+            generator_opts={"size": 128},
+            clean_fraction_flagged=0.2,
+            steps=400,
+            patch_size=128,
+            batch_size=8,
+            channels=(16, 32, 64, 128),
+            lr=1e-2,
+            entropy_weight=DEFAULT_ENTROPY_WEIGHT,
+            meta_clean_fraction=0.05,
+            clean_sizes=(0.02, 0.05, 0.1, 0.2),
+            gpu=gpu,
         )
     return BenchmarkSettings(
-        kind=kind, size=size, cases=2000, seed=seed, generator_opts={"size": 256},
-        clean_fraction_flagged=0.2, steps=5000, patch_size=256, batch_size=16,
-        channels=(32, 64, 128, 256, 512), lr=1e-2, entropy_weight=DEFAULT_ENTROPY_WEIGHT,
-        meta_clean_fraction=0.05, clean_sizes=(0.02, 0.05, 0.1, 0.2), gpu=gpu, val_cases=8,
+        kind=kind,
+        size=size,
+        cases=2000,
+        seed=seed,
+        generator_opts={"size": 256},
+        clean_fraction_flagged=0.2,
+        steps=5000,
+        patch_size=256,
+        batch_size=16,
+        channels=(32, 64, 128, 256, 512),
+        lr=1e-2,
+        entropy_weight=DEFAULT_ENTROPY_WEIGHT,
+        meta_clean_fraction=0.05,
+        clean_sizes=(0.02, 0.05, 0.1, 0.2),
+        gpu=gpu,
+        val_cases=8,
         cpus_per_worker=4.0,
     )
 
@@ -319,7 +385,9 @@ class RobustnessBenchmark:
         self.settings = settings
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.store_url = str(self.workdir / f"{settings.kind}-{settings.size}-s{settings.seed}.zarr")
+        self.store_url = str(
+            self.workdir / f"{settings.kind}-{settings.size}-s{settings.seed}.zarr"
+        )
         from noisyseg.distributed.tracking import resolve_tracking_uri
 
         self.tracking_uri = tracking_uri or resolve_tracking_uri()
@@ -343,9 +411,14 @@ class RobustnessBenchmark:
         s = self.settings
         self.print(f"[benchmark] store {self.store_url}: {s.cases} {s.kind} phantom cases")
         synth_store(
-            self.store_url, kind=s.kind, cases=s.cases, seed=s.seed,
-            test_fraction=s.test_fraction, val_fraction=s.val_fraction,
-            clean_fraction=s.clean_fraction_flagged, generator_opts=dict(s.generator_opts),
+            self.store_url,
+            kind=s.kind,
+            cases=s.cases,
+            seed=s.seed,
+            test_fraction=s.test_fraction,
+            val_fraction=s.val_fraction,
+            clean_fraction=s.clean_fraction_flagged,
+            generator_opts=dict(s.generator_opts),
             progress=False,
         )
         store = VolumeStore.open(self.store_url, "r+")
@@ -357,7 +430,11 @@ class RobustnessBenchmark:
                 name = censor_name(mode, rate, s.seed)
                 if name not in existing:
                     report = corrupt_store(
-                        self.store_url, name=name, mode=mode, rate=rate, seed=s.seed,
+                        self.store_url,
+                        name=name,
+                        mode=mode,
+                        rate=rate,
+                        seed=s.seed,
                         progress=False,
                     )
                     self.print(f"[benchmark] {report.summary()}")
@@ -365,8 +442,12 @@ class RobustnessBenchmark:
             noisy = skin_noisy_name(s)
             if noisy not in existing:
                 report = corrupt_store(
-                    self.store_url, name=noisy, mode="polygon", level=s.boundary_level,
-                    seed=s.seed, progress=False,
+                    self.store_url,
+                    name=noisy,
+                    mode="polygon",
+                    level=s.boundary_level,
+                    seed=s.seed,
+                    progress=False,
                 )
                 self.print(f"[benchmark] {report.summary()}")
             if skin_mixed_name(s) not in existing:
@@ -388,9 +469,9 @@ class RobustnessBenchmark:
         )
         for case_id in store.case_ids(split="train"):
             source = "truth" if case_id in clean else noisy
-            records[case_id] = store.write_label_set(
-                case_id, name, store.labels(case_id, source)[...]
-            ) or []
+            records[case_id] = (
+                store.write_label_set(case_id, name, store.labels(case_id, source)[...]) or []
+            )
         store.register_label_set(name, records, {"mode": "mixed", "clean": "truth", "noisy": noisy})
 
     # -- training and evaluation
@@ -429,7 +510,10 @@ class RobustnessBenchmark:
         model, spec, _ = load_trained_model(outcome.checkpoint_path)
         store = VolumeStore.open(self.store_url)
         result = evaluate_cases(
-            model, store, test_cases, label_set="truth",
+            model,
+            store,
+            test_cases,
+            label_set="truth",
             roi_size=(self.settings.patch_size,) * spec.spatial_dims,
             candidate_threshold=REPORT_CANDIDATE_THRESHOLD,
             device="cuda" if self.settings.gpu else "cpu",
@@ -442,10 +526,19 @@ class RobustnessBenchmark:
         self._log_eval(outcome.run_id, metrics)
         mode, rate = _censoring(variant.label_set)
         return BenchmarkRow(
-            key=variant.key, group=variant.group, label_set=variant.label_set,
-            loss=variant.loss, reweight=variant.reweight, clean_fraction=variant.clean_fraction,
-            train_subset=variant.train_subset, method=variant.method, censor_mode=mode,
-            censor_rate=rate, run_id=outcome.run_id, train_seconds=seconds, metrics=metrics,
+            key=variant.key,
+            group=variant.group,
+            label_set=variant.label_set,
+            loss=variant.loss,
+            reweight=variant.reweight,
+            clean_fraction=variant.clean_fraction,
+            train_subset=variant.train_subset,
+            method=variant.method,
+            censor_mode=mode,
+            censor_rate=rate,
+            run_id=outcome.run_id,
+            train_seconds=seconds,
+            metrics=metrics,
             sensitivity_by_size=list(result.metrics.get("sensitivity_by_size") or []),
         )
 
@@ -504,8 +597,15 @@ class RobustnessBenchmark:
 
 # ---------------------------------------------------------------------------------- reporting
 TABLE_COLUMNS: tuple[str, ...] = (
-    "labels", "method", "rel. max sens.", "max sens.", "sens. @80% prec.", "AP", "FP/case",
-    "Dice", "Jaccard",
+    "labels",
+    "method",
+    "rel. max sens.",
+    "max sens.",
+    "sens. @80% prec.",
+    "AP",
+    "FP/case",
+    "Dice",
+    "Jaccard",
 )
 
 
@@ -514,10 +614,15 @@ def _row_cells(row: BenchmarkRow) -> list[str]:
     m = row.metrics
     rel = row.relative_max_sensitivity
     return [
-        row.label_set, row.method,
+        row.label_set,
+        row.method,
         "n/a" if rel is None or math.isnan(rel) else f"{rel:.0%}",
-        f"{m['max_sensitivity']:.3f}", f"{m['sensitivity_at_80_precision']:.3f}",
-        f"{m['ap']:.3f}", f"{m['fp_per_case']:.2f}", f"{m['dice']:.3f}", f"{m['jaccard']:.3f}",
+        f"{m['max_sensitivity']:.3f}",
+        f"{m['sensitivity_at_80_precision']:.3f}",
+        f"{m['ap']:.3f}",
+        f"{m['fp_per_case']:.2f}",
+        f"{m['dice']:.3f}",
+        f"{m['jaccard']:.3f}",
     ]
 
 
@@ -554,8 +659,12 @@ def plot_sensitivity_by_size(rows: list[BenchmarkRow], path: Path) -> Path:
         width = 0.8 / len(rows)
         for j, row in enumerate(rows):
             values = [float(b.get("sensitivity") or 0.0) for b in row.sensitivity_by_size]
-            axis.bar([i + j * width for i in range(len(values))], values, width,
-                     label=f"{row.label_set} / {row.method}")
+            axis.bar(
+                [i + j * width for i in range(len(values))],
+                values,
+                width,
+                label=f"{row.label_set} / {row.method}",
+            )
         axis.set_xticks([i + 0.4 - width / 2 for i in range(len(bins))], bins)
     axis.set_xlabel("lesion size bin")
     axis.set_ylabel("lesion sensitivity")
@@ -599,7 +708,9 @@ def plot_rate_sweep(rows: list[BenchmarkRow], path: Path) -> Path | None:
 
 def plot_clean_sizes(rows: list[BenchmarkRow], path: Path) -> Path | None:
     """Skin: Dice against clean-subset size for meta reweighting, with the BCE references."""
-    meta = sorted((r.clean_fraction or 0.0, r.metrics["dice"]) for r in rows if r.reweight == "meta")
+    meta = sorted(
+        (r.clean_fraction or 0.0, r.metrics["dice"]) for r in rows if r.reweight == "meta"
+    )
     if not meta:
         return None
     import matplotlib
@@ -611,8 +722,12 @@ def plot_clean_sizes(rows: list[BenchmarkRow], path: Path) -> Path | None:
     axis.plot([m[0] for m in meta], [m[1] for m in meta], marker="o", label="meta reweighting")
     for row in rows:
         if row.reweight == "none":
-            axis.axhline(row.metrics["dice"], linestyle="--", linewidth=1,
-                         label=f"{row.method} ({row.label_set})")
+            axis.axhline(
+                row.metrics["dice"],
+                linestyle="--",
+                linewidth=1,
+                label=f"{row.method} ({row.label_set})",
+            )
     axis.set_xlabel("clean subset (fraction of training cases)")
     axis.set_ylabel("Dice (test, truth)")
     axis.legend(fontsize=7)
@@ -655,8 +770,16 @@ def write_outputs(
         document["summary_run_id"] = run.info.run_id
         json_path.write_text(json.dumps(document, indent=2, default=float))
         mlflow.set_tags({"noisyseg.benchmark": "robustness", "noisyseg.kind": s.kind})
-        mlflow.log_params({"kind": s.kind, "size": s.size, "cases": s.cases, "steps": s.steps,
-                           "entropy_weight": s.entropy_weight, "seed": s.seed})
+        mlflow.log_params(
+            {
+                "kind": s.kind,
+                "size": s.size,
+                "cases": s.cases,
+                "steps": s.steps,
+                "entropy_weight": s.entropy_weight,
+                "seed": s.seed,
+            }
+        )
         for row in rows:
             if row.relative_max_sensitivity is not None and math.isfinite(
                 row.relative_max_sensitivity

@@ -29,7 +29,9 @@ FINAL_ARTIFACT = "checkpoint/final.pt"
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module itself, or ``model.module`` for DistributedDataParallel."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    return (
+        model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    )
 
 
 def model_payload(
@@ -85,9 +87,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
         ) from None
     missing = {"model", "unet_spec", "config", "step"} - set(payload)
     if missing:
-        raise NoisysegInputError(
-            f"checkpoint lacks {', '.join(sorted(missing))}", path=str(path)
-        )
+        raise NoisysegInputError(f"checkpoint lacks {', '.join(sorted(missing))}", path=str(path))
     return payload
 
 

@@ -59,7 +59,9 @@ class TrainConfig(BaseModel):
     # --- loss
     loss: LossName = Field("bce", description="bce | dicebce | bootstrap | lopsided")
     entropy_weight: float = Field(
-        DEFAULT_ENTROPY_WEIGHT, ge=0.0, le=1.0,
+        DEFAULT_ENTROPY_WEIGHT,
+        ge=0.0,
+        le=1.0,
         description="lopsided bootstrap entropy weight (lambda; soft mode needs > 0.78 to keep "
         "confident predictions on unlabelled lesions)",
     )
@@ -86,7 +88,9 @@ class TrainConfig(BaseModel):
     norm: Literal["instance", "batch", "group", "none"] = Field("instance", description="norm")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
     output_prior: float = Field(
-        0.01, ge=0.0, lt=1.0,
+        0.01,
+        ge=0.0,
+        lt=1.0,
         description="initial lesion probability: the output bias starts at logit(prior), "
         "as in RetinaNet (0: MONAI's default init, p ≈ 0.5 everywhere)",
     )
@@ -184,7 +188,9 @@ class TrainConfig(BaseModel):
             )
         if self.train_subset == "clean":
             if self.reweight != "none":
-                raise ValueError("train_subset=clean trains on clean labels only: use reweight=none")
+                raise ValueError(
+                    "train_subset=clean trains on clean labels only: use reweight=none"
+                )
             if self.clean_fraction is None and self.clean_count is None:
                 raise ValueError("train_subset=clean needs clean_fraction or clean_count")
         if self.amp != "none" and not self.gpu:
@@ -270,7 +276,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise NoisysegInputError(f"not valid YAML ({error.__class__.__name__})", path=str(path))
+        raise NoisysegInputError(
+            f"not valid YAML ({error.__class__.__name__})", path=str(path)
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -316,7 +324,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     stay strings and pydantic converts them (``"0.3"`` -> 0.3).
     """
     parser.add_argument(
-        "--config", metavar="FILE.yaml", default=None,
+        "--config",
+        metavar="FILE.yaml",
+        default=None,
         help="YAML file of config fields; flags given on the command line override it",
     )
     for name, field in TrainConfig.model_fields.items():
@@ -395,8 +405,11 @@ def check_against_store(config: TrainConfig) -> StoreInfo:
         # The same draw the workers make (seed = config.seed): fails when too few cases are
         # flagged clean in the store.
         clean = select_clean_cases(
-            store, fraction=config.clean_fraction, count=config.clean_count,
-            seed=config.seed, split="train",
+            store,
+            fraction=config.clean_fraction,
+            count=config.clean_count,
+            seed=config.seed,
+            split="train",
         )
         if config.reweight != "none" and len(clean) >= len(train_ids):
             raise NoisysegInputError(

@@ -65,9 +65,7 @@ def case_normalization_stats(store: Any, case_id: str) -> tuple[np.ndarray, np.n
     return case_stats(store, case_id)
 
 
-def normalize_image(
-    image: Any, stats: tuple[np.ndarray, np.ndarray] | None = None
-) -> np.ndarray:
+def normalize_image(image: Any, stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Per-case, per-channel z-score ``(x - mean_c) / std_c`` (the training normalisation).
 
     Args:
@@ -220,7 +218,9 @@ def model_from_checkpoint(
         model.load_state_dict(_strip_ddp_prefix(dict(checkpoint["model"])))
     except (TypeError, ValueError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0]
-        raise NoisysegInputError(f"checkpoint does not match its U-Net spec ({first})", path=source)
+        raise NoisysegInputError(
+            f"checkpoint does not match its U-Net spec ({first})", path=source
+        ) from error
     model.eval()
     return model, spec
 
@@ -249,7 +249,9 @@ def download_run_checkpoint(run_id: str, dst_dir: str | os.PathLike) -> Path:
         raise NoisysegInputError(f"no MLflow run {run_id!r}", path=uri) from None
     try:
         local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=FINAL_CHECKPOINT_ARTIFACT, dst_path=str(dst_dir),
+            run_id=run_id,
+            artifact_path=FINAL_CHECKPOINT_ARTIFACT,
+            dst_path=str(dst_dir),
             tracking_uri=uri,
         )
     except (MlflowException, OSError):
@@ -344,7 +346,8 @@ def check_channels(store: Any, spec: UNetSpec, *, store_path: str | None = None)
         )
     if int(store.spatial_dims) != spec.spatial_dims:
         raise NoisysegInputError(
-            f"model is {spec.spatial_dims}D, store images are {store.spatial_dims}D", path=store_path
+            f"model is {spec.spatial_dims}D, store images are {store.spatial_dims}D",
+            path=store_path,
         )
 
 
@@ -475,7 +478,8 @@ def evaluate_cases(
     spacings: list[tuple[float, ...]] = []
     per_case: list[dict[str, Any]] = []
     metric_kwargs: dict[str, Any] = {
-        "threshold": threshold, "candidate_threshold": candidate_threshold,
+        "threshold": threshold,
+        "candidate_threshold": candidate_threshold,
     }
     if size_bins is not None:
         metric_kwargs["size_bins"] = list(size_bins)
@@ -485,8 +489,14 @@ def evaluate_cases(
             probability = np.asarray(precomputed[case_id], dtype=np.float32)
         else:
             probability = predict_volume(
-                model, store.image(case_id), roi_size=roi_size, overlap=overlap,
-                sw_batch_size=sw_batch_size, mode=mode, device=device, amp=amp,
+                model,
+                store.image(case_id),
+                roi_size=roi_size,
+                overlap=overlap,
+                sw_batch_size=sw_batch_size,
+                mode=mode,
+                device=device,
+                amp=amp,
                 stats=case_normalization_stats(store, case_id),
             )
         truth = np.asarray(truth_array[...]).astype(np.uint8, copy=False)
@@ -531,8 +541,12 @@ class InferenceSettings:
 
     def kwargs(self) -> dict[str, Any]:
         return {
-            "roi_size": self.roi_size, "overlap": self.overlap, "sw_batch_size": self.sw_batch_size,
-            "mode": self.mode, "device": self.device, "amp": self.amp,
+            "roi_size": self.roi_size,
+            "overlap": self.overlap,
+            "sw_batch_size": self.sw_batch_size,
+            "mode": self.mode,
+            "device": self.device,
+            "amp": self.amp,
         }
 
 
@@ -574,7 +588,9 @@ class CasePredictor:
     def probability(self, case_id: str) -> tuple[str, np.ndarray]:
         """``(case_id, (*S) float32 probability)`` without writing anything."""
         return case_id, predict_volume(
-            self.model, self.store.image(case_id), **self.settings.kwargs(),
+            self.model,
+            self.store.image(case_id),
+            **self.settings.kwargs(),
             stats=case_normalization_stats(self.store, case_id),
         )
 
@@ -633,13 +649,21 @@ def _remote_case(
     """
     import ray
 
-    key = (checkpoint_box[0].hex(), store_url, settings, repr(sorted(predictor_kwargs.items())),
-           num_threads)
+    key = (
+        checkpoint_box[0].hex(),
+        store_url,
+        settings,
+        repr(sorted(predictor_kwargs.items())),
+        num_threads,
+    )
     predictor = _WORKER_PREDICTOR.get(key)
     if predictor is None:
         _WORKER_PREDICTOR.clear()
         predictor = CasePredictor(
-            ray.get(checkpoint_box[0]), store_url, settings, num_threads=num_threads,
+            ray.get(checkpoint_box[0]),
+            store_url,
+            settings,
+            num_threads=num_threads,
             **predictor_kwargs,
         )
         _WORKER_PREDICTOR[key] = predictor
@@ -686,8 +710,11 @@ def map_cases(
         queue = list(reversed(case_ids))
         while queue or pending:
             while queue and len(pending) < workers:
-                pending.append(task.remote(box, store_url, settings, method, predictor_kwargs,
-                                           threads, queue.pop()))
+                pending.append(
+                    task.remote(
+                        box, store_url, settings, method, predictor_kwargs, threads, queue.pop()
+                    )
+                )
             ready, pending = ray.wait(pending, num_returns=1)
             yield ray.get(ready[0])
     finally:
@@ -728,8 +755,15 @@ def predict_cases(
     case_ids = list(case_ids)
     records: dict[str, dict[str, Any]] = {}
     results = map_cases(
-        checkpoint, store_url, case_ids, settings, method="predict", workers=workers,
-        use_ray=use_ray, name=name, nifti_dir=nifti_dir,
+        checkpoint,
+        store_url,
+        case_ids,
+        settings,
+        method="predict",
+        workers=workers,
+        use_ray=use_ray,
+        name=name,
+        nifti_dir=nifti_dir,
     )
     for index, record in enumerate(results):
         records[record["case_id"]] = record

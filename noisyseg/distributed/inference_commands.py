@@ -36,15 +36,26 @@ def _add_model_args(parser: argparse.ArgumentParser, *, run_required: bool = Fal
         "--checkpoint", help="checkpoint file (.pt) or Ray checkpoint directory (state.pt)"
     )
     parser.add_argument(
-        "--roi-size", type=int, nargs="+", metavar="N",
+        "--roi-size",
+        type=int,
+        nargs="+",
+        metavar="N",
         help="sliding-window size (one value or one per axis; default: the training patch size)",
     )
-    parser.add_argument("--overlap", type=float, default=None,
-                        help="window overlap in [0, 1) (default: training val_overlap, else 0.25)")
+    parser.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help="window overlap in [0, 1) (default: training val_overlap, else 0.25)",
+    )
     parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                        help="autocast precision for the forward passes")
+    parser.add_argument(
+        "--amp",
+        choices=("none", "bf16", "fp16"),
+        default="none",
+        help="autocast precision for the forward passes",
+    )
 
 
 def register(subparsers: Any) -> None:
@@ -62,16 +73,25 @@ def register(subparsers: Any) -> None:
     evaluate.add_argument("--label-set", default="truth", help="reference labels (default truth)")
     evaluate.add_argument("--threshold", type=float, default=0.5, help="operating threshold")
     evaluate.add_argument(
-        "--candidate-threshold", type=float, default=REPORT_CANDIDATE_THRESHOLD,
+        "--candidate-threshold",
+        type=float,
+        default=REPORT_CANDIDATE_THRESHOLD,
         help="lowest probability of lesion candidates for the PR/FROC curves, AP and maximum "
         "sensitivity (default 0.05)",
     )
     evaluate.add_argument("--output", help="write metrics and per-case results to this JSON file")
-    evaluate.add_argument("--no-log", action="store_true",
-                          help="do not log to the MLflow run even when --run-id is given")
-    evaluate.add_argument("--workers", type=int, default=1,
-                          help="predict cases in parallel on this many Ray workers (default 1: "
-                          "in-process unless RAY_ADDRESS is set or --ray is given)")
+    evaluate.add_argument(
+        "--no-log",
+        action="store_true",
+        help="do not log to the MLflow run even when --run-id is given",
+    )
+    evaluate.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="predict cases in parallel on this many Ray workers (default 1: "
+        "in-process unless RAY_ADDRESS is set or --ray is given)",
+    )
     evaluate.add_argument("--ray", action="store_true", help="predict on Ray even with 1 worker")
     evaluate.set_defaults(func=run_evaluate)
 
@@ -83,13 +103,20 @@ def register(subparsers: Any) -> None:
     )
     _add_model_args(predict)
     predict.add_argument("--cases", nargs="+", metavar="ID", help="cases to predict")
-    predict.add_argument("--split", default="test",
-                         help="predict this split when --cases is not given (default: test)")
+    predict.add_argument(
+        "--split",
+        default="test",
+        help="predict this split when --cases is not given (default: test)",
+    )
     predict.add_argument("--name", default="prediction", help="name of the probability maps")
     predict.add_argument("--nifti-dir", help="write NIfTI files here instead of into the store")
-    predict.add_argument("--workers", type=int, default=1,
-                         help="parallel Ray workers (one model each); 1 runs in-process "
-                         "unless RAY_ADDRESS is set or --ray is given")
+    predict.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="parallel Ray workers (one model each); 1 runs in-process "
+        "unless RAY_ADDRESS is set or --ray is given",
+    )
     predict.add_argument("--ray", action="store_true", help="run on Ray even with one worker")
     predict.set_defaults(func=run_predict)
 
@@ -162,8 +189,11 @@ def _settings(args: argparse.Namespace, checkpoint: dict[str, Any], spec: Any):
     if args.sw_batch_size < 1:
         raise NoisysegInputError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
     return InferenceSettings(
-        roi_size=roi, overlap=overlap, sw_batch_size=args.sw_batch_size,
-        device=_resolve_device(args.device), amp=args.amp,
+        roi_size=roi,
+        overlap=overlap,
+        sw_batch_size=args.sw_batch_size,
+        device=_resolve_device(args.device),
+        amp=args.amp,
     )
 
 
@@ -182,8 +212,13 @@ def _progress(console: Any, total: int, what: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
-        TextColumn(f"[bold]{what}[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=console, transient=False,
+        TextColumn(f"[bold]{what}[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=False,
     )
 
 
@@ -233,9 +268,10 @@ def print_metrics(console: Any, metrics: dict[str, Any], *, title: str) -> None:
     for key, label in _TABLE_ROWS:
         if key in metrics:
             table.add_row(label, _fmt(metrics[key]))
-    table.add_row("cases / truth lesions / candidates",
-                  f"{metrics.get('n_cases')} / {metrics.get('n_lesions')} / "
-                  f"{metrics.get('n_candidates')}")
+    table.add_row(
+        "cases / truth lesions / candidates",
+        f"{metrics.get('n_cases')} / {metrics.get('n_lesions')} / {metrics.get('n_candidates')}",
+    )
     console.print(table)
     by_size = metrics.get("sensitivity_by_size") or []
     if by_size:
@@ -243,8 +279,9 @@ def print_metrics(console: Any, metrics: dict[str, Any], *, title: str) -> None:
         for column in ("size bin", "lesions", "detected", "sensitivity"):
             sizes.add_column(column, justify="right" if column != "size bin" else "left")
         for row in by_size:
-            sizes.add_row(str(row["bin"]), str(row["count"]), str(row["detected"]),
-                          _fmt(row["sensitivity"]))
+            sizes.add_row(
+                str(row["bin"]), str(row["count"]), str(row["detected"]), _fmt(row["sensitivity"])
+            )
         console.print(sizes)
 
 
@@ -321,16 +358,27 @@ def run_evaluate(args: argparse.Namespace) -> int:
         with _progress(console, len(cases), f"predict on Ray ({args.workers})") as progress:
             task = progress.add_task("", total=len(cases))
             for case_id, probability in map_cases(
-                checkpoint, store.url, cases, settings, method="probability",
-                workers=args.workers, use_ray=True, write=False,
+                checkpoint,
+                store.url,
+                cases,
+                settings,
+                method="probability",
+                workers=args.workers,
+                use_ray=True,
+                write=False,
             ):
                 maps[case_id] = probability
                 progress.update(task, completed=len(maps), description=case_id)
     with _progress(console, len(cases), "evaluate") as progress:
         task = progress.add_task("", total=len(cases))
         result = evaluate_cases(
-            model, store, cases, label_set=args.label_set, probabilities=maps,
-            threshold=args.threshold, candidate_threshold=args.candidate_threshold,
+            model,
+            store,
+            cases,
+            label_set=args.label_set,
+            probabilities=maps,
+            threshold=args.threshold,
+            candidate_threshold=args.candidate_threshold,
             progress=lambda case_id, done, total: progress.update(
                 task, completed=done, description=case_id
             ),
@@ -350,8 +398,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "per_case": result.per_case,
     }
     out = Console()
-    print_metrics(out, result.metrics, title=f"noisyseg evaluate: {len(cases)} cases "
-                  f"({'given' if args.cases else args.split}), label set {args.label_set}")
+    print_metrics(
+        out,
+        result.metrics,
+        title=f"noisyseg evaluate: {len(cases)} cases "
+        f"({'given' if args.cases else args.split}), label set {args.label_set}",
+    )
     if args.output:
         Path(args.output).write_text(json.dumps(jsonable(report), indent=2))
         out.print(f"metrics written to {args.output}")
@@ -390,20 +442,31 @@ def run_predict(args: argparse.Namespace) -> int:
     with _progress(console, len(cases), "predict") as progress:
         task = progress.add_task("", total=len(cases))
         records = predict_cases(
-            checkpoint, store.url, cases, settings, name=args.name,
+            checkpoint,
+            store.url,
+            cases,
+            settings,
+            name=args.name,
             nifti_dir=str(args.nifti_dir) if args.nifti_dir else None,
-            workers=args.workers, use_ray=use_ray,
+            workers=args.workers,
+            use_ray=use_ray,
             progress=lambda record, done, total: progress.update(
                 task, completed=done, description=record["case_id"]
             ),
         )
-    table = Table(title=f"noisyseg predict: {len(records)} cases "
-                  f"({'Ray, ' + str(args.workers) + ' workers' if use_ray else 'in-process'})")
+    table = Table(
+        title=f"noisyseg predict: {len(records)} cases "
+        f"({'Ray, ' + str(args.workers) + ' workers' if use_ray else 'in-process'})"
+    )
     for column in ("case", "shape", "written to", "seconds"):
         table.add_column(column)
     for record in records:
-        table.add_row(record["case_id"], "x".join(map(str, record["shape"])), record["output"],
-                      f"{record['seconds']:.2f}")
+        table.add_row(
+            record["case_id"],
+            "x".join(map(str, record["shape"])),
+            record["output"],
+            f"{record['seconds']:.2f}",
+        )
     Console().print(table)
     return 0
 

@@ -75,7 +75,7 @@ def experiment_id_for(uri: str, name: str) -> str:
         return experiment.experiment_id
     try:
         return client.create_experiment(name, artifact_location=_embedded_artifact_root(uri))
-    except Exception:  # noqa: BLE001 - created concurrently by another process
+    except Exception:
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise
@@ -216,11 +216,12 @@ def scalar_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(scalar_metrics(value, name + "."))
-        elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-            value, bool
+        elif (
+            isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool)
+            and np.isfinite(float(value))
         ):
-            if np.isfinite(float(value)):
-                out[_safe_metric_name(name)] = float(value)
+            out[_safe_metric_name(name)] = float(value)
     return out
 
 
@@ -273,7 +274,10 @@ class RankZeroLogger:
             model.cpu().eval(),
             name="model",
             serialization_format="pickle",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"],
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"monai=={monai.__version__}",
+            ],
         )
 
     def close(self, status: str = "FINISHED") -> None:

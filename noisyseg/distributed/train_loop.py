@@ -123,8 +123,14 @@ def train_step(
 
         assert clean is not None, "meta reweighting needs a clean batch"
         result = meta_reweighted_step(
-            model, optimizer, images, labels, clean[0], clean[1],
-            loss=loss_fn, inner_lr=config.inner_lr,
+            model,
+            optimizer,
+            images,
+            labels,
+            clean[0],
+            clean[1],
+            loss=loss_fn,
+            inner_lr=config.inner_lr,
             method="head" if config.reweight == "meta-head" else "fast",
         )
         return StepOutput(
@@ -306,10 +312,16 @@ def _validate(
     net.eval()
     try:
         result = evaluate_cases(
-            net, store, info.val_case_ids,
-            label_set=config.val_labels, roi_size=tuple(info.patch_shape),
-            overlap=config.val_overlap, sw_batch_size=config.val_sw_batch_size,
-            device=str(device), amp=config.amp, keep_probabilities=logger is not None,
+            net,
+            store,
+            info.val_case_ids,
+            label_set=config.val_labels,
+            roi_size=tuple(info.patch_shape),
+            overlap=config.val_overlap,
+            sw_batch_size=config.val_sw_batch_size,
+            device=str(device),
+            amp=config.amp,
+            keep_probabilities=logger is not None,
         )
     finally:
         net.train(was_training)
@@ -325,8 +337,11 @@ def _validate(
             if config.labels != config.val_labels and config.labels in store.case_label_sets(case):
                 noisy = np.asarray(store.labels(case, config.labels)[...])
             figure = validation_slice_figure(
-                np.asarray(store.image(case)[...]), truths[case], probabilities[case],
-                noisy=noisy, title=f"{case} step {step}",
+                np.asarray(store.image(case)[...]),
+                truths[case],
+                probabilities[case],
+                noisy=noisy,
+                title=f"{case} step {step}",
             )
             logger.log_figure(figure, "figures/validation_slice.png")
         figure = pr_curve_figure(result.metrics.get("pr_curve"), title=f"lesion PR, step {step}")
@@ -434,8 +449,14 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
             images, labels = _to_device(next(noisy_batches), device)
             clean = _to_device(next(clean_batches), device) if clean_batches is not None else None
             out = train_step(
-                model, optimizer, loss_fn, images, labels,
-                config=config, clean=clean, scaler=scaler,
+                model,
+                optimizer,
+                loss_fn,
+                images,
+                labels,
+                config=config,
+                clean=clean,
+                scaler=scaler,
             )
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
@@ -456,8 +477,7 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
                 pending = []
 
             val_due = config.val_cases > 0 and (
-                (config.val_interval and step % config.val_interval == 0)
-                or step == config.steps
+                (config.val_interval and step % config.val_interval == 0) or step == config.steps
             )
             if val_due and rank == 0:
                 val = _validate(model, config, info, device, logger, step)
@@ -475,8 +495,13 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
                 if rank == 0:
                     with tempfile.TemporaryDirectory() as tmp:
                         save_training_state(
-                            tmp, model=model, optimizer=optimizer, scheduler=scheduler,
-                            unet_spec=spec.to_dict(), config=config_json, step=step,
+                            tmp,
+                            model=model,
+                            optimizer=optimizer,
+                            scheduler=scheduler,
+                            unet_spec=spec.to_dict(),
+                            config=config_json,
+                            step=step,
                             mlflow_run_id=run_id,
                         )
                         context.report(dict(last_metrics), Path(tmp), name)

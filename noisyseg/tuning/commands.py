@@ -15,8 +15,15 @@ from typing import Any
 from noisyseg.errors import NoisysegInputError
 
 _TUNE_OPTIONS = {
-    "name": str, "metric": str, "metric_mode": str, "num_samples": int, "max_concurrent": int,
-    "scheduler": str, "grace_period": int, "reduction_factor": float, "trial_cpus": float,
+    "name": str,
+    "metric": str,
+    "metric_mode": str,
+    "num_samples": int,
+    "max_concurrent": int,
+    "scheduler": str,
+    "grace_period": int,
+    "reduction_factor": float,
+    "trial_cpus": float,
 }
 
 
@@ -39,30 +46,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = parser.add_argument_group("sweep")
     group.add_argument("--name", default=None, help="sweep name (re-use it to resume)")
     group.add_argument(
-        "--best", metavar="SWEEP", default=None,
+        "--best",
+        metavar="SWEEP",
+        default=None,
         help="print the best config of a finished sweep as YAML for `noisyseg train --config`",
     )
     group.add_argument(
-        "--space", action="append", default=[], metavar="NAME=EXPR",
+        "--space",
+        action="append",
+        default=[],
+        metavar="NAME=EXPR",
         help="searched field, e.g. 'entropy_weight=uniform(0.8,0.99)', "
         "'clean_fraction=choice(0.05,0.1)', 'lr=grid(0.01,0.02)' (repeatable)",
     )
-    group.add_argument("--num-samples", type=int, default=None,
-                       help="samples of the space (grids are repeated per sample; default 1)")
-    group.add_argument("--max-concurrent", type=int, default=None,
-                       help="trials running at once (default: as resources allow)")
-    group.add_argument("--metric", default=None,
-                       help="metric ASHA and the best trial use (default val/ap)")
-    group.add_argument("--metric-mode", dest="metric_mode", choices=["min", "max"], default=None,
-                       help="maximise or minimise --metric (default max; --mode is the "
-                       "bootstrap loss's mode)")
+    group.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="samples of the space (grids are repeated per sample; default 1)",
+    )
+    group.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials running at once (default: as resources allow)",
+    )
+    group.add_argument(
+        "--metric", default=None, help="metric ASHA and the best trial use (default val/ap)"
+    )
+    group.add_argument(
+        "--metric-mode",
+        dest="metric_mode",
+        choices=["min", "max"],
+        default=None,
+        help="maximise or minimise --metric (default max; --mode is the bootstrap loss's mode)",
+    )
     group.add_argument("--scheduler", choices=["asha", "fifo"], default=None, help="default asha")
-    group.add_argument("--grace-period", type=int, default=None,
-                       help="ASHA: steps before a trial can be stopped (default: first report)")
+    group.add_argument(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="ASHA: steps before a trial can be stopped (default: first report)",
+    )
     group.add_argument("--reduction-factor", type=float, default=None, help="ASHA (default 2)")
-    group.add_argument("--trial-cpus", type=float, default=None,
-                       help="CPUs reserved by each trial's driver actor (default 1; the Train "
-                       "workers reserve workers x cpus_per_worker themselves)")
+    group.add_argument(
+        "--trial-cpus",
+        type=float,
+        default=None,
+        help="CPUs reserved by each trial's driver actor (default 1; the Train "
+        "workers reserve workers x cpus_per_worker themselves)",
+    )
     add_config_arguments(parser)
     parser.set_defaults(func=_tune)
 
@@ -117,6 +150,8 @@ def _tune(args: argparse.Namespace) -> int:
     if outcome.interrupted:
         return 130
     if outcome.best is not None:
-        print(f"[noisyseg tune] best trial {outcome.best['trial_id']}: "
-              f"`noisyseg tune --best {outcome.sweep_dir}` prints its config")
+        print(
+            f"[noisyseg tune] best trial {outcome.best['trial_id']}: "
+            f"`noisyseg tune --best {outcome.sweep_dir}` prints its config"
+        )
     return 1 if any(r["status"] == "error" for r in outcome.rows) else 0

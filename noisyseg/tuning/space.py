@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import ast
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from noisyseg.errors import NoisysegInputError
 
@@ -176,14 +177,17 @@ class SearchSpace:
                         from noisyseg.storage.patches import select_clean_cases
 
                         select_clean_cases(
-                            config.store, fraction=config.clean_fraction,
-                            count=config.clean_count, seed=config.seed,
+                            config.store,
+                            fraction=config.clean_fraction,
+                            count=config.clean_count,
+                            seed=config.seed,
                         )
             except NoisysegInputError as error:
                 shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
                 raise NoisysegInputError(
                     f"search point ({shown}) is invalid: {error.rule}",
-                    case=error.case, path=error.path or source,
+                    case=error.case,
+                    path=error.path or source,
                 ) from None
             configs.append(config)
         return configs
@@ -304,7 +308,9 @@ def parse_space(
     dims: dict[str, Dimension] = {}
     if yaml_section is not None:
         if not isinstance(yaml_section, Mapping):
-            raise NoisysegInputError("search_space must be a mapping of field: expression", path=source)
+            raise NoisysegInputError(
+                "search_space must be a mapping of field: expression", path=source
+            )
         for raw, value in yaml_section.items():
             name = _field_name(str(raw), source)
             try:
@@ -313,7 +319,9 @@ def parse_space(
                 raise NoisysegInputError(f"search_space.{name}: {error}", path=source) from None
     for flag in flags:
         if "=" not in flag:
-            raise NoisysegInputError(f"--space {flag!r}: expected NAME=EXPR, e.g. lr=uniform(0.001,0.01)")
+            raise NoisysegInputError(
+                f"--space {flag!r}: expected NAME=EXPR, e.g. lr=uniform(0.001,0.01)"
+            )
         raw, text = flag.split("=", 1)
         name = _field_name(raw, None)
         try:

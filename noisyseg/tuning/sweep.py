@@ -36,9 +36,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from noisyseg.errors import NoisysegInputError
 from noisyseg.tuning.space import SearchSpace
@@ -138,9 +139,7 @@ def prepare(settings: SweepSettings) -> tuple[dict[str, Any], Any]:
     if settings.max_concurrent is not None and settings.max_concurrent < 1:
         raise NoisysegInputError(f"--max-concurrent must be >= 1, got {settings.max_concurrent}")
     if settings.reduction_factor <= 1:
-        raise NoisysegInputError(
-            f"--reduction-factor must be > 1, got {settings.reduction_factor}"
-        )
+        raise NoisysegInputError(f"--reduction-factor must be > 1, got {settings.reduction_factor}")
     if settings.trial_cpus < 0:
         raise NoisysegInputError(f"--trial-cpus must be >= 0, got {settings.trial_cpus}")
     if settings.base.get("run_name"):
@@ -195,8 +194,14 @@ def trial_function(
     run_name = f"{sweep}-{trial_id}"
     config = make_config({**base, **point, "run_name": run_name, "storage_path": train_root})
     child = find_or_create_child(
-        tracking_uri, experiment_id, parent_run_id, sweep, trial_id, run_name,
-        config.flat_params(), point,
+        tracking_uri,
+        experiment_id,
+        parent_run_id,
+        sweep,
+        trial_id,
+        run_name,
+        config.flat_params(),
+        point,
     )
     run_training(
         config,
@@ -310,10 +315,15 @@ def run_sweep(settings: SweepSettings, *, print_fn: Callable[[str], None] = prin
     started_ray = False
     try:
         parent_params = {
-            "sweep": settings.name, "metric": settings.metric, "mode": settings.mode,
-            "num_samples": settings.num_samples, "max_concurrent": settings.max_concurrent,
-            "scheduler": settings.scheduler, "grace_period": settings.grace_period,
-            "reduction_factor": settings.reduction_factor, "trial_cpus": settings.trial_cpus,
+            "sweep": settings.name,
+            "metric": settings.metric,
+            "mode": settings.mode,
+            "num_samples": settings.num_samples,
+            "max_concurrent": settings.max_concurrent,
+            "scheduler": settings.scheduler,
+            "grace_period": settings.grace_period,
+            "reduction_factor": settings.reduction_factor,
+            "trial_cpus": settings.trial_cpus,
             **{f"space.{k}": v for k, v in settings.space.describe().items()},
             **{f"base.{k}": v for k, v in sample.flat_params().items() if k not in settings.space},
         }
@@ -321,13 +331,21 @@ def run_sweep(settings: SweepSettings, *, print_fn: Callable[[str], None] = prin
             uri, sample.experiment, settings.name, state_file, parent_params
         )
         _write_state(
-            state_file, name=settings.name, tracking_uri=uri, metric=settings.metric,
-            mode=settings.mode, space=settings.space.describe(), base=base,
-            status="running", updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            state_file,
+            name=settings.name,
+            tracking_uri=uri,
+            metric=settings.metric,
+            mode=settings.mode,
+            space=settings.space.describe(),
+            base=base,
+            status="running",
+            updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
         print_fn(f"[noisyseg tune] sweep {settings.name!r} in {sweep_dir}")
-        print_fn(f"[noisyseg tune] MLflow tracking URI: {uri}; parent run {parent}"
-                 + (" (resumed)" if resumed else ""))
+        print_fn(
+            f"[noisyseg tune] MLflow tracking URI: {uri}; parent run {parent}"
+            + (" (resumed)" if resumed else "")
+        )
 
         # A local instance (no RAY_ADDRESS) gets logical CPUs for max_concurrent trials: Tune
         # admits trials on the driver actor's CPUs alone, and a trial whose Train workers cannot
@@ -339,22 +357,32 @@ def run_sweep(settings: SweepSettings, *, print_fn: Callable[[str], None] = prin
 
         trainable = tune.with_resources(
             tune.with_parameters(
-                trial_function, base=base, sweep=settings.name, train_root=train_root,
-                tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
+                trial_function,
+                base=base,
+                sweep=settings.name,
+                train_root=train_root,
+                tracking_uri=uri,
+                experiment_id=experiment_id,
+                parent_run_id=parent,
             ),
             {"CPU": settings.trial_cpus},
         )
         if tune.Tuner.can_restore(str(sweep_dir)):
-            print_fn(f"[noisyseg tune] resuming sweep {settings.name!r} (unfinished and errored "
-                     "trials continue)")
+            print_fn(
+                f"[noisyseg tune] resuming sweep {settings.name!r} (unfinished and errored "
+                "trials continue)"
+            )
             tuner = tune.Tuner.restore(
-                str(sweep_dir), trainable=trainable, resume_unfinished=True,
+                str(sweep_dir),
+                trainable=trainable,
+                resume_unfinished=True,
                 restart_errored=True,
             )
         else:
             if settings.scheduler == "asha":
                 scheduler: Any = ASHAScheduler(
-                    time_attr="step", max_t=sample.steps,
+                    time_attr="step",
+                    max_t=sample.steps,
                     grace_period=settings.grace_period or sample.checkpoint_interval,
                     reduction_factor=settings.reduction_factor,
                 )
@@ -364,12 +392,15 @@ def run_sweep(settings: SweepSettings, *, print_fn: Callable[[str], None] = prin
                 trainable,
                 param_space=settings.space.to_tune(),
                 tune_config=tune.TuneConfig(
-                    metric=settings.metric, mode=settings.mode, scheduler=scheduler,
+                    metric=settings.metric,
+                    mode=settings.mode,
+                    scheduler=scheduler,
                     num_samples=settings.num_samples,
                     max_concurrent_trials=settings.max_concurrent,
                 ),
                 run_config=tune.RunConfig(
-                    name=settings.name, storage_path=str(root),
+                    name=settings.name,
+                    storage_path=str(root),
                     failure_config=tune.FailureConfig(max_failures=0),
                 ),
             )
@@ -384,8 +415,12 @@ def run_sweep(settings: SweepSettings, *, print_fn: Callable[[str], None] = prin
                 f"{expected} trials done; re-run the same command to resume it"
             )
             return SweepOutcome(
-                sweep_dir=str(sweep_dir), tracking_uri=uri, experiment_id=experiment_id,
-                parent_run_id=parent, rows=rows, interrupted=True,
+                sweep_dir=str(sweep_dir),
+                tracking_uri=uri,
+                experiment_id=experiment_id,
+                parent_run_id=parent,
+                rows=rows,
+                interrupted=True,
             )
         known = {r["trial_id"] for r in rows}
         client = tracking._client(uri)
@@ -401,18 +436,26 @@ def run_sweep(settings: SweepSettings, *, print_fn: Callable[[str], None] = prin
             best_yaml = best_config_yaml(base, best, sweep=settings.name, metric=settings.metric)
             (sweep_dir / BEST_FILE).write_text(best_yaml)
         files = tracking.write_summary(
-            rows, sweep_dir / "summary", metric=settings.metric, mode=settings.mode,
+            rows,
+            sweep_dir / "summary",
+            metric=settings.metric,
+            mode=settings.mode,
             search_fields=settings.space.names,
         )
         if best_yaml is not None:
             files.append(sweep_dir / BEST_FILE)
         failed = any(r["status"] == "error" for r in rows)
         tracking.finish_sweep_runs(
-            uri, parent, rows, files, metric=settings.metric,
+            uri,
+            parent,
+            rows,
+            files,
+            metric=settings.metric,
             sweep_status="FAILED" if failed else "FINISHED",
         )
         _write_state(
-            state_file, status="failed" if failed else "finished",
+            state_file,
+            status="failed" if failed else "finished",
             best_trial_id=best["trial_id"] if best else None,
             updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
@@ -423,8 +466,13 @@ def run_sweep(settings: SweepSettings, *, print_fn: Callable[[str], None] = prin
                 + ("  <- best" if row["best"] else "")
             )
         return SweepOutcome(
-            sweep_dir=str(sweep_dir), tracking_uri=uri, experiment_id=experiment_id,
-            parent_run_id=parent, rows=rows, best=best, best_yaml=best_yaml,
+            sweep_dir=str(sweep_dir),
+            tracking_uri=uri,
+            experiment_id=experiment_id,
+            parent_run_id=parent,
+            rows=rows,
+            best=best,
+            best_yaml=best_yaml,
         )
     finally:
         if started_ray:

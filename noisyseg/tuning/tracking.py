@@ -28,9 +28,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from noisyseg.distributed.tracking import experiment_id_for
 from noisyseg.errors import NoisysegInputError
@@ -53,8 +54,8 @@ def _free_port() -> int:
 
 def _alive_with(pid: int, marker: str) -> bool:
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace"
+        cmdline = (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         )
     except OSError:
         return False
@@ -84,12 +85,24 @@ class LocalMlflowServer:
         log = open(root / "server.log", "ab")
         process = subprocess.Popen(
             [
-                *command, "server",
-                "--backend-store-uri", f"sqlite:///{db}",
-                "--artifacts-destination", str(root / "mlartifacts"),
-                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                *command,
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{db}",
+                "--artifacts-destination",
+                str(root / "mlartifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
             ],
-            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         (root / SERVER_FILE).write_text(json.dumps({"pid": process.pid, "port": port}))
@@ -314,14 +327,29 @@ def write_summary(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    columns = ["trial_id", "run_id", "status", "last_step", *search_fields,
-               f"{metric} (last)", f"{metric} ({mode})", "best"]
+    columns = [
+        "trial_id",
+        "run_id",
+        "status",
+        "last_step",
+        *search_fields,
+        f"{metric} (last)",
+        f"{metric} ({mode})",
+        "best",
+    ]
     table = []
     for row in rows:
         table.append(
-            [row.get("trial_id"), row.get("run_id"), row.get("status"), row.get("last_step"),
-             *[row.get("point", {}).get(f) for f in search_fields],
-             row.get("metric_last"), row.get("metric_best"), "yes" if row.get("best") else ""]
+            [
+                row.get("trial_id"),
+                row.get("run_id"),
+                row.get("status"),
+                row.get("last_step"),
+                *[row.get("point", {}).get(f) for f in search_fields],
+                row.get("metric_last"),
+                row.get("metric_best"),
+                "yes" if row.get("best") else "",
+            ]
         )
     csv_path = out / "trials.csv"
     with open(csv_path, "w", newline="") as handle:
@@ -333,9 +361,7 @@ def write_summary(
     lines += ["| " + " | ".join(_fmt(v) for v in line) + " |" for line in table]
     md_path.write_text("\n".join(lines) + "\n")
 
-    ordered = sorted(
-        search_fields, key=lambda f: (f != "entropy_weight", f != "clean_fraction", f)
-    )
+    ordered = sorted(search_fields, key=lambda f: (f != "entropy_weight", f != "clean_fraction", f))
     x_field = ordered[0] if ordered else None
     group_field = ordered[1] if len(ordered) > 1 else None
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
@@ -348,22 +374,33 @@ def write_summary(
         points = [
             (r["point"].get(x_field), r.get("metric_last"), r.get("status"))
             for r in members
-            if x_field and isinstance(r["point"].get(x_field), (int, float))
+            if x_field
+            and isinstance(r["point"].get(x_field), (int, float))
             and r.get("metric_last") is not None
         ]
         points.sort(key=lambda p: p[0])
         label = f"{group_field}={key}" if group_field else metric
         if points:
-            left.plot([p[0] for p in points], [p[1] for p in points], color=colour, alpha=0.5,
-                      label=label)
+            left.plot(
+                [p[0] for p in points], [p[1] for p in points], color=colour, alpha=0.5, label=label
+            )
             for x, y, status in points:
-                left.scatter([x], [y], color=colour, facecolors="none" if status == "stopped early"
-                             else colour, s=40, zorder=3)
+                left.scatter(
+                    [x],
+                    [y],
+                    color=colour,
+                    facecolors="none" if status == "stopped early" else colour,
+                    s=40,
+                    zorder=3,
+                )
     left.set_xlabel(x_field or "")
     left.set_ylabel(f"{metric} (last reported)")
     if x_field == "entropy_weight" or (
-        x_field and all(isinstance(r["point"].get(x_field), (int, float)) and r["point"][x_field] > 0
-                        for r in rows)
+        x_field
+        and all(
+            isinstance(r["point"].get(x_field), (int, float)) and r["point"][x_field] > 0
+            for r in rows
+        )
         and len({r["point"].get(x_field) for r in rows}) > 2
     ):
         left.set_xscale("log")
@@ -374,8 +411,13 @@ def write_summary(
     for index, row in enumerate(rows):
         history = row.get("history") or []
         if history:
-            right.plot([h[0] for h in history], [h[1] for h in history], marker=".",
-                       color=f"C{index % 10}", label=str(row.get("trial_id")))
+            right.plot(
+                [h[0] for h in history],
+                [h[1] for h in history],
+                marker=".",
+                color=f"C{index % 10}",
+                label=str(row.get("trial_id")),
+            )
     right.set_xlabel("step")
     right.set_ylabel(metric)
     right.set_title("metric per report (one line per trial)", fontsize=9)
