@@ -7,6 +7,7 @@ by ``prod(strides)`` (``2 ** (depth - 1)`` with the default strides of 2).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -137,6 +138,34 @@ def init_output_bias(model: nn.Module, prior: float, out_channels: int = 1) -> n
     with torch.no_grad():
         conv.bias.fill_(math.log(prior / (1.0 - prior)))
     return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network itself: ``model.module`` for ``DistributedDataParallel`` / ``DataParallel``
+    (what ``ray.train.torch.prepare_model`` returns), else ``model`` unchanged."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+AmpName = Literal["none", "bf16", "fp16"]
+
+
+def autocast(device: torch.device | str, amp: AmpName) -> contextlib.AbstractContextManager:
+    """The mixed-precision context for a forward pass on ``device``.
+
+    ``amp="none"``: no autocast (a null context; ops run in the inputs' dtype, float32).
+    ``"bf16"`` / ``"fp16"``: ``torch.autocast`` on the device's type with that dtype (CUDA, and
+    CPU where PyTorch supports it). Training allows AMP only with a GPU (``TrainConfig``);
+    inference also accepts it on CPU. Logits should be cast back with ``.float()`` before the
+    loss or the sigmoid.
+    """
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"amp must be none, bf16 or fp16, got {amp!r}")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def count_parameters(model: nn.Module) -> int:
