@@ -52,6 +52,7 @@ from torch.func import functional_call
 
 from noisyseg.errors import NoisysegInputError
 from noisyseg.losses import bce_with_logits
+from noisyseg.models import unwrap_model
 
 Method = Literal["fast", "reference", "head"]
 METHODS: tuple[str, ...] = ("fast", "reference", "head")
@@ -66,13 +67,6 @@ HeadSpec = int | Callable[[str], bool]
 
 
 # ----------------------------------------------------------------------------------- plumbing
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module itself, or ``model.module`` for DistributedDataParallel / DataParallel."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
-
-
 def _pixel_loss(loss: object | None) -> PixelLoss:
     """Per-pixel loss ``(logits, labels) -> (N, 1, *spatial)`` for ``loss`` (None means BCE).
 
@@ -125,7 +119,7 @@ def head_parameter_names(model: nn.Module, head: HeadSpec = DEFAULT_HEAD_MODULES
         head: an ``int k`` — the parameters of the last ``k`` modules (in registration order)
             that directly own trainable parameters; or a predicate on parameter names.
     """
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     if callable(head):
         names = [n for n, p in inner.named_parameters() if p.requires_grad and head(n)]
     else:
@@ -153,7 +147,7 @@ def _selected(model: nn.Module, method: str, head: HeadSpec) -> dict[str, Tensor
     """Trainable parameters the weights differentiate: all of them, or the head's."""
     if method not in METHODS:
         raise NoisysegInputError(f"method must be one of {METHODS}, got {method!r}")
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     params = {n: p for n, p in inner.named_parameters() if p.requires_grad}
     if method == "head":
         return {n: params[n] for n in head_parameter_names(inner, head)}
@@ -204,7 +198,7 @@ def _prepare(
     parameters)``."""
     _check_batches(noisy_images, noisy_labels, clean_images, clean_labels, inner_lr)
     per_pixel = _pixel_loss(loss)
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     return per_pixel, inner, _selected(inner, method, head)
 
 
