@@ -4,15 +4,24 @@ Each verb lives with the module that implements it; a module exposes
 ``register(subparsers) -> None`` which adds its verbs with ``set_defaults(func=...)``.
 ``func(args) -> int`` returns the exit status. Heavy imports (Ray, MLflow, torch) happen inside
 the verbs, so ``noisyseg --help`` stays fast.
+
+A :class:`~noisyseg.errors.NoisysegInputError` (something the user typed or supplied) ends the
+command with its one line on stderr and exit status 2; ``noisyseg --debug COMMAND`` (or
+``NOISYSEG_DEBUG=1``) prints its traceback too. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from noisyseg.errors import NoisysegInputError
+
+#: Environment variable that turns on ``--debug`` (tracebacks for input errors).
+DEBUG_ENV = "NOISYSEG_DEBUG"
 
 # Modules that register verbs, in the order shown in --help.
 _COMMAND_MODULES: list[str] = [
@@ -28,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="noisyseg",
         description="Train lesion-segmentation U-Nets that stay sensitive under noisy annotations.",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=os.environ.get(DEBUG_ENV, "") not in ("", "0"),
+        help=f"show the full traceback of an input error (or set {DEBUG_ENV}=1)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in _COMMAND_MODULES:
@@ -52,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except NoisysegInputError as error:
+        if args.debug:
+            traceback.print_exc()
         print(f"noisyseg {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -469,9 +468,3 @@ def run_predict(args: argparse.Namespace) -> int:
         )
     Console().print(table)
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from noisyseg.cli import main
-
-    sys.exit(main(sys.argv[1:]))
