@@ -1,20 +1,27 @@
-"""Checkpoint files: one ``state.pt`` per Ray checkpoint, ``checkpoint/final.pt`` in MLflow.
+"""Checkpoint files: their names, how they are written, and the one loader.
 
-Both are ``torch.save`` of a dict of plain types and tensors that loads with
+Two kinds, both ``torch.save`` of a dict of plain types and tensors that loads with
 ``torch.load(path, weights_only=True)`` (DESIGN.md, "Runtime conventions"):
+
+* the **training state** ``<run dir>/checkpoint_<step:07d>/state.pt`` (a Ray Train checkpoint),
+  written every ``checkpoint_interval`` steps so a run resumes exactly where it stopped;
+* the **final model** ``final.pt``, logged to MLflow as the artifact ``checkpoint/final.pt``.
+
+Both hold:
 
 * ``model``: ``state_dict`` of the unwrapped module (no ``module.`` prefix from DDP);
 * ``unet_spec``: :meth:`noisyseg.models.UNetSpec.to_dict`;
 * ``config``: ``TrainConfig.model_dump(mode="json")``;
 * ``step``: optimiser steps done.
 
-Ray checkpoints (``state.pt``) additionally hold ``optimizer``, ``scheduler`` (state dicts),
-``mlflow_run_id`` (str or None) and ``rng`` (``{"torch": ByteTensor}``) so a run resumes
-exactly where it stopped.
+The training state additionally holds ``optimizer``, ``scheduler`` (state dicts), ``rng``
+(``{"torch": ByteTensor}``), ``mlflow_run_id`` and ``tracking_uri`` (str or None: the MLflow run
+the training logs into, and where).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +29,32 @@ import torch
 from torch import nn
 
 from noisyseg.errors import NoisysegInputError
+from noisyseg.models import UNetSpec, build_unet, unwrap_model
 
+#: File of a Ray checkpoint directory holding the training state.
 STATE_FILE = "state.pt"
-FINAL_ARTIFACT = "checkpoint/final.pt"
+#: File name of the final model.
+FINAL_FILE = "final.pt"
+#: MLflow artifact directory of the final model, and its full artifact path.
+FINAL_ARTIFACT_DIR = "checkpoint"
+FINAL_ARTIFACT = f"{FINAL_ARTIFACT_DIR}/{FINAL_FILE}"
+#: Keys every checkpoint holds.
+REQUIRED_KEYS = frozenset({"model", "unet_spec", "config", "step"})
+
+_CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module itself, or ``model.module`` for DistributedDataParallel."""
-    return (
-        model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-    )
+def checkpoint_dir_name(step: int) -> str:
+    """``checkpoint_<step:07d>``: the Ray checkpoint directory of ``step`` (sorts by step)."""
+    return f"checkpoint_{int(step):07d}"
 
 
+# ---------------------------------------------------------------------------------- writing
 def model_payload(
     model: nn.Module, unet_spec: dict[str, Any], config: dict[str, Any], step: int
 ) -> dict[str, Any]:
     """The model-only payload (``final.pt``): weights on CPU, spec, config, step."""
-    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
     return {"model": state, "unet_spec": dict(unet_spec), "config": dict(config), "step": int(step)}
 
 
@@ -52,6 +68,7 @@ def save_training_state(
     config: dict[str, Any],
     step: int,
     mlflow_run_id: str | None,
+    tracking_uri: str | None = None,
 ) -> Path:
     """Write ``directory/state.pt`` (the Ray checkpoint payload); return its path."""
     payload = model_payload(model, unet_spec, config, step)
@@ -59,6 +76,7 @@ def save_training_state(
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(),
         mlflow_run_id=mlflow_run_id,
+        tracking_uri=tracking_uri,
         rng={"torch": torch.get_rng_state()},
     )
     path = Path(directory) / STATE_FILE
@@ -66,17 +84,32 @@ def save_training_state(
     return path
 
 
+def save_final_model(directory: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``directory/final.pt`` from :func:`model_payload`; return its path."""
+    path = Path(directory) / FINAL_FILE
+    torch.save(payload, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------- reading
+def _checkpoint_file(path: Path) -> Path:
+    if path.is_dir():
+        for name in (STATE_FILE, FINAL_FILE):
+            if (path / name).is_file():
+                return path / name
+    return path
+
+
 def read_state(path: str | Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with a one-line error for missing/corrupt files.
+    """The checkpoint dict, by ``torch.load(path, weights_only=True)``.
 
     ``path`` may be the file or a directory holding ``state.pt`` / ``final.pt``.
+
+    Raises:
+        NoisysegInputError: missing, unloadable (truncated, not a checkpoint, unsafe pickle)
+            or lacking one of :data:`REQUIRED_KEYS`.
     """
-    path = Path(path)
-    if path.is_dir():
-        for name in (STATE_FILE, "final.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
+    path = _checkpoint_file(Path(path))
     if not path.is_file():
         raise NoisysegInputError("checkpoint file not found", path=str(path))
     try:
@@ -85,47 +118,94 @@ def read_state(path: str | Path) -> dict[str, Any]:
         raise NoisysegInputError(
             f"not a loadable checkpoint ({error.__class__.__name__})", path=str(path)
         ) from None
-    missing = {"model", "unet_spec", "config", "step"} - set(payload)
+    if not isinstance(payload, dict):
+        raise NoisysegInputError("not a checkpoint (no dict inside)", path=str(path))
+    missing = REQUIRED_KEYS - set(payload)
     if missing:
         raise NoisysegInputError(f"checkpoint lacks {', '.join(sorted(missing))}", path=str(path))
     return payload
 
 
-def load_model_state(path: str | Path, *, device: str | torch.device = "cpu"):
-    """Rebuild the trained network from ``state.pt`` or ``final.pt``.
+def _strip_ddp_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """Keys without DDP's ``module.`` prefix (files written before :func:`model_payload`)."""
+    if state and all(key.startswith("module.") for key in state):
+        return {key[len("module.") :]: value for key, value in state.items()}
+    return state
+
+
+def spec_from_payload(payload: dict[str, Any]) -> UNetSpec:
+    """The :class:`UNetSpec` a checkpoint describes (lists turned back into tuples)."""
+    spec_data = dict(payload["unet_spec"])
+    for key in ("channels", "strides"):
+        if key in spec_data:
+            spec_data[key] = tuple(spec_data[key])
+    return UNetSpec(**spec_data)
+
+
+def model_from_checkpoint(
+    checkpoint: dict[str, Any], *, source: str = "checkpoint"
+) -> tuple[nn.Module, UNetSpec]:
+    """Build the U-Net ``checkpoint["unet_spec"]`` describes and load ``checkpoint["model"]``.
+
+    Returns:
+        ``(model, spec)``, the model in eval mode on CPU.
+
+    Raises:
+        NoisysegInputError: the weights do not fit the spec (one line naming ``source``).
+    """
+    try:
+        spec = spec_from_payload(checkpoint)
+        model = build_unet(spec)
+        model.load_state_dict(_strip_ddp_prefix(dict(checkpoint["model"])))
+    except (TypeError, ValueError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise NoisysegInputError(
+            f"checkpoint does not match its U-Net spec ({first})", path=source
+        ) from error
+    return model.eval(), spec
+
+
+def load_model_state(
+    path: str | Path, *, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, UNetSpec, dict[str, Any], int]:
+    """Rebuild the trained network from ``state.pt`` or ``final.pt`` (file or directory).
 
     Returns:
         ``(model, spec, config, step)``: the network in eval mode on ``device``, its
         :class:`~noisyseg.models.UNetSpec`, the config dict, the step count.
     """
-    from noisyseg.models import UNetSpec, build_unet
-
     payload = read_state(path)
-    spec_data = dict(payload["unet_spec"])
-    spec_data["channels"] = tuple(spec_data["channels"])
-    spec_data["strides"] = tuple(spec_data["strides"])
-    spec = UNetSpec(**spec_data)
-    model = build_unet(spec)
-    model.load_state_dict(payload["model"])
-    model.to(device).eval()
-    return model, spec, payload["config"], int(payload["step"])
+    model, spec = model_from_checkpoint(payload, source=str(path))
+    return model.to(device), spec, dict(payload["config"]), int(payload["step"])
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of every ``checkpoint_<step>`` directory under a run, newest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for entry in run_dir.iterdir():
+        match = _CHECKPOINT_DIR.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry))
+    return sorted(found, reverse=True)
 
 
 def latest_checkpoint_state(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The ``state.pt`` with the highest step under a Ray run directory, or None.
+    """The newest *complete* training state under a Ray run directory, or None.
 
-    Used by the launcher to learn, before starting Ray, whether a run name resumes and which
-    MLflow run it continues (Ray itself restores from its own snapshot of the same directory).
+    Directories are tried newest step first; the first whose ``state.pt`` loads (with every
+    required key, and the step its name says) wins. A checkpoint still being copied (Ray uploads
+    the directory after ``report``) is a truncated zip file and does not load, so it is skipped.
+    Ray's own checkpoint manager may lag the newest complete one on disk (it registers a
+    checkpoint when the controller polls the report), so the workers resume from this one.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return None
-    best: tuple[Path, dict[str, Any]] | None = None
-    for path in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
+    for step, directory in checkpoint_dirs(run_dir):
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001, S112 - a half-written checkpoint is skipped
+            payload = read_state(directory / STATE_FILE)
+        except NoisysegInputError:
             continue
-        if best is None or int(payload.get("step", -1)) > int(best[1].get("step", -1)):
-            best = (path, payload)
-    return best
+        if int(payload["step"]) == step:
+            return directory / STATE_FILE, payload
+    return None

@@ -127,6 +127,15 @@ class TrainConfig(BaseModel):
     )
 
     # ------------------------------------------------------------------ validators
+    @field_validator("store", "storage_path")
+    @classmethod
+    def _absolute_path(cls, value: str | None) -> str | None:
+        """A local path becomes absolute here, where it was typed: Ray Train V2 runs each worker
+        in the run folder, where a relative path would name something else. URLs stay as given."""
+        if value is None or "://" in value:
+            return value
+        return str(Path(value).expanduser().absolute())
+
     @field_validator("patch_size", mode="before")
     @classmethod
     def _patch_size_form(cls, value: Any) -> Any:
@@ -371,13 +380,45 @@ class StoreInfo(BaseModel):
     val_case_ids: list[str]
 
 
+def check_patch_fits(
+    store: Any, case_ids: list[str], patch: tuple[int, ...], divisor: int, where: str
+) -> None:
+    """Refuse a patch larger than the smallest training volume on some axis.
+
+    A patch larger than a volume would be zero-padded (and its memory paid) for nothing; the
+    error names the smallest volume and the largest patch that fits (rounded down to the
+    network's ``divisor``).
+    """
+    index = store.index()
+    shapes = {
+        str(case): tuple(int(n) for n in shape)
+        for case, shape in zip(index["case_id"], index["shape"])
+        if str(case) in set(case_ids)
+    }
+    if not shapes:
+        return
+    smallest = [min(shape[axis] for shape in shapes.values()) for axis in range(len(patch))]
+    if all(p <= m for p, m in zip(patch, smallest)):
+        return
+    axis = next(a for a, (p, m) in enumerate(zip(patch, smallest)) if p > m)
+    case = min(shapes, key=lambda c: shapes[c][axis])
+    fits = [max(divisor, m // divisor * divisor) for m in smallest]
+    raise NoisysegInputError(
+        f"patch_size {list(patch)} is larger than training case {case} "
+        f"({'x'.join(map(str, shapes[case]))} voxels) on axis {axis}; the largest patch that "
+        f"fits every training case is {fits} (multiples of the network's stride {divisor})",
+        path=where,
+    )
+
+
 def check_against_store(config: TrainConfig) -> StoreInfo:
     """Open the store and check the config fits it; raise NoisysegInputError when not.
 
     Checks: the store opens; the training label set and the validation label set exist; the
     training split has cases; the clean subset is no larger than the training cases (and leaves
     some noisy cases); patch axes = store dimensionality; each patch size is a multiple of the
-    network's total stride; the validation split has cases when validation is on.
+    network's total stride and fits the smallest training volume; the validation split has cases
+    when validation is on.
     """
     from noisyseg.storage.store import VolumeStore
 
@@ -428,6 +469,7 @@ def check_against_store(config: TrainConfig) -> StoreInfo:
             f"on every axis",
             path=config.store,
         )
+    check_patch_fits(store, train_ids, patch, divisor, config.store)
     val_ids = list(store.case_ids(split=config.val_split)) if config.val_cases else []
     if config.val_cases and not val_ids:
         raise NoisysegInputError(

@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from noisyseg.distributed.checkpoints import (
+    FINAL_ARTIFACT,
+    model_from_checkpoint,
+    read_state,
+)
 from noisyseg.errors import NoisysegInputError
+from noisyseg.models import AmpName, autocast
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -37,11 +43,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from noisyseg.models import UNetSpec
 
-AmpName = Literal["none", "bf16", "fp16"]
 BlendName = Literal["gaussian", "constant"]
 
-#: Artifact path of the final model inside a training run (written by distributed/checkpoints.py).
-FINAL_CHECKPOINT_ARTIFACT = "checkpoint/final.pt"
+#: Artifact path of the final model inside a training run (see distributed/checkpoints.py).
+FINAL_CHECKPOINT_ARTIFACT = FINAL_ARTIFACT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,17 +90,6 @@ def normalize_image(image: Any, stats: tuple[np.ndarray, np.ndarray] | None = No
 
 # ----------------------------------------------------------------------------------------------
 # Sliding-window prediction
-
-
-def _autocast(device: torch.device, amp: AmpName):
-    import contextlib
-
-    import torch
-
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def predict_volume(
@@ -156,7 +150,7 @@ def predict_volume(
     model.eval()
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:
-        with _autocast(torch_device, amp):
+        with autocast(torch_device, amp):
             return model(batch).float()
 
     try:
@@ -180,49 +174,6 @@ def predict_volume(
 
 # ----------------------------------------------------------------------------------------------
 # Loading trained models
-
-
-def _strip_ddp_prefix(state: dict[str, Any]) -> dict[str, Any]:
-    if state and all(key.startswith("module.") for key in state):
-        return {key[len("module.") :]: value for key, value in state.items()}
-    return state
-
-
-def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint dict (``model``, ``unet_spec``, ``config``, ``step``) with weights_only=True.
-
-    ``path`` is a ``.pt`` file or a Ray checkpoint directory holding ``state.pt``
-    (:func:`noisyseg.distributed.checkpoints.read_state`).
-
-    Raises:
-        NoisysegInputError: missing, unreadable or incomplete file.
-    """
-    from noisyseg.distributed.checkpoints import read_state
-
-    return read_state(path)
-
-
-def model_from_checkpoint(
-    checkpoint: dict[str, Any], *, source: str = "checkpoint"
-) -> tuple[nn.Module, UNetSpec]:
-    """Build the U-Net described by ``checkpoint["unet_spec"]`` and load ``checkpoint["model"]``."""
-    from noisyseg.models import UNetSpec, build_unet
-
-    spec_data = dict(checkpoint["unet_spec"])
-    for key in ("channels", "strides"):
-        if key in spec_data:
-            spec_data[key] = tuple(spec_data[key])
-    try:
-        spec = UNetSpec(**spec_data)
-        model = build_unet(spec)
-        model.load_state_dict(_strip_ddp_prefix(dict(checkpoint["model"])))
-    except (TypeError, ValueError, RuntimeError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise NoisysegInputError(
-            f"checkpoint does not match its U-Net spec ({first})", path=source
-        ) from error
-    model.eval()
-    return model, spec
 
 
 def _looks_like_run_id(source: str) -> bool:
@@ -265,9 +216,9 @@ def load_checkpoint(source: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint dict named by ``source`` (see :func:`load_trained_model`)."""
     path = Path(source)
     if path.exists() or str(source).endswith(".pt") or not _looks_like_run_id(str(source)):
-        return load_checkpoint_file(path)
+        return read_state(path)
     with tempfile.TemporaryDirectory(prefix="noisyseg-ckpt-") as tmp:
-        return load_checkpoint_file(download_run_checkpoint(str(source), tmp))
+        return read_state(download_run_checkpoint(str(source), tmp))
 
 
 def load_trained_model(source: str | os.PathLike) -> tuple[nn.Module, UNetSpec, dict]:
@@ -616,18 +567,6 @@ class CasePredictor:
         }
 
 
-def ensure_ray(num_cpus: int | None = None) -> bool:
-    """Connect to ``RAY_ADDRESS`` when set, else start a local Ray on 127.0.0.1.
-
-    Returns:
-        ``True`` when this call started/connected Ray (the caller should shut it down).
-    """
-    from noisyseg.distributed.ray_utils import connect_or_start_ray
-
-    outcome = connect_or_start_ray(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    return outcome != "already"
-
-
 #: Per Ray worker process: the last CasePredictor built, keyed by checkpoint ref and settings,
 #: so a worker builds the model once and reuses it for every case (and later calls) it runs.
 _WORKER_PREDICTOR: dict[tuple, CasePredictor] = {}
@@ -700,8 +639,10 @@ def map_cases(
 
     import ray
 
+    from noisyseg.distributed.ray_utils import ensure_ray
+
     workers = max(1, min(workers, len(case_ids)))
-    started = ensure_ray(num_cpus=max(workers, os.cpu_count() or 1))
+    started = ensure_ray(workers, dashboard=False, log_to_driver=False)
     pending: list[Any] = []
     try:
         threads = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)

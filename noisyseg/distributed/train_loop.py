@@ -1,21 +1,23 @@
 """The per-worker training function Ray Train runs on every rank (and a plain-process twin).
 
-:func:`train_loop_per_worker` is what ``TorchTrainer`` calls with ``train_loop_config``:
+:func:`train_loop_per_worker` is what ``TorchTrainer`` calls with ``train_loop_config`` (built by
+:func:`noisyseg.distributed.trainer.loop_config`, parsed by :meth:`WorkerJob.parse`).
+:func:`run_worker` reads top to bottom as named steps:
 
-``{"config": TrainConfig dict, "store_info": StoreInfo dict, "mlflow": {"tracking_uri",
-"run_id"} | None, ...}``
+1. :func:`build_state` — the U-Net, restored from the newest complete checkpoint when there is
+   one (:func:`find_restore`, then :func:`restore_state` and :func:`continue_schedule`), wrapped
+   for DDP by the context (``ray.train.torch.prepare_model``: gloo on CPU, NCCL on GPU), its
+   optimiser and LR schedule;
+2. :func:`open_batches` — this rank's patch streams;
+3. per step: :func:`train_step`, then :class:`StepLog` (losses averaged over ranks every
+   ``log_interval`` steps, logged by rank 0 to MLflow and sent to the launcher's progress
+   display), :func:`validate` (rank 0, every ``val_interval`` steps), :func:`save_checkpoint`
+   (every ``checkpoint_interval`` steps: every rank calls ``ray.train.report``, rank 0 with
+   ``checkpoint_<step:07d>/state.pt``).
 
-Each rank builds the U-Net, restores ``ray.train.get_checkpoint()`` when there is one, wraps the
-model with ``ray.train.torch.prepare_model`` (DDP; gloo on CPU, NCCL on GPU), reads its own
-stream of patches (``make_train_loaders(rank=, world_size=)``) and runs ``steps`` optimiser steps
-of the configured loss (standard, or meta pixel reweighting through
-:func:`noisyseg.reweight.meta_reweighted_step`). Every ``checkpoint_interval`` steps (and at the
-end) every rank calls ``ray.train.report`` — rank 0 with the checkpoint directory
-``checkpoint_<step:07d>`` holding ``state.pt`` (see :mod:`.checkpoints`), the others without.
-Rank 0 alone logs to MLflow, validates every ``val_interval`` steps and prints progress.
-
-:func:`run_worker` is the loop itself, parameterised by a :class:`WorkerContext`; the plain
-process version (:class:`LocalContext`) runs it without Ray (benchmarks, unit tests).
+Test hooks (:class:`LoopHooks`) live outside the loop. When the launcher's process dies, the next
+log flush finds it gone on every rank at once: rank 0 saves a checkpoint, marks the MLflow run
+KILLED with a ``noisyseg.end_reason`` tag, and all ranks return.
 """
 
 from __future__ import annotations
@@ -25,16 +27,52 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from noisyseg.distributed.checkpoints import model_payload, read_state, save_training_state, unwrap
+from noisyseg.distributed.checkpoints import (
+    checkpoint_dir_name,
+    latest_checkpoint_state,
+    model_payload,
+    read_state,
+    save_training_state,
+)
 from noisyseg.distributed.config import StoreInfo, TrainConfig
+from noisyseg.distributed.contexts import LocalContext, RayContext, WorkerContext
+from noisyseg.distributed.inference import evaluate_cases
+from noisyseg.distributed.progress import ProgressRecord, ProgressSender
+from noisyseg.distributed.resume import logged_high_water
+from noisyseg.distributed.tracking import (
+    RankZeroLogger,
+    finish_run,
+    pr_curve_figure,
+    scalar_metrics,
+    validation_slice_figure,
+)
+from noisyseg.losses import make_loss
+from noisyseg.models import UNetSpec, autocast, build_unet, init_output_bias, unwrap_model
+from noisyseg.reweight import meta_reweighted_step
+from noisyseg.storage.patches import make_train_loaders
+from noisyseg.storage.store import VolumeStore
+
+__all__ = [
+    "LocalContext",
+    "RayContext",
+    "WorkerContext",
+    "lr_factor",
+    "make_optimizer",
+    "make_scheduler",
+    "make_step_loss",
+    "run_worker",
+    "train_loop_per_worker",
+    "train_step",
+]
 
 
 # ---------------------------------------------------------------------------------- building blocks
@@ -74,8 +112,6 @@ def make_scheduler(
 
 def make_step_loss(config: TrainConfig) -> nn.Module:
     """The configured loss with ``reduction="mean"`` (per-voxel form used by reweighting)."""
-    from noisyseg.losses import make_loss
-
     return make_loss(
         config.loss,
         entropy_weight=config.entropy_weight,
@@ -91,13 +127,6 @@ class StepOutput:
 
     loss: float
     extra: dict[str, float]
-
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "none" or device.type != "cuda":
-        return torch.autocast(device_type="cpu", enabled=False)
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def train_step(
@@ -119,9 +148,8 @@ def train_step(
     batch ``clean = (images, labels)``.
     """
     if config.reweight != "none":
-        from noisyseg.reweight import meta_reweighted_step
-
-        assert clean is not None, "meta reweighting needs a clean batch"
+        if clean is None:
+            raise ValueError("meta reweighting needs a clean batch")
         result = meta_reweighted_step(
             model,
             optimizer,
@@ -142,7 +170,7 @@ def train_step(
             },
         )
     optimizer.zero_grad(set_to_none=True)
-    with _autocast(images.device, config.amp):
+    with autocast(images.device, config.amp):
         logits = model(images)
     loss = loss_fn(logits.float(), labels)
     if scaler is not None:
@@ -155,102 +183,170 @@ def train_step(
     return StepOutput(float(loss.detach()), {})
 
 
-# ---------------------------------------------------------------------------------- contexts
-class WorkerContext:
-    """Where the loop runs: rank, device, checkpoint restore and reporting."""
+# ---------------------------------------------------------------------------------- the job
+@dataclass
+class LoopHooks:
+    """Test hooks, kept out of the loop: each rank writes its pid to ``pid_dir/rank<r>.pid``
+    at start; every step sleeps ``step_delay_s`` (slows a run down so a test can kill it)."""
 
-    rank: int = 0
-    world_size: int = 1
+    pid_dir: str | None = None
+    step_delay_s: float = 0.0
 
-    def device(self) -> torch.device:
-        raise NotImplementedError
+    def on_start(self, rank: int) -> None:
+        if self.pid_dir:
+            Path(self.pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
 
-    def restore_dir(self) -> Path | None:
-        """Directory of the checkpoint to resume from, or None."""
-        raise NotImplementedError
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        raise NotImplementedError
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str) -> None:
-        raise NotImplementedError
+    def after_step(self, step: int) -> None:
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
 
 
-class RayContext(WorkerContext):
-    """Inside a Ray Train worker (Train V2 API)."""
+@dataclass
+class WorkerJob:
+    """What the launcher sends every rank (``train_loop_config``), as typed objects.
 
-    def __init__(self) -> None:
-        import ray.train
-
-        context = ray.train.get_context()
-        self.rank = context.get_world_rank()
-        self.world_size = context.get_world_size()
-
-    def device(self) -> torch.device:
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-
-    def restore_dir(self) -> Path | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        # Local filesystem storage: the directory is read in place; otherwise a local copy.
-        self._restore_tmp = tempfile.TemporaryDirectory()
-        return Path(checkpoint.to_directory(self._restore_tmp.name))
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str) -> None:
-        import ray.train
-        from ray.train import Checkpoint
-
-        checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-
-
-class LocalContext(WorkerContext):
-    """A plain process: one rank, no Ray (benchmarks and unit tests).
-
-    ``checkpoint_root``: where checkpoints go (``None``: not written); ``restore`` resumes from a
-    checkpoint directory. Reported metrics are kept in :attr:`reports`.
+    Keys of the dict: ``config`` (TrainConfig dict), ``store_info`` (StoreInfo dict), ``mlflow``
+    (``{"tracking_uri", "run_id"}`` or None: no MLflow), ``run_dir`` (local run directory or
+    None), ``progress_inbox`` (a :class:`~noisyseg.distributed.progress.ProgressInbox` handle or
+    None) and ``hooks`` (:class:`LoopHooks` fields).
     """
 
-    def __init__(
-        self,
-        device: str = "cpu",
-        checkpoint_root: str | Path | None = None,
-        restore: str | Path | None = None,
-    ) -> None:
-        self._device = torch.device(device)
-        self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
-        self._restore = Path(restore) if restore else None
-        self.reports: list[dict[str, Any]] = []
+    config: TrainConfig
+    info: StoreInfo
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    run_dir: Path | None = None
+    inbox: Any | None = None
+    hooks: LoopHooks = field(default_factory=LoopHooks)
 
-    def device(self) -> torch.device:
-        return self._device
+    @classmethod
+    def parse(cls, loop_config: dict[str, Any]) -> WorkerJob:
+        mlflow_info = loop_config.get("mlflow") or {}
+        run_dir = loop_config.get("run_dir")
+        return cls(
+            config=TrainConfig.model_validate(loop_config["config"]),
+            info=StoreInfo.model_validate(loop_config["store_info"]),
+            tracking_uri=mlflow_info.get("tracking_uri"),
+            run_id=mlflow_info.get("run_id"),
+            run_dir=Path(run_dir) if run_dir else None,
+            inbox=loop_config.get("progress_inbox"),
+            hooks=LoopHooks(**(loop_config.get("hooks") or {})),
+        )
 
-    def restore_dir(self) -> Path | None:
-        return self._restore
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        return model.to(self._device)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str) -> None:
-        self.reports.append(dict(metrics))
-        if checkpoint_dir is not None and self.checkpoint_root is not None:
-            import shutil
-
-            target = self.checkpoint_root / name
-            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+    @property
+    def run_name(self) -> str:
+        return self.config.run_name or "run"
 
 
-# ---------------------------------------------------------------------------------- helpers
+@dataclass
+class TrainingState:
+    """The model (DDP-wrapped when distributed) and everything that moves with it."""
+
+    model: nn.Module
+    spec: UNetSpec
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    loss_fn: nn.Module
+    step: int = 0
+    resumed_from: str | None = None
+
+
+# ---------------------------------------------------------------------------------- 1. build
+def build_network(config: TrainConfig, info: StoreInfo) -> tuple[nn.Module, UNetSpec]:
+    """The U-Net for the store's dimensionality and channels, seeded, output bias at the prior."""
+    torch.manual_seed(config.seed)
+    spec = config.unet_spec(info.spatial_dims, info.in_channels)
+    model = build_unet(spec)
+    if config.output_prior > 0:
+        init_output_bias(model, config.output_prior, spec.out_channels)
+    return model, spec
+
+
+def find_restore(context: WorkerContext, run_dir: Path | None) -> tuple[dict, str] | None:
+    """``(payload, where)`` of the newest checkpoint to resume from, or None for a fresh start.
+
+    Ray's restored checkpoint (``get_checkpoint``) can lag the newest complete one on disk (the
+    controller registers a report when it polls), so the run directory is scanned as well
+    (:func:`~noisyseg.distributed.checkpoints.latest_checkpoint_state`) and the higher step wins.
+    """
+    candidates: list[tuple[dict, str]] = []
+    ray_dir = context.restore_dir()
+    if ray_dir is not None:
+        candidates.append((read_state(ray_dir), str(ray_dir)))
+    on_disk = latest_checkpoint_state(run_dir) if run_dir is not None else None
+    if on_disk is not None:
+        candidates.append((on_disk[1], str(on_disk[0].parent)))
+    if not candidates:
+        return None
+    return max(candidates, key=lambda item: int(item[0]["step"]))
+
+
+def continue_schedule(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    config: TrainConfig,
+    step: int,
+) -> None:
+    """Make the restored LR schedule follow the *current* config from ``step`` on.
+
+    ``steps`` may have been raised to continue a run: the saved optimiser LR belongs to the old
+    schedule, so the base LR and the current LR are set from ``config`` (``lr * lr_factor``).
+    """
+    scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr
+        group["lr"] = config.lr * lr_factor(config, step)
+
+
+def restore_state(state: TrainingState, payload: dict[str, Any], config: TrainConfig) -> None:
+    """Load optimiser, schedule and RNG state of a checkpoint into ``state`` (model done)."""
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    state.step = int(payload["step"])
+    continue_schedule(state.optimizer, state.scheduler, config, state.step)
+    torch.set_rng_state(payload["rng"]["torch"])
+
+
+def build_state(job: WorkerJob, context: WorkerContext) -> TrainingState:
+    """Step 1: network, restore (newest checkpoint), DDP wrap, optimiser, schedule, loss."""
+    config = job.config
+    model, spec = build_network(config, job.info)
+    restore = find_restore(context, job.run_dir)
+    if restore is not None:
+        model.load_state_dict(restore[0]["model"])
+    model = context.prepare_model(model)
+    optimizer = make_optimizer(config, model.parameters())
+    use_scaler = config.amp == "fp16" and context.device().type == "cuda"
+    state = TrainingState(
+        model=model,
+        spec=spec,
+        optimizer=optimizer,
+        scheduler=make_scheduler(config, optimizer),
+        scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
+        loss_fn=make_step_loss(config),
+    )
+    if restore is not None:
+        restore_state(state, restore[0], config)
+        state.resumed_from = restore[1]
+    return state
+
+
+# ---------------------------------------------------------------------------------- 2. data
+@dataclass
+class Batches:
+    """This rank's patch streams: noisy-label batches and, for meta reweighting, clean ones."""
+
+    noisy: Iterator
+    clean: Iterator | None
+
+    def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """``(images, labels, clean)`` on ``device``; ``clean`` is ``(images, labels)`` or None."""
+        images, labels = _to_device(next(self.noisy), device)
+        clean = _to_device(next(self.clean), device) if self.clean is not None else None
+        return images, labels, clean
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
     non_blocking = device.type == "cuda"
     return (
@@ -259,55 +355,140 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[to
     )
 
 
-def _mean_over_ranks(values: list[float], world_size: int, device: torch.device) -> list[float]:
-    """Average a list of per-step losses over ranks (one all-reduce); local values without DDP."""
-    import torch.distributed as dist
+def open_batches(
+    config: TrainConfig, info: StoreInfo, rank: int, world_size: int, start_step: int
+) -> Batches:
+    """Step 2: the rank's patch streams.
 
-    if world_size <= 1 or not dist.is_available() or not dist.is_initialized() or not values:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    The clean subset is drawn from the run's seed (the same cases for the whole run); the patch
+    streams' seed moves with the step so a resumed run does not replay the patches it saw.
+    """
+    uses_clean_subset = config.reweight != "none" or config.train_subset == "clean"
+    loaders = make_train_loaders(
+        config.store,
+        label_set=config.labels,
+        patch_size=tuple(info.patch_shape),
+        batch_size=config.batch_size,
+        foreground_fraction=config.foreground_fraction,
+        clean_fraction=config.clean_fraction if uses_clean_subset else None,
+        clean_count=config.clean_count if uses_clean_subset else None,
+        train_subset=config.train_subset,
+        rank=rank,
+        world_size=world_size,
+        num_workers=config.num_dataloader_workers,
+        seed=config.seed,
+        stream_seed=config.seed + 7919 * start_step,
+    )
+    wants_clean = config.reweight != "none" and loaders.clean is not None
+    return Batches(iter(loaders.noisy), iter(loaders.clean) if wants_clean else None)
+
+
+# ---------------------------------------------------------------------------------- 3. log
+class MetricLog:
+    """Rank 0's MLflow logging, without re-logging steps a previous attempt already logged.
+
+    MLflow appends metric values; after a restart the steps between the checkpoint and the crash
+    run again. ``high_water`` (per key, the highest step logged before) filters them out, so the
+    history holds each step once.
+    """
+
+    def __init__(self, logger: RankZeroLogger, high_water: dict[str, int]) -> None:
+        self.logger = logger
+        self.high_water = dict(high_water)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > self.high_water.get(k, -1)}
+        if fresh:
+            self.logger.log_metrics(fresh, step)
+
+    def close(self, tracking_uri: str, run_id: str, status: str, reason: str) -> None:
+        """End the run with ``status`` and the tag ``noisyseg.end_reason`` = ``reason``."""
+        self.logger.close(status)
+        finish_run(tracking_uri, run_id, status, reason=reason)
+
+
+def open_metric_log(job: WorkerJob, rank: int) -> MetricLog | None:
+    """Rank 0 attaches to the launcher's MLflow run; other ranks (and runs without MLflow): None."""
+    if rank != 0 or job.tracking_uri is None or job.run_id is None:
+        return None
+    high_water = logged_high_water(job.tracking_uri, job.run_id)
+    return MetricLog(RankZeroLogger(job.tracking_uri, job.run_id), high_water)
+
+
+def _reduce(values: list[float], stop: bool, world_size: int, device: torch.device):
+    """Mean of per-step losses over ranks and whether any rank asked to stop (one all-reduce)."""
+    if world_size <= 1 or not dist.is_available() or not dist.is_initialized():
+        return values, stop
+    tensor = torch.tensor([*values, float(stop)], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return (tensor / world_size).tolist()
+    return (tensor[:-1] / world_size).tolist(), bool(tensor[-1].item() > 0)
 
 
-class _Progress:
-    """Rank-0 terminal progress: one line every ``interval`` steps."""
+class StepLog:
+    """Losses of the steps since the last flush; every ``log_interval`` steps (and before a
+    checkpoint) they are averaged over ranks, logged and sent to the launcher's display.
 
-    def __init__(self, total: int, start: int) -> None:
-        self.total = total
-        self.last_step = start
-        self.last_time = time.perf_counter()
+    The flush is also where every rank learns, from rank 0, whether the launcher still lives.
+    """
 
-    def line(self, step: int, loss: float, lr: float) -> str:
+    def __init__(
+        self,
+        job: WorkerJob,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        *,
+        start_step: int = 0,
+    ) -> None:
+        self.job, self.rank, self.world_size, self.device = job, rank, world_size, device
+        self.pending: list[tuple[int, float, float, dict[str, float]]] = []
+        self.sender = ProgressSender(job.inbox, echo=job.inbox is None and rank == 0)
+        self._last = (start_step, time.perf_counter())
+
+    def add(self, step: int, out: StepOutput, lr: float) -> None:
+        self.pending.append((step, out.loss, lr, out.extra))
+
+    def flush(self, step: int, metric_log: MetricLog | None) -> tuple[dict[str, Any], bool]:
+        """``(metrics for Ray's report, launcher_gone)``; call on every rank at the same step."""
+        gone = self.rank == 0 and not self.sender.launcher_alive()
+        losses, gone = _reduce([p[1] for p in self.pending], gone, self.world_size, self.device)
+        lr = self.pending[-1][2] if self.pending else float("nan")
+        if metric_log is not None:
+            for (s, _, rate, extra), mean_loss in zip(self.pending, losses):
+                metric_log.log({"train/loss": mean_loss, "lr": rate, **extra}, s)
+        if self.rank == 0 and losses:
+            self.sender.send(self._record(step, losses[-1], lr))
+        self.pending = []
+        loss = losses[-1] if losses else float("nan")
+        return {"step": step, "train_loss": loss, "lr": lr}, gone
+
+    def _record(self, step: int, loss: float, lr: float) -> ProgressRecord:
         now = time.perf_counter()
-        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        self.last_step, self.last_time = step, now
-        width = len(str(self.total))
-        return (
-            f"[noisyseg train] step {step:>{width}}/{self.total}  loss {loss:.4f}  "
-            f"lr {lr:.3e}  {rate:.2f} steps/s"
-        )
+        last_step, last_time = self._last
+        rate = (step - last_step) / max(now - last_time, 1e-9)
+        self._last = (step, now)
+        total = self.job.config.steps
+        return ProgressRecord(self.job.run_name, "step", step, total, loss, lr, rate)
+
+    def note(self, step: int, text: str) -> None:
+        """A one-line message from rank 0 (resume, validation, end)."""
+        if self.rank == 0:
+            total = self.job.config.steps
+            self.sender.send(ProgressRecord(self.job.run_name, "note", step, total, text=text))
 
 
-def _validate(
+# ---------------------------------------------------------------------------------- validation
+def validate(
     model: nn.Module,
-    config: TrainConfig,
-    info: StoreInfo,
+    job: WorkerJob,
     device: torch.device,
-    logger: Any,
+    metric_log: MetricLog | None,
     step: int,
 ) -> dict[str, float]:
     """Sliding-window validation on a few cases (rank 0); logs metrics and the two figures."""
-    from noisyseg.distributed.inference import evaluate_cases
-    from noisyseg.distributed.tracking import (
-        pr_curve_figure,
-        scalar_metrics,
-        validation_slice_figure,
-    )
-    from noisyseg.storage.store import VolumeStore
-
+    config, info = job.config, job.info
     store = VolumeStore.open(config.store)
-    net = unwrap(model)
+    net = unwrap_model(model)
     was_training = net.training
     net.eval()
     try:
@@ -321,221 +502,208 @@ def _validate(
             sw_batch_size=config.val_sw_batch_size,
             device=str(device),
             amp=config.amp,
-            keep_probabilities=logger is not None,
+            keep_probabilities=metric_log is not None,
         )
     finally:
         net.train(was_training)
     metrics = scalar_metrics(result.metrics, "val/")
-    if logger is not None:
-        logger.log_metrics(metrics, step)
-        probabilities = result.probabilities or {}
-        if probabilities:
-            # The case whose truth has the most lesion voxels makes the most telling picture.
-            truths = {c: np.asarray(store.labels(c, config.val_labels)[...]) for c in probabilities}
-            case = max(truths, key=lambda c: int(truths[c].sum()))
-            noisy = None
-            if config.labels != config.val_labels and config.labels in store.case_label_sets(case):
-                noisy = np.asarray(store.labels(case, config.labels)[...])
-            figure = validation_slice_figure(
-                np.asarray(store.image(case)[...]),
-                truths[case],
-                probabilities[case],
-                noisy=noisy,
-                title=f"{case} step {step}",
-            )
-            logger.log_figure(figure, "figures/validation_slice.png")
-        figure = pr_curve_figure(result.metrics.get("pr_curve"), title=f"lesion PR, step {step}")
-        logger.log_figure(figure, "figures/pr_curve.png")
+    if metric_log is not None:
+        metric_log.log(metrics, step)
+        _log_validation_figures(metric_log.logger, store, config, result, step)
     return metrics
 
 
-# ---------------------------------------------------------------------------------- the loop
-def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str, Any]:
-    """Train on one rank. Returns the last metrics dict (steps/s included).
-
-    ``loop_config`` keys: ``config`` (TrainConfig dict), ``store_info`` (StoreInfo dict),
-    ``mlflow`` (``{"tracking_uri", "run_id"}`` or None: no MLflow), and test hooks
-    ``_pid_dir`` (rank r writes ``rank<r>.pid``) and ``_step_delay_s`` (sleep per step).
-    """
-    from noisyseg.models import build_unet, init_output_bias
-    from noisyseg.storage.patches import make_train_loaders
-
-    config = TrainConfig.model_validate(loop_config["config"])
-    info = StoreInfo.model_validate(loop_config["store_info"])
-    mlflow_info = loop_config.get("mlflow") or None
-    rank, world = context.rank, context.world_size
-    device = context.device()
-    if loop_config.get("_pid_dir"):
-        Path(loop_config["_pid_dir"], f"rank{rank}.pid").write_text(str(os.getpid()))
-    step_delay = float(loop_config.get("_step_delay_s") or 0.0)
-
-    # Intra-op threads = the CPUs this worker reserved (Ray also sets OMP_NUM_THREADS so); more
-    # threads than cores makes every op spin-wait when processes share the machine.
-    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
-    torch.manual_seed(config.seed)
-    spec = config.unet_spec(info.spatial_dims, info.in_channels)
-    model = build_unet(spec)
-    if config.output_prior > 0:
-        init_output_bias(model, config.output_prior, spec.out_channels)
-    start_step = 0
-    payload: dict[str, Any] | None = None
-    restore = context.restore_dir()
-    if restore is not None:
-        payload = read_state(restore)
-        model.load_state_dict(payload["model"])
-        start_step = int(payload["step"])
-        if mlflow_info is not None and payload.get("mlflow_run_id"):
-            mlflow_info = {**mlflow_info, "run_id": payload["mlflow_run_id"]}
-    model = context.prepare_model(model)
-    optimizer = make_optimizer(config, model.parameters())
-    scheduler = make_scheduler(config, optimizer)
-    if payload is not None:
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        # The schedule follows the *current* config (steps may have been raised to continue a
-        # run): the saved optimizer LR belongs to the old schedule.
-        scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["initial_lr"] = config.lr
-            group["lr"] = config.lr * lr_factor(config, start_step)
-        torch.set_rng_state(payload["rng"]["torch"])
-    scaler = (
-        torch.amp.GradScaler("cuda") if config.amp == "fp16" and device.type == "cuda" else None
-    )
-    loss_fn = make_step_loss(config)
-
-    logger = None
-    if rank == 0 and mlflow_info is not None:
-        from noisyseg.distributed.tracking import RankZeroLogger
-
-        logger = RankZeroLogger(mlflow_info["tracking_uri"], mlflow_info["run_id"])
-        if start_step > 0:
-            logger.log_metrics({"resumed_from_step": float(start_step)}, start_step)
-    run_id = mlflow_info["run_id"] if mlflow_info else None
-    config_json = config.model_dump(mode="json")
-
-    # The clean subset is drawn from the run's seed (the same cases for the whole run); the
-    # patch streams' seed moves with the step so a resumed run does not replay seen patches.
-    uses_clean_subset = config.reweight != "none" or config.train_subset == "clean"
-    loaders = make_train_loaders(
-        config.store,
-        label_set=config.labels,
-        patch_size=tuple(info.patch_shape),
-        batch_size=config.batch_size,
-        foreground_fraction=config.foreground_fraction,
-        clean_fraction=config.clean_fraction if uses_clean_subset else None,
-        clean_count=config.clean_count if uses_clean_subset else None,
-        train_subset=config.train_subset,
-        rank=rank,
-        world_size=world,
-        num_workers=config.num_dataloader_workers,
-        seed=config.seed,
-        stream_seed=config.seed + 7919 * start_step,
-    )
-    noisy_batches: Iterator = iter(loaders.noisy)
-    clean_batches: Iterator | None = (
-        iter(loaders.clean) if config.reweight != "none" and loaders.clean is not None else None
-    )
-
-    model.train()
-    progress = _Progress(config.steps, start_step)
-    pending: list[tuple[int, float, float, dict[str, float]]] = []
-    last_metrics: dict[str, Any] = {"step": start_step}
-    timed_steps, timed_seconds = 0, 0.0
-    status = "FAILED"
-    try:
-        iteration_began = time.perf_counter()
-        for step in range(start_step + 1, config.steps + 1):
-            images, labels = _to_device(next(noisy_batches), device)
-            clean = _to_device(next(clean_batches), device) if clean_batches is not None else None
-            out = train_step(
-                model,
-                optimizer,
-                loss_fn,
-                images,
-                labels,
-                config=config,
-                clean=clean,
-                scaler=scaler,
-            )
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            if step_delay:
-                time.sleep(step_delay)
-            pending.append((step, out.loss, lr, out.extra))
-
-            flush = step % config.log_interval == 0 or step == config.steps
-            checkpoint_due = step % config.checkpoint_interval == 0 or step == config.steps
-            if flush or checkpoint_due:
-                losses = _mean_over_ranks([p[1] for p in pending], world, device)
-                if rank == 0:
-                    if logger is not None:
-                        for (s, _, rate, extra), mean_loss in zip(pending, losses):
-                            logger.log_metrics({"train/loss": mean_loss, "lr": rate, **extra}, s)
-                    print(progress.line(step, losses[-1], lr), flush=True)
-                last_metrics = {"step": step, "train_loss": losses[-1], "lr": lr}
-                pending = []
-
-            val_due = config.val_cases > 0 and (
-                (config.val_interval and step % config.val_interval == 0) or step == config.steps
-            )
-            if val_due and rank == 0:
-                val = _validate(model, config, info, device, logger, step)
-                last_metrics.update(val)
-                shown = {k: round(v, 4) for k, v in val.items() if k.count("/") == 1}
-                print(f"[noisyseg train] step {step} validation {shown}", flush=True)
-
-            if step == config.steps and rank == 0 and logger is not None:
-                final = model_payload(model, spec.to_dict(), config_json, step)
-                logger.log_final_model(_cpu_copy(unwrap(model), spec), final)
-
-            if checkpoint_due:
-                last_metrics["steps_per_s"] = timed_steps / timed_seconds if timed_seconds else 0.0
-                name = f"checkpoint_{step:07d}"
-                if rank == 0:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        save_training_state(
-                            tmp,
-                            model=model,
-                            optimizer=optimizer,
-                            scheduler=scheduler,
-                            unet_spec=spec.to_dict(),
-                            config=config_json,
-                            step=step,
-                            mlflow_run_id=run_id,
-                        )
-                        context.report(dict(last_metrics), Path(tmp), name)
-                else:
-                    context.report(dict(last_metrics), None, name)
-            # Throughput counts whole iterations (data, step, logging, validation, checkpoints)
-            # after the first, which pays one-off costs (DDP buckets, allocator, caches).
-            now = time.perf_counter()
-            if step > start_step + 1:
-                timed_steps += 1
-                timed_seconds += now - iteration_began
-            iteration_began = now
-        status = "FINISHED"
-    finally:
-        if logger is not None:
-            # A killed group never gets here; the next attempt re-opens the same run.
-            logger.close(status)
-    last_metrics["steps_per_s"] = timed_steps / timed_seconds if timed_seconds else 0.0
-    if rank == 0 and start_step < config.steps:
-        print(
-            f"[noisyseg train] done: {config.steps} steps, "
-            f"{last_metrics['steps_per_s']:.2f} steps/s (rank 0)",
-            flush=True,
+def _log_validation_figures(
+    logger: RankZeroLogger, store: Any, config: TrainConfig, result: Any, step: int
+) -> None:
+    """The slice with most lesion of the most lesioned case, and the lesion PR curve."""
+    probabilities = result.probabilities or {}
+    if probabilities:
+        truths = {c: np.asarray(store.labels(c, config.val_labels)[...]) for c in probabilities}
+        case = max(truths, key=lambda c: int(truths[c].sum()))
+        noisy = None
+        if config.labels != config.val_labels and config.labels in store.case_label_sets(case):
+            noisy = np.asarray(store.labels(case, config.labels)[...])
+        figure = validation_slice_figure(
+            np.asarray(store.image(case)[...]),
+            truths[case],
+            probabilities[case],
+            noisy=noisy,
+            title=f"{case} step {step}",
         )
-    return last_metrics
+        logger.log_figure(figure, "figures/validation_slice.png")
+    figure = pr_curve_figure(result.metrics.get("pr_curve"), title=f"lesion PR, step {step}")
+    logger.log_figure(figure, "figures/pr_curve.png")
 
 
-def _cpu_copy(model: nn.Module, spec: Any) -> nn.Module:
-    """A CPU copy of the network for ``mlflow.pytorch.log_model`` (the training copy stays put)."""
-    from noisyseg.models import build_unet
+# ---------------------------------------------------------------------------------- checkpoints
+def _write_state(directory: str | Path, state: TrainingState, job: WorkerJob, step: int) -> None:
+    save_training_state(
+        directory,
+        model=state.model,
+        optimizer=state.optimizer,
+        scheduler=state.scheduler,
+        unet_spec=state.spec.to_dict(),
+        config=job.config.model_dump(mode="json"),
+        step=step,
+        mlflow_run_id=job.run_id,
+        tracking_uri=job.tracking_uri,
+    )
 
-    copy = build_unet(spec)
-    copy.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    return copy.eval()
+
+def save_checkpoint(
+    state: TrainingState,
+    job: WorkerJob,
+    context: WorkerContext,
+    metrics: dict[str, Any],
+    step: int,
+) -> None:
+    """Every rank reports ``metrics``; rank 0 with ``checkpoint_<step:07d>/state.pt``."""
+    name = checkpoint_dir_name(step)
+    if context.rank != 0:
+        context.report(dict(metrics), None, name)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_state(tmp, state, job, step)
+        context.report(dict(metrics), Path(tmp), name)
+
+
+def save_checkpoint_directly(state: TrainingState, job: WorkerJob, step: int) -> Path | None:
+    """Rank 0 writes ``<run_dir>/checkpoint_<step>`` itself (the launcher, and with it Ray's
+    checkpoint bookkeeping, is gone): written beside, then renamed into place."""
+    if job.run_dir is None:
+        return None
+    target = job.run_dir / checkpoint_dir_name(step)
+    if target.exists():
+        return target
+    staging = job.run_dir / f".{target.name}.tmp-{os.getpid()}"
+    staging.mkdir(parents=True, exist_ok=True)
+    _write_state(staging, state, job, step)
+    staging.rename(target)
+    return target
+
+
+def log_final_model(state: TrainingState, job: WorkerJob, metric_log: MetricLog, step: int):
+    """``checkpoint/final.pt`` and the ``mlflow.pytorch`` model of the finished network."""
+    payload = model_payload(
+        state.model, state.spec.to_dict(), job.config.model_dump(mode="json"), step
+    )
+    copy = build_unet(state.spec)
+    copy.load_state_dict(payload["model"])
+    metric_log.logger.log_final_model(copy.eval(), payload)
+
+
+class Throughput:
+    """Steps per second over whole iterations (data, step, logging, validation, checkpoints),
+    leaving out the first, which pays one-off costs (DDP buckets, allocator, caches)."""
+
+    def __init__(self) -> None:
+        self.steps, self.seconds = 0, 0.0
+        self._began: float | None = None
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self._began is not None:
+            self.steps += 1
+            self.seconds += now - self._began
+        self._began = now
+
+    @property
+    def rate(self) -> float:
+        return self.steps / self.seconds if self.seconds else 0.0
+
+
+# ---------------------------------------------------------------------------------- the loop
+@dataclass
+class Progress:
+    """How far this rank got: last metrics, throughput, and how the run ends (MLflow status)."""
+
+    metrics: dict[str, Any]
+    clock: Throughput = field(default_factory=Throughput)
+    status: str = "FAILED"
+    reason: str = "failed in the training loop"
+
+
+def _due(step: int, interval: int, last: int) -> bool:
+    return (bool(interval) and step % interval == 0) or step == last
+
+
+def stop_for_lost_launcher(state: TrainingState, job: WorkerJob, rank: int, step: int) -> str:
+    """Rank 0 saves the state beside Ray's checkpoints; the reason the run ends."""
+    saved = save_checkpoint_directly(state, job, step) if rank == 0 else None
+    where = f", state saved in {saved}" if saved is not None else ""
+    return f"the launcher (noisyseg train) ended; workers stopped at step {step}{where}"
+
+
+def end_of_step(
+    step: int,
+    state: TrainingState,
+    job: WorkerJob,
+    context: WorkerContext,
+    log: StepLog,
+    metric_log: MetricLog | None,
+    progress: Progress,
+) -> bool:
+    """Log, validate, save as due after ``step``; False when the workers must stop."""
+    config, rank = job.config, context.rank
+    checkpoint_due = _due(step, config.checkpoint_interval, config.steps)
+    if _due(step, config.log_interval, config.steps) or checkpoint_due:
+        flushed, launcher_gone = log.flush(step, metric_log)
+        progress.metrics.update(flushed)
+        if launcher_gone:
+            progress.status = "KILLED"
+            progress.reason = stop_for_lost_launcher(state, job, rank, step)
+            return False
+    if rank == 0 and config.val_cases > 0 and _due(step, config.val_interval, config.steps):
+        val = validate(state.model, job, context.device(), metric_log, step)
+        progress.metrics.update(val)
+        log.note(step, f"step {step} validation { {k: round(v, 4) for k, v in val.items()} }")
+    if step == config.steps and metric_log is not None:
+        log_final_model(state, job, metric_log, step)
+    if checkpoint_due:
+        progress.metrics["steps_per_s"] = progress.clock.rate
+        save_checkpoint(state, job, context, progress.metrics, step)
+    progress.clock.tick()
+    return True
+
+
+def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str, Any]:
+    """Train on one rank (see the module docstring); returns the last metrics (with steps/s)."""
+    job = WorkerJob.parse(loop_config)
+    config, device = job.config, context.device()
+    job.hooks.on_start(context.rank)
+    # Intra-op threads = the CPUs this worker reserved (more threads than cores makes every op
+    # spin-wait when processes share the machine).
+    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+    state = build_state(job, context)
+    batches = open_batches(config, job.info, context.rank, context.world_size, state.step)
+    metric_log = open_metric_log(job, context.rank)
+    log = StepLog(job, context.rank, context.world_size, device, start_step=state.step)
+    if state.resumed_from is not None:
+        log.note(state.step, f"resumed from step {state.step} ({state.resumed_from})")
+    progress = Progress(metrics={"step": state.step})
+    state.model.train()
+    try:
+        for step in range(state.step + 1, config.steps + 1):
+            images, labels, clean = batches.next(device)
+            out = train_step(
+                state.model, state.optimizer, state.loss_fn, images, labels,
+                config=config, clean=clean, scaler=state.scaler,
+            )  # fmt: skip
+            log.add(step, out, state.optimizer.param_groups[0]["lr"])
+            state.scheduler.step()
+            job.hooks.after_step(step)
+            if not end_of_step(step, state, job, context, log, metric_log, progress):
+                break
+        else:
+            progress.status, progress.reason = "FINISHED", f"completed {config.steps} steps"
+    finally:  # a killed group never gets here; the next attempt re-opens the run
+        if metric_log is not None:
+            metric_log.close(job.tracking_uri, job.run_id, progress.status, progress.reason)
+    progress.metrics["steps_per_s"] = progress.clock.rate
+    if state.step < config.steps and progress.status == "FINISHED":
+        log.note(config.steps, f"done: {config.steps} steps, {progress.clock.rate:.2f} steps/s")
+    return progress.metrics
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

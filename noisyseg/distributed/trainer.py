@@ -1,33 +1,59 @@
 """Launch a training run on Ray Train (``TorchTrainer``, Train V2 API), tracked in MLflow.
 
-:func:`run_training` is what ``noisyseg train`` and the Tune trials call:
+:func:`run_training` is what ``noisyseg train``, the benchmark and the Tune trials call. It reads
+as its steps; the config arrives validated (:func:`~noisyseg.distributed.config.make_config`,
+:func:`~noisyseg.distributed.config.check_against_store`) and is trusted from there on:
 
-1. validate the config against the store (no Ray work before that);
-2. resolve the stable run name and the Ray storage path; when ``<storage>/<run_name>`` already
-   holds checkpoints the run resumes — Ray Train V2 restores its checkpoint manager from that
-   directory and hands the latest checkpoint to ``ray.train.get_checkpoint()`` — and the MLflow
-   run id stored in that checkpoint is re-opened instead of creating a new run;
-3. connect to Ray: ``RAY_ADDRESS`` when set (``ray job submit`` sets it), else a local instance
-   on 127.0.0.1 (``RAY_AUTH_MODE`` defaults to ``disabled`` for it);
-4. ``TorchTrainer(train_loop_per_worker, ...).fit()`` with ``ScalingConfig(num_workers, use_gpu,
-   resources_per_worker)``, ``RunConfig(name, storage_path, CheckpointConfig(num_to_keep),
-   FailureConfig(max_failures))``.
+1. :func:`plan_launch` — the run name and Ray storage path; whether ``<storage>/<run_name>``
+   holds a checkpoint to resume (the newest complete one), and whether it may: same network,
+   data and objective (:mod:`.resume`), its MLflow run on this tracking server. ``force_new``
+   sets an earlier run directory aside instead. Refusals happen here, before any work;
+2. :func:`check_memory` — the per-worker memory estimate (printed), refused when too large;
+3. :func:`open_tracking` — the MLflow run: created, or the checkpoint's run re-opened;
+4. :func:`fit` — connect to Ray (``RAY_ADDRESS``, else a local instance on 127.0.0.1), start the
+   progress display, ``TorchTrainer(...).fit()`` (:func:`make_trainer`); Ctrl-C or a failure
+   marks the MLflow run KILLED / FAILED with the reason, and stops what this call started.
+
+Quiet by default: Ray's and MLflow's own log records go to ``<run dir>/noisyseg.log`` (path
+printed once) and worker output stays in Ray's session logs; the terminal shows one progress
+line per run (:mod:`.progress`) and the results. ``verbose=True`` brings Ray's output back.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from noisyseg.distributed.checkpoints import latest_checkpoint_state
 from noisyseg.distributed.config import StoreInfo, TrainConfig, check_against_store
+from noisyseg.distributed.memory import (
+    MemoryEstimate,
+    available_per_worker,
+    check_worker_memory,
+    estimate_worker_memory,
+)
+from noisyseg.distributed.progress import ProgressDisplay, ProgressReceiver
+from noisyseg.distributed.ray_utils import ray_connection
+from noisyseg.distributed.resume import check_identity, check_tracking_run, set_aside
+from noisyseg.distributed.tracking import RunHandle, finish_run, open_run, resolve_tracking_uri
+from noisyseg.distributed.train_loop import train_loop_per_worker
 
 DEFAULT_STORAGE_PATH = "~/ray_results"
+LOG_FILE = "noisyseg.log"
 PID_DIR_ENV = "NOISYSEG_TEST_PID_DIR"  # test hook: ranks write their pid there
 STEP_DELAY_ENV = "NOISYSEG_TEST_STEP_DELAY_S"  # test hook: sleep per step (slow a run down)
+#: Loggers whose records go to the run's log file unless ``verbose``.
+QUIET_LOGGERS = ("ray", "mlflow", "alembic", "py.warnings", "urllib3", "filelock")
+PREFIX = "[noisyseg train]"
 
 
 @dataclass
@@ -62,19 +88,195 @@ def storage_path(config: TrainConfig) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def ensure_ray(num_cpus_hint: float = 1.0) -> bool:
-    """Connect to Ray; return True when this call started a local instance (caller shuts it down).
+# ---------------------------------------------------------------------------------- 1. plan
+@dataclass
+class LaunchPlan:
+    """What a launch will do: the config (with its run name), where the run lives, and the
+    checkpoint it resumes (``prior``: ``(state.pt path, payload)`` or None)."""
 
-    ``RAY_ADDRESS`` set (a cluster, or inside ``ray job submit``): join it. Otherwise start a
-    local instance bound to 127.0.0.1 with the dashboard on 127.0.0.1. ``RAY_AUTH_MODE`` must be
-    the same for every process of a cluster; for the local instance it is set to ``disabled``
-    unless the caller set it.
+    config: TrainConfig
+    info: StoreInfo
+    root: str
+    run_dir: str
+    prior: tuple[Path, dict[str, Any]] | None = None
+    set_aside_to: Path | None = None
+
+    @property
+    def local(self) -> bool:
+        return "://" not in self.root
+
+    @property
+    def resume_step(self) -> int:
+        return int(self.prior[1]["step"]) if self.prior is not None else 0
+
+    @property
+    def resume_run_id(self) -> str | None:
+        return (self.prior[1].get("mlflow_run_id") or None) if self.prior is not None else None
+
+    @property
+    def log_file(self) -> Path:
+        """``<run dir>/noisyseg.log``; beside the working directory for remote storage."""
+        if self.local:
+            return Path(self.run_dir) / LOG_FILE
+        return Path.cwd() / f"{self.config.run_name}.{LOG_FILE}"
+
+
+def plan_launch(
+    config: TrainConfig, info: StoreInfo, tracking_uri: str, *, force_new: bool = False
+) -> LaunchPlan:
+    """Name the run, find what it resumes, refuse what it may not resume (one line each)."""
+    if config.run_name is None:
+        config = config.model_copy(update={"run_name": default_run_name(config)})
+    run_name = config.run_name
+    root = storage_path(config)
+    plan = LaunchPlan(config, info, root, f"{root.rstrip('/')}/{run_name}")
+    plan.prior = latest_checkpoint_state(plan.run_dir) if plan.local else None
+    if force_new and plan.local and Path(plan.run_dir).exists():
+        plan.set_aside_to, plan.prior = set_aside(plan.run_dir), None
+    if plan.prior is not None:
+        spec = config.unet_spec(info.spatial_dims, info.in_channels).to_dict()
+        check_identity(run_name, plan.prior[1], config, spec)
+        check_tracking_run(run_name, plan.prior[1], tracking_uri, config.experiment)
+    return plan
+
+
+# ---------------------------------------------------------------------------------- 2. memory
+def check_memory(config: TrainConfig, info: StoreInfo) -> MemoryEstimate:
+    """The per-worker memory estimate; refused when a worker cannot have that much."""
+    estimate = estimate_worker_memory(
+        config.unet_spec(info.spatial_dims, info.in_channels),
+        batch_size=config.batch_size,
+        patch=tuple(info.patch_shape),
+        optimizer=config.optimizer,
+        reweight=config.reweight,
+        dataloader_workers=config.num_dataloader_workers,
+    )
+    budget, what = available_per_worker(config.workers, config.gpu)
+    check_worker_memory(estimate, budget, what)
+    return estimate
+
+
+# ---------------------------------------------------------------------------------- 3. MLflow
+def open_tracking(plan: LaunchPlan, tracking_uri: str, mlflow_run_id: str | None) -> RunHandle:
+    """Re-open the run the checkpoint names, else ``mlflow_run_id`` (a Tune trial's child run),
+    else create one."""
+    return open_run(
+        tracking_uri,
+        plan.config.experiment,
+        plan.config.run_name or "",
+        plan.config.flat_params(),
+        resume_run_id=plan.resume_run_id or mlflow_run_id,
+    )
+
+
+def announce(plan: LaunchPlan, handle: RunHandle, print_fn: Callable[[str], None]) -> None:
+    """The lines that say where everything is (printed once)."""
+    if plan.set_aside_to is not None:
+        print_fn(f"{PREFIX} --force-new: the earlier run was moved to {plan.set_aside_to}")
+    verb = f"resuming from step {plan.resume_step}" if plan.prior is not None else "starting"
+    print_fn(f"{PREFIX} run {plan.config.run_name!r} {verb}; checkpoints in {plan.run_dir}")
+    print_fn(f"{PREFIX} MLflow tracking URI: {handle.tracking_uri}")
+    print_fn(f"{PREFIX} MLflow run id: {handle.run_id} (experiment {handle.experiment_id})")
+    print_fn(f"{PREFIX} MLflow UI: {handle.url}")
+
+
+# ---------------------------------------------------------------------------------- 4. fit
+def loop_config(plan: LaunchPlan, handle: RunHandle, inbox: Any | None) -> dict[str, Any]:
+    """``train_loop_config`` for the workers (see ``train_loop.WorkerJob``)."""
+    hooks: dict[str, Any] = {}
+    if os.environ.get(PID_DIR_ENV):
+        hooks["pid_dir"] = os.environ[PID_DIR_ENV]
+    if os.environ.get(STEP_DELAY_ENV):
+        hooks["step_delay_s"] = float(os.environ[STEP_DELAY_ENV])
+    return {
+        "config": plan.config.model_dump(mode="json"),
+        "store_info": plan.info.model_dump(mode="json"),
+        "mlflow": {"tracking_uri": handle.tracking_uri, "run_id": handle.run_id},
+        "run_dir": plan.run_dir if plan.local else None,
+        "progress_inbox": inbox,
+        "hooks": hooks,
+    }
+
+
+def make_trainer(
+    plan: LaunchPlan,
+    config_for_loop: dict[str, Any],
+    *,
+    worker_env: dict[str, str] | None = None,
+    callbacks: list[Any] | None = None,
+) -> TorchTrainer:
+    """The ``TorchTrainer``: workers × (CPUs[, 1 GPU]), checkpoints kept, failures allowed."""
+    config = plan.config
+    resources: dict[str, float] = {"CPU": config.cpus_per_worker}
+    if config.gpu:
+        resources["GPU"] = 1.0
+    # Train V2 patches print() in workers to go through its logger *and*, once MLflow has
+    # wrapped sys.stdout, to the original print as well; without the patch it goes once.
+    env = {
+        "MLFLOW_TRACKING_URI": config_for_loop["mlflow"]["tracking_uri"],
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        **(worker_env or {}),
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config_for_loop,
+        scaling_config=ScalingConfig(
+            num_workers=config.workers, use_gpu=config.gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=plan.root,
+            checkpoint_config=CheckpointConfig(num_to_keep=config.num_checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            worker_runtime_env={"env_vars": env},
+            callbacks=list(callbacks or []),
+        ),
+    )
+
+
+@contextmanager
+def quiet_logs(path: Path, *, verbose: bool) -> Iterator[Callable[[], None]]:
+    """Send the records of :data:`QUIET_LOGGERS` to ``path`` (unless ``verbose``); restore after.
+
+    Yields a function that re-applies the redirection (``ray.init`` re-configures Ray's logger).
     """
-    from noisyseg.distributed.ray_utils import connect_or_start_ray
+    if verbose:
+        yield lambda: None
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = {name: logging.getLogger(name) for name in QUIET_LOGGERS}
+    before = {name: (lg.handlers[:], lg.propagate) for name, lg in saved.items()}
 
-    num_cpus = max(os.cpu_count() or 1, int(num_cpus_hint + 0.999))
-    outcome = connect_or_start_ray(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
-    return outcome == "started"
+    def redirect() -> None:
+        for logger in saved.values():
+            logger.handlers = [handler]
+            logger.propagate = False
+
+    redirect()
+    logging.captureWarnings(True)
+    try:
+        yield redirect
+    finally:
+        logging.captureWarnings(False)
+        for name, logger in saved.items():
+            logger.handlers, logger.propagate = before[name]
+        handler.close()
+
+
+def fit(trainer: TorchTrainer, handle: RunHandle) -> Any:
+    """``trainer.fit()``; Ctrl-C marks the MLflow run KILLED, a failure FAILED (with why)."""
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        finish_run(handle.tracking_uri, handle.run_id, "KILLED", reason="interrupted (Ctrl-C)")
+        raise
+    except BaseException as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        reason = f"failed: {error.__class__.__name__}: {first}"
+        finish_run(handle.tracking_uri, handle.run_id, "FAILED", reason=reason)
+        raise
 
 
 def run_training(
@@ -86,110 +288,56 @@ def run_training(
     worker_env: dict[str, str] | None = None,
     callbacks: list[Any] | None = None,
     mlflow_run_id: str | None = None,
+    force_new: bool = False,
+    verbose: bool = False,
+    display: ProgressDisplay | None = None,
 ) -> TrainingOutcome:
-    """Validate, then train on Ray; returns where the run lives. See the module docstring.
+    """Plan, check, track and train on Ray; returns where the run lives (module docstring).
 
     ``callbacks``: Ray Train ``UserCallback`` objects added to the ``RunConfig`` (a Tune trial
     passes ``TuneReportCallback()``). ``mlflow_run_id``: an existing MLflow run to log into when
-    no checkpoint names one (a Tune trial's child run); ``None`` creates a run.
+    no checkpoint names one (a Tune trial's child run). ``force_new``: set an earlier run of the
+    same name aside and start afresh. ``display``: a shared progress display (runs in parallel
+    threads); default one printing through ``print_fn``.
     """
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    from noisyseg.distributed.checkpoints import latest_checkpoint_state
-    from noisyseg.distributed.tracking import finish_run, open_run, resolve_tracking_uri
-
     info = store_info or check_against_store(config)
-    if config.run_name is None:
-        config = config.model_copy(update={"run_name": default_run_name(config)})
-    run_name = config.run_name
-    assert run_name is not None
-    root = storage_path(config)
-    run_dir = f"{root.rstrip('/')}/{run_name}"
-
-    resume_step, resume_run_id = 0, None
-    prior = latest_checkpoint_state(run_dir) if "://" not in root else None
-    if prior is not None:
-        resume_step = int(prior[1]["step"])
-        resume_run_id = prior[1].get("mlflow_run_id") or None
-    if resume_run_id is None:
-        resume_run_id = mlflow_run_id
-
     tracking_uri = tracking_uri or resolve_tracking_uri()
-    handle = open_run(
-        tracking_uri, config.experiment, run_name, config.flat_params(), resume_run_id=resume_run_id
-    )
-    verb = f"resuming from step {resume_step}" if prior is not None else "starting"
-    print_fn(f"[noisyseg train] run {run_name!r} {verb}; checkpoints in {run_dir}")
-    print_fn(f"[noisyseg train] MLflow tracking URI: {tracking_uri}")
-    print_fn(f"[noisyseg train] MLflow run id: {handle.run_id} (experiment {handle.experiment_id})")
-    print_fn(f"[noisyseg train] MLflow UI: {handle.url}")
-
-    started_ray = ensure_ray(config.workers * config.cpus_per_worker)
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from noisyseg.distributed.train_loop import train_loop_per_worker
-
-    loop_config: dict[str, Any] = {
-        "config": config.model_dump(mode="json"),
-        "store_info": info.model_dump(mode="json"),
-        "mlflow": {"tracking_uri": tracking_uri, "run_id": handle.run_id},
-    }
-    if os.environ.get(PID_DIR_ENV):
-        loop_config["_pid_dir"] = os.environ[PID_DIR_ENV]
-    if os.environ.get(STEP_DELAY_ENV):
-        loop_config["_step_delay_s"] = float(os.environ[STEP_DELAY_ENV])
-
-    resources: dict[str, float] = {"CPU": config.cpus_per_worker}
-    if config.gpu:
-        resources["GPU"] = 1.0
-    # Train V2 patches print() in workers to go through its logger *and*, once MLflow has
-    # wrapped sys.stdout, to the original print as well: every progress line reached the driver
-    # twice. Without the patch the line goes to the worker's stdout once (Ray still streams it).
-    env = {
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-        **(worker_env or {}),
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=config.workers, use_gpu=config.gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=root,
-            checkpoint_config=CheckpointConfig(num_to_keep=config.num_checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            worker_runtime_env={"env_vars": env},
-            callbacks=list(callbacks or []),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        finish_run(tracking_uri, handle.run_id, "FAILED")
-        raise
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+    plan = plan_launch(config, info, tracking_uri, force_new=force_new)
+    print_fn(f"{PREFIX} {check_memory(plan.config, info).line()}")
+    handle = open_tracking(plan, tracking_uri, mlflow_run_id)
+    announce(plan, handle, print_fn)
+    if not verbose:
+        print_fn(f"{PREFIX} Ray and MLflow logs: {plan.log_file} (--verbose shows them)")
+    own_display = display is None
+    display = display or ProgressDisplay(print_fn)
+    cpus = plan.config.workers * plan.config.cpus_per_worker
+    with (
+        quiet_logs(plan.log_file, verbose=verbose) as requiet,
+        ray_connection(cpus, log_to_driver=verbose),
+    ):
+        requiet()
+        receiver = ProgressReceiver(display)
+        try:
+            result = fit(make_trainer(plan, loop_config(plan, handle, receiver.inbox),
+                                      worker_env=worker_env, callbacks=callbacks), handle)  # fmt: skip
+        finally:
+            receiver.close()
+            if own_display:
+                display.close()
     metrics = dict(result.metrics or {})
-    checkpoint_path = result.checkpoint.path if result.checkpoint is not None else None
     print_fn(
-        f"[noisyseg train] finished {run_name!r} at step {metrics.get('step')}; "
+        f"{PREFIX} finished {plan.config.run_name!r} at step {metrics.get('step')}; "
         f"MLflow run {handle.run_id} at {handle.url}"
     )
     return TrainingOutcome(
-        run_name=run_name,
-        run_dir=run_dir,
+        run_name=plan.config.run_name or "",
+        run_dir=plan.run_dir,
         tracking_uri=tracking_uri,
         experiment_id=handle.experiment_id,
         run_id=handle.run_id,
         url=handle.url,
-        resumed_from_step=resume_step,
+        resumed_from_step=plan.resume_step,
         metrics=metrics,
-        checkpoint_path=checkpoint_path,
+        checkpoint_path=result.checkpoint.path if result.checkpoint is not None else None,
     )
