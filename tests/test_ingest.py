@@ -95,8 +95,9 @@ def test_ingest_msd_roundtrip_and_ome_reader(tmp_path):
     src = tmp_path / "Dataset001"
     cases = make_msd(src, ["brain_001", "brain_002", "brain_003"], test_ids=["brain_101"])
     url = str(tmp_path / "store.zarr")
-    report = ingest_folder(src, url, progress=False)
-    assert report.ok and report.layout == "nifti"
+    # val_fraction=0: every labelsTr case stays train (labelsTs gives the test split)
+    report = ingest_folder(src, url, progress=False, val_fraction=0.0)
+    assert report.ok and report.layout == "nnunet"
     assert sorted(report.written) == ["brain_001", "brain_002", "brain_003", "brain_101"]
     store = VolumeStore.open(url)
     assert store.channel_names == ["T1c", "FLAIR"] and store.spatial_dims == 3
@@ -121,7 +122,7 @@ def test_ingest_msd_roundtrip_and_ome_reader(tmp_path):
     ]
     assert md["coordinateTransformations"][0][0]["scale"] == [1.0, 3.0, 1.25, 0.5]
     # a second run has nothing to do
-    again = ingest_folder(src, url, progress=False)
+    again = ingest_folder(src, url, progress=False, val_fraction=0.0)
     assert again.written == [] and len(again.skipped) == 4 and again.ok
 
 
@@ -247,7 +248,8 @@ def _break(src: Path, rule: str) -> str:
     [
         ("shape", "does not match image shape"),
         ("spacing", "spacing mismatch"),
-        ("nonbinary", "not binary"),
+        # dataset.json lists labels 0 and 1: a 2 is a value it does not list
+        ("nonbinary", "label values 2 not listed in dataset.json labels (0 background, 1 lesion)"),
         ("nan", "non-finite voxels (NaN: 1"),
         ("inf", "non-finite voxels (NaN: 0, Inf: 1)"),
         ("truncated", "truncated or unreadable NIfTI"),
