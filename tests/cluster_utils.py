@@ -1,14 +1,14 @@
 """Shared helpers for integration tests: a real Ray head, a real MLflow server, a tiny store.
 
-Each helper stops exactly the processes it started:
+Each helper stops exactly the processes it started, through the handle that started them:
 
-* :func:`start_ray_head` runs ``ray start --head`` with a unique, short ``--temp-dir``. Every Ray
-  process of that head (gcs_server, raylet, dashboard, agents, workers) carries the temp dir (or
-  its session dir) on its command line, so :meth:`RayHead.stop` kills the processes whose
-  ``/proc/<pid>/cmdline`` contains it — never ``ray stop`` (which stops every Ray on the machine).
-* :func:`start_mlflow_server` runs ``mlflow server`` in its own process group
-  (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``: 2 processes); :meth:`MlflowServer.stop` kills
-  that group.
+* :func:`start_ray_head` runs ``ray start --head --block`` in its own process group (a unique,
+  short ``--temp-dir``, every port a free one). :meth:`RayHead.stop` sends SIGTERM to that
+  ``ray start`` (which tears down the head's GCS, raylet, dashboard and agents), then SIGKILL to
+  whatever is left of its process group — never ``ray stop`` (which stops every Ray on the
+  machine), and no process is looked up by name.
+* :func:`start_mlflow_server` is :class:`noisyseg.distributed.mlflow_server.LocalMlflowServer`
+  (``mlflow server`` in its own process group, stopped through its handle).
 
 ``RAY_AUTH_MODE=disabled`` is set for every process started here (and must be set for the client
 processes too: :func:`ray_env`).
@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,14 +29,22 @@ from pathlib import Path
 
 import numpy as np
 
+from noisyseg.distributed.mlflow_server import LocalMlflowServer, free_port
+
 VENV_BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = [
+    "VENV_BIN",
+    "LocalMlflowServer",
+    "RayHead",
+    "free_port",
+    "make_ball_store",
+    "ray_env",
+    "ray_job_submit",
+    "start_mlflow_server",
+    "start_ray_head",
+    "stop_process_group",
+]
 
 
 def ray_env(**extra: str) -> dict[str, str]:
@@ -48,20 +55,6 @@ def ray_env(**extra: str) -> dict[str, str]:
     env.pop("RAY_ADDRESS", None)
     env.update(extra)
     return env
-
-
-def _pids_with(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            pids.append(int(entry.name))
-    return pids
 
 
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -78,84 +71,73 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` is alive (zombies count until reaped)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 @dataclass
 class RayHead:
-    """A running ``ray start --head``; ``address`` is the GCS address, ``dashboard_url`` the job API."""
+    """A running ``ray start --head --block``; ``address`` is the GCS address,
+    ``dashboard_url`` the job API, ``process`` the ``ray start`` leading its process group."""
 
     temp_dir: Path
     address: str
     dashboard_url: str
+    process: subprocess.Popen
     _stopped: bool = field(default=False, repr=False)
 
-    def pids(self) -> list[int]:
-        """Every live process of this head.
+    @property
+    def pgid(self) -> int:
+        return self.process.pid
 
-        The processes whose command line holds the unique temp dir (gcs_server, raylet,
-        dashboard, monitors), every descendant of those (agents and workers rename themselves to
-        ``ray::...`` and lose it), and the Ray client server, which is re-parented to init and
-        named only by the GCS address.
-        """
-        roots = set(_pids_with(str(self.temp_dir)))
-        gcs_port = self.address.rsplit(":", 1)[1]
-        roots |= {
-            pid
-            for pid in _pids_with("ray.util.client.server")
-            if pid in set(_pids_with(f":{gcs_port} "))
-        }
-        tree = _children()
-        found, stack = set(), list(roots)
-        while stack:
-            pid = stack.pop()
-            if pid in found or pid == os.getpid():
-                continue
-            found.add(pid)
-            stack.extend(tree.get(pid, []))
-        return sorted(found)
+    def alive(self) -> bool:
+        """Whether any process of the head's process group is still alive."""
+        return group_alive(self.pgid)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL, exactly this head's processes; remove its temp dir."""
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM ``ray start`` (it stops its own processes), SIGKILL the group's leftovers,
+        remove the temp dir."""
         if self._stopped:
             return
         self._stopped = True
-        known: set[int] = set()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = set(self.pids()) | {p for p in known if Path(f"/proc/{p}").exists()}
-            known |= pids
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5)
-            while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in known):
-                time.sleep(0.2)
-            if not any(Path(f"/proc/{p}").exists() for p in known):
-                break
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        if not _wait_group_gone(self.pgid, 5.0):
+            try:
+                os.killpg(self.pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if self.process.poll() is None:
+                self.process.wait(timeout=10)
+            _wait_group_gone(self.pgid, 10.0)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_ray_head(num_cpus: int = 4, *, timeout: float = 60.0) -> RayHead:
-    """``ray start --head`` on 127.0.0.1 with the dashboard (job server) on 127.0.0.1.
+def start_ray_head(num_cpus: int = 4, *, timeout: float = 90.0) -> RayHead:
+    """``ray start --head --block`` on 127.0.0.1 with the dashboard (job server) on 127.0.0.1.
 
     Every port is a free one (GCS, dashboard, dashboard agent HTTP/gRPC, runtime-env agent,
     metrics, Ray client server): Ray's fixed defaults (agent 52365, client 10001) collide when two
     heads run on one machine and the job API then answers "No available agent". The temp dir is
-    short (``/tmp/rt-XXXX``: Ray's socket paths must stay under 108 bytes) and unique, which is
-    what :meth:`RayHead.stop` keys on.
+    short (``/tmp/rt-XXXX``: Ray's socket paths must stay under 108 bytes) and unique.
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     port, dash_port = free_port(), free_port()
@@ -163,6 +145,7 @@ def start_ray_head(num_cpus: int = 4, *, timeout: float = 60.0) -> RayHead:
         str(VENV_BIN / "ray"),
         "start",
         "--head",
+        "--block",
         "--node-ip-address",
         "127.0.0.1",
         "--port",
@@ -189,10 +172,18 @@ def start_ray_head(num_cpus: int = 4, *, timeout: float = 60.0) -> RayHead:
         str(temp_dir),
         "--disable-usage-stats",
     ]
-    head = RayHead(temp_dir, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}")
+    with open(temp_dir / "ray-start.log", "wb") as log:
+        process = subprocess.Popen(
+            command,
+            env=ray_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    head = RayHead(temp_dir, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}", process)
     try:
-        subprocess.run(command, env=ray_env(), check=True, capture_output=True, timeout=timeout)
-        _wait_http(f"{head.dashboard_url}/api/version", timeout)
+        _wait_http(f"{head.dashboard_url}/api/version", timeout, process)
     except BaseException:
         head.stop()
         raise
@@ -214,58 +205,16 @@ def stop_process_group(process: subprocess.Popen) -> None:
             process.wait(timeout=5)
 
 
-@dataclass
-class MlflowServer:
-    """A running ``mlflow server`` on SQLite; ``uri`` is its HTTP tracking URI."""
-
-    uri: str
-    process: subprocess.Popen
-    root: Path
-
-    def stop(self) -> None:
-        """Kill the server's process group (it was started with ``start_new_session``)."""
-        stop_process_group(self.process)
+#: The test suite's MLflow server is the library's (the same start/stop code is under test).
+MlflowServer = LocalMlflowServer
 
 
-def start_mlflow_server(root: str | Path, *, timeout: float = 60.0) -> MlflowServer:
+def start_mlflow_server(root: str | Path, *, timeout: float = 90.0) -> LocalMlflowServer:
     """``mlflow server --backend-store-uri sqlite:///<root>/mlflow.db`` on a free loopback port.
 
     Artifacts are proxied by the server (``mlflow-artifacts:``) into ``<root>/mlartifacts``.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(root / "server.log", "wb")
-    process = subprocess.Popen(
-        [
-            str(VENV_BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "mlartifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=root,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    server = MlflowServer(f"http://127.0.0.1:{port}", process, root)
-    try:
-        _wait_http(f"{server.uri}/health", timeout, process)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return LocalMlflowServer.start(root, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------- tiny store

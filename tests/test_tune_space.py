@@ -12,8 +12,9 @@ from ray import tune
 
 from noisyseg.distributed.config import make_config
 from noisyseg.errors import NoisysegInputError
+from noisyseg.tuning.plan import SweepSettings, prepare
 from noisyseg.tuning.space import parse_expression, parse_space
-from noisyseg.tuning.sweep import SweepSettings, best_config_yaml, prepare
+from noisyseg.tuning.summary import best_config_yaml
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +152,8 @@ def test_validation_builds_a_config_for_every_probe_value(store: str) -> None:
 
 def test_prepare_aligns_reports_with_validation_and_checks_asha(store: str) -> None:
     space = parse_space(["entropy_weight=grid(0.1, 0.9)", "clean_fraction=grid(0.2, 0.3)"])
-    base, sample = prepare(
-        SweepSettings(name="s1", base=_base(store, checkpoint_interval=7), space=space)
-    )
+    plan = prepare(SweepSettings(name="s1", base=_base(store, checkpoint_interval=7), space=space))
+    base, sample = plan.base, plan.sample
     assert base["checkpoint_interval"] == 5  # every report carries val/ap
     assert "entropy_weight" not in base and sample.entropy_weight == 0.1
     with pytest.raises(NoisysegInputError, match="needs validation during training"):
@@ -163,7 +163,7 @@ def test_prepare_aligns_reports_with_validation_and_checks_asha(store: str) -> N
     with pytest.raises(NoisysegInputError, match="sweep name"):
         prepare(SweepSettings(name="../x", base=_base(store), space=space))
     # train_loss needs no validation, and reports stay at checkpoint_interval
-    base, _ = prepare(
+    plan = prepare(
         SweepSettings(
             name="s2",
             base=_base(store, val_cases=0, checkpoint_interval=4),
@@ -172,7 +172,7 @@ def test_prepare_aligns_reports_with_validation_and_checks_asha(store: str) -> N
             mode="min",
         )
     )
-    assert base["checkpoint_interval"] == 4
+    assert plan.base["checkpoint_interval"] == 4
 
 
 def test_best_yaml_loads_back_into_the_same_config(store: str) -> None:
@@ -234,7 +234,7 @@ def test_cli_merges_yaml_sections_and_flags(store: str, tmp_path) -> None:
 
 
 def test_sqlite_tracking_is_refused_for_concurrent_trials(monkeypatch, tmp_path) -> None:
-    from noisyseg.tuning.tracking import resolve_sweep_tracking
+    from noisyseg.tuning.sweep import resolve_sweep_tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
     with pytest.raises(NoisysegInputError, match="concurrent trials must log to an MLflow server"):

@@ -10,9 +10,14 @@ flags override it.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from noisyseg.distributed.config import TrainConfig, add_config_arguments, load_yaml
 from noisyseg.errors import NoisysegInputError
+from noisyseg.tuning.space import parse_space
+
+if TYPE_CHECKING:  # pragma: no cover
+    from noisyseg.tuning.plan import SweepSettings
 
 _TUNE_OPTIONS = {
     "name": str,
@@ -29,8 +34,6 @@ _TUNE_OPTIONS = {
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``tune`` verb."""
-    from noisyseg.distributed.config import add_config_arguments
-
     parser = subparsers.add_parser(
         "tune",
         help="Ray Tune sweep (ASHA) over training fields; one MLflow child run per trial",
@@ -69,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-concurrent",
         type=int,
         default=None,
-        help="trials running at once (default: as resources allow)",
+        help="most trials running at once (default and upper bound: as many as the Ray cluster "
+        "can place, each trial holding its driver's and its workers' CPUs)",
     )
     group.add_argument(
         "--metric", default=None, help="metric ASHA and the best trial use (default val/ap)"
@@ -86,7 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--grace-period",
         type=int,
         default=None,
-        help="ASHA: steps before a trial can be stopped (default: first report)",
+        help="ASHA: steps before a trial can be stopped (default: the first report, at most "
+        "steps - 1)",
     )
     group.add_argument("--reduction-factor", type=float, default=None, help="ASHA (default 2)")
     group.add_argument(
@@ -100,11 +105,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_tune)
 
 
-def settings_from_args(args: argparse.Namespace):
+def settings_from_args(args: argparse.Namespace) -> SweepSettings:
     """Merge the YAML (``search_space:``, ``tune:``, train fields) with the flags."""
-    from noisyseg.distributed.config import TrainConfig, load_yaml
-    from noisyseg.tuning.space import parse_space
-    from noisyseg.tuning.sweep import SweepSettings
+    # The plan module loads MLflow and the metrics: only when the verb runs (`--help` stays fast).
+    from noisyseg.tuning.plan import SweepSettings
 
     source = getattr(args, "config", None)
     data: dict[str, Any] = load_yaml(source) if source else {}
@@ -139,13 +143,12 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def _tune(args: argparse.Namespace) -> int:
-    if args.best:
-        from noisyseg.tuning.sweep import best_yaml_of
+    # Ray Tune and MLflow load only when the verb runs (keeps `noisyseg --help` fast).
+    from noisyseg.tuning.sweep import best_yaml_of, run_sweep
 
+    if args.best:
         print(best_yaml_of(args.best, getattr(args, "storage_path", None)), end="")
         return 0
-    from noisyseg.tuning.sweep import run_sweep
-
     outcome = run_sweep(settings_from_args(args))
     if outcome.interrupted:
         return 130

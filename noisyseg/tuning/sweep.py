@@ -4,31 +4,38 @@ Layout of a sweep named ``S`` under the storage root ``R`` (``--storage-path``, 
 ``~/ray_results``)::
 
     R/S/                       the Tune experiment (experiment_state-*.json, one dir per trial)
-    R/S/noisyseg_sweep.json    parent MLflow run id, tracking URI, settings
+    R/S/noisyseg_sweep.json    parent MLflow run id, tracking URI, settings, status
     R/S/train/S-<trial_id>/    each trial's Ray Train run (checkpoints; resumed by run name)
     R/S/mlflow/                the sweep's own MLflow server (only without MLFLOW_TRACKING_URI)
     R/S/summary/               trials.csv, trials.md, metric_vs_search.png
     R/S/best.yaml              the best trial's full config, ready for ``noisyseg train --config``
 
+:func:`run_sweep` runs the steps in order: check everything (:func:`noisyseg.tuning.plan.prepare`:
+no Ray, MLflow or file work before that); connect to Ray and bound the trials running at once by
+what the cluster can place (:func:`noisyseg.tuning.plan.plan_concurrency`); start or join MLflow
+tracking and open the parent run; run (or resume) the Tune experiment; summarise it.
+
 How a trial runs (:func:`trial_function`, inside a Tune trial actor that reserves
 ``trial_cpus`` CPUs): it builds the trial's TrainConfig (base config + search point, run name
-``S-<trial_id>``), finds or creates its MLflow child run, and calls
-:func:`noisyseg.distributed.trainer.run_training` with
-``ray.tune.integration.ray_train.TuneReportCallback`` in the Train ``RunConfig`` callbacks, which
+``S-<trial_id>``), finds or creates its MLflow child run and calls
+:func:`noisyseg.distributed.trainer.run_training` with Tune's ``TuneReportCallback``, which
 forwards rank 0's ``ray.train.report`` metrics (``step``, ``train_loss``, ``val/*``) to Tune.
-The Train workers reserve their own resources (``workers`` x ``cpus_per_worker`` CPUs, one GPU
-each with ``gpu``) through the trainer's own placement group, so ``max_concurrent`` bounds how
-many trials' worker groups compete for the cluster.
+The Train workers reserve their own resources through the trainer's placement group. A worker
+group that cannot be placed fails the trial after Ray Train's start-up timeout (the trial's
+``controller_failure_limit`` is :data:`PLACEMENT_RETRIES`); the failure is shown in the trial's
+row instead of being retried in silence.
 
 ASHA (``ray.tune.schedulers.ASHAScheduler``) uses ``time_attr="step"`` (optimiser steps, which
-stay right across resumes), ``max_t = steps``, ``grace_period`` and ``reduction_factor``. With a
+stay right across resumes), ``max_t = steps``, the grace period and ``reduction_factor``. With a
 validation metric (``val/...``) every report must carry it, so the trial's
-``checkpoint_interval`` is set to ``val_interval`` (each validation is one report).
+``checkpoint_interval`` is ``val_interval`` (each validation is one report).
 
-Resume: :meth:`ray.tune.Tuner.can_restore` on the sweep directory -> ``Tuner.restore(...,
-resume_unfinished=True, restart_errored=True)``. A restarted trial keeps its trial id, so its run
-name (``S-<trial_id>``) points Ray Train at its checkpoints and its MLflow child run is found by
-tag; nothing is logged twice.
+Interrupting (Ctrl-C): Tune stops the trials and saves its state; the parent run and the
+unfinished trials' runs are marked ``KILLED`` (tag ``noisyseg.end_reason``), the sweep's own
+MLflow server is stopped and the command ends with one line (exit status 130). Re-running the same
+command resumes: ``Tuner.restore(..., resume_unfinished=True, restart_errored=True)``; a restarted
+trial keeps its trial id, so its run name points Ray Train at its checkpoints and its MLflow
+child run is found by tag; nothing is logged twice.
 """
 
 from __future__ import annotations
@@ -41,41 +48,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray.tune
+import yaml
+from mlflow import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from noisyseg.distributed import tracking
+from noisyseg.distributed.config import make_config
+from noisyseg.distributed.mlflow_server import LocalMlflowServer
+from noisyseg.distributed.ray_utils import (
+    cluster_cpus,
+    cluster_gpus,
+    ensure_ray,
+    largest_node_cpus,
+)
+from noisyseg.distributed.trainer import run_training
 from noisyseg.errors import NoisysegInputError
-from noisyseg.tuning.space import SearchSpace
+from noisyseg.tuning import summary
+from noisyseg.tuning.plan import (
+    SweepPlan,
+    SweepSettings,
+    TrialFootprint,
+    plan_concurrency,
+    prepare,
+)
 
 STATE_FILE = "noisyseg_sweep.json"
 BEST_FILE = "best.yaml"
 DEFAULT_ROOT = "~/ray_results"
-DEFAULT_METRIC = "val/ap"
-
-
-@dataclass
-class SweepSettings:
-    """Everything ``noisyseg tune`` needs besides the search space.
-
-    ``base``: TrainConfig fields shared by every trial (search fields excluded). ``grace_period``
-    in optimiser steps (``None``: the first report). ``trial_cpus``: CPUs the Tune trial actor (the
-    trial's driver) reserves; the Train workers reserve their own.
-    """
-
-    name: str
-    base: dict[str, Any]
-    space: SearchSpace
-    metric: str = DEFAULT_METRIC
-    mode: str = "max"
-    num_samples: int = 1
-    max_concurrent: int | None = None
-    scheduler: str = "asha"
-    grace_period: int | None = None
-    reduction_factor: float = 2.0
-    trial_cpus: float = 1.0
-    source: str | None = None
+#: Worker-group placement failures (Ray Train's start-up timeout) a trial retries before failing.
+PLACEMENT_RETRIES = 1
+INTERRUPTED = "interrupted (Ctrl-C); re-run the same command to resume the sweep"
 
 
 @dataclass
 class SweepOutcome:
-    """What a finished sweep produced."""
+    """What a finished (or interrupted) sweep produced."""
 
     sweep_dir: str
     tracking_uri: str
@@ -115,59 +125,16 @@ def find_sweep_dir(sweep: str, storage_path: str | None = None) -> Path:
     return candidate
 
 
-# ---------------------------------------------------------------------------------- preparing
-def prepare(settings: SweepSettings) -> tuple[dict[str, Any], Any]:
-    """Check the settings and the space before any Ray work; return ``(base, sample config)``.
+def _read_state(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
-    The returned base has ``checkpoint_interval = val_interval`` when the metric is a
-    validation metric (each validation becomes one Tune report).
-    """
-    from noisyseg.distributed.config import _RUN_NAME, make_config
 
-    source = settings.source
-    if not _RUN_NAME.match(settings.name) or len(settings.name) > 100:
-        raise NoisysegInputError(
-            f"sweep name {settings.name!r} must be 1-100 letters, digits, '.', '_', '-' and start "
-            "with a letter or digit"
-        )
-    if settings.mode not in ("min", "max"):
-        raise NoisysegInputError(f"--mode must be min or max, got {settings.mode!r}")
-    if settings.scheduler not in ("asha", "fifo"):
-        raise NoisysegInputError(f"--scheduler must be asha or fifo, got {settings.scheduler!r}")
-    if settings.num_samples < 1:
-        raise NoisysegInputError(f"--num-samples must be >= 1, got {settings.num_samples}")
-    if settings.max_concurrent is not None and settings.max_concurrent < 1:
-        raise NoisysegInputError(f"--max-concurrent must be >= 1, got {settings.max_concurrent}")
-    if settings.reduction_factor <= 1:
-        raise NoisysegInputError(f"--reduction-factor must be > 1, got {settings.reduction_factor}")
-    if settings.trial_cpus < 0:
-        raise NoisysegInputError(f"--trial-cpus must be >= 0, got {settings.trial_cpus}")
-    if settings.base.get("run_name"):
-        raise NoisysegInputError(
-            "--run-name is set per trial by the sweep (<sweep>-<trial id>); use --name", path=source
-        )
-    base = {k: v for k, v in settings.base.items() if k not in settings.space}
-    base.pop("run_name", None)
-    probe = make_config({**base, **settings.space.probe_points()[0]}, source=source)
-    if settings.metric.startswith("val/"):
-        if probe.val_cases < 1 or probe.val_interval < 1:
-            raise NoisysegInputError(
-                f"metric {settings.metric} needs validation during training: set val_cases >= 1 "
-                "and val_interval >= 1 (or choose --metric train_loss --mode min)",
-                path=source,
-            )
-        base["checkpoint_interval"] = probe.val_interval
-    configs = settings.space.validate(base, source=source)
-    report_every = configs[0].checkpoint_interval
-    if settings.scheduler == "asha":
-        grace = settings.grace_period or report_every
-        steps = min(c.steps for c in configs)
-        if grace < 1 or grace >= steps:
-            raise NoisysegInputError(
-                f"--grace-period must be between 1 and steps - 1 = {steps - 1}, got {grace}",
-                path=source,
-            )
-    return base, configs[0]
+def _write_state(path: Path, **update: Any) -> None:
+    state = _read_state(path)
+    state.update(update, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------- the trial
@@ -182,18 +149,10 @@ def trial_function(
     parent_run_id: str,
 ) -> None:
     """One Tune trial: train the base config at ``point`` with a TorchTrainer, report to Tune."""
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from noisyseg.distributed.config import make_config
-    from noisyseg.distributed.trainer import run_training
-    from noisyseg.tuning.tracking import find_or_create_child
-
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"{sweep}-{trial_id}"
     config = make_config({**base, **point, "run_name": run_name, "storage_path": train_root})
-    child = find_or_create_child(
+    child = tracking.find_or_create_child(
         tracking_uri,
         experiment_id,
         parent_run_id,
@@ -210,285 +169,293 @@ def trial_function(
         mlflow_run_id=child,
         print_fn=lambda line: print(f"[{trial_id}] {line}", flush=True),
         worker_env={"RAY_TRAIN_V2_ENABLED": "1"},
+        controller_failure_limit=PLACEMENT_RETRIES,
     )
+
+
+# ---------------------------------------------------------------------------------- steps
+def resolve_sweep_tracking(
+    sweep_dir: str | Path, max_concurrent: int | None
+) -> tuple[str, LocalMlflowServer | None]:
+    """The tracking URI for a sweep, and the server started for it (``None``: not ours).
+
+    ``MLFLOW_TRACKING_URI`` when set; a file store (``sqlite:``, ``file:``) only when one trial
+    runs at a time (concurrent trials must log over HTTP to one server). Without it, a local
+    ``mlflow server`` under ``<sweep dir>/mlflow`` (stopped by the caller).
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:
+        if tracking.is_local_file_store(uri) and max_concurrent != 1:
+            raise NoisysegInputError(
+                f"MLFLOW_TRACKING_URI={uri} is a local file store: concurrent trials must log to "
+                "an MLflow server over HTTP (start `mlflow server --backend-store-uri "
+                f"{uri if uri.startswith('sqlite:') else 'sqlite:///mlflow.db'}` and point "
+                "MLFLOW_TRACKING_URI at it), unset MLFLOW_TRACKING_URI to let the sweep start "
+                "one, or pass --max-concurrent 1"
+            )
+        return uri, None
+    server = LocalMlflowServer.start(Path(sweep_dir) / "mlflow")
+    return server.uri, server
+
+
+def _concurrency(settings: SweepSettings, plan: SweepPlan, print_fn: Callable[[str], None]) -> int:
+    """Trials at once: what the connected cluster can place, at most ``--max-concurrent``."""
+    footprint = TrialFootprint.of(plan.sample, settings.trial_cpus)
+    bound, note = plan_concurrency(
+        footprint,
+        settings.max_concurrent,
+        cluster_cpus=cluster_cpus(),
+        cluster_gpus=cluster_gpus(),
+        largest_node_cpus=largest_node_cpus(),
+    )
+    if note:
+        print_fn(f"[noisyseg tune] {note}")
+    print_fn(f"[noisyseg tune] up to {bound} trial(s) at once; each holds {footprint.describe()}")
+    return bound
+
+
+def _parent_params(settings: SweepSettings, plan: SweepPlan, concurrent: int) -> dict[str, Any]:
+    return {
+        "sweep": settings.name,
+        "metric": settings.metric,
+        "mode": settings.mode,
+        "num_samples": settings.num_samples,
+        "max_concurrent": concurrent,
+        "scheduler": settings.scheduler,
+        "grace_period": plan.grace_period,
+        "reduction_factor": settings.reduction_factor,
+        "trial_cpus": settings.trial_cpus,
+        **{f"space.{k}": v for k, v in settings.space.describe().items()},
+        **{f"base.{k}": v for k, v in plan.sample.flat_params().items() if k not in settings.space},
+    }
+
+
+def _make_tuner(
+    settings: SweepSettings,
+    plan: SweepPlan,
+    sweep_dir: Path,
+    concurrent: int,
+    parent: tracking.RunHandle,
+    print_fn: Callable[[str], None],
+) -> tune.Tuner:
+    """A new Tuner for the sweep, or the saved one restored (unfinished and errored trials go on)."""
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            trial_function,
+            base=plan.base,
+            sweep=settings.name,
+            train_root=str(sweep_dir / "train"),
+            tracking_uri=parent.tracking_uri,
+            experiment_id=parent.experiment_id,
+            parent_run_id=parent.run_id,
+        ),
+        {"CPU": settings.trial_cpus},
+    )
+    if tune.Tuner.can_restore(str(sweep_dir)):
+        print_fn(
+            f"[noisyseg tune] resuming sweep {settings.name!r} (unfinished and errored trials "
+            "continue)"
+        )
+        return tune.Tuner.restore(
+            str(sweep_dir), trainable=trainable, resume_unfinished=True, restart_errored=True
+        )
+    if settings.scheduler == "asha":
+        scheduler: Any = ASHAScheduler(
+            time_attr="step",
+            max_t=plan.sample.steps,
+            grace_period=plan.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space=settings.space.to_tune(),
+        tune_config=tune.TuneConfig(
+            metric=settings.metric,
+            mode=settings.mode,
+            scheduler=scheduler,
+            num_samples=settings.num_samples,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=settings.name,
+            storage_path=str(sweep_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+
+
+def _remove_orphan_children(parent: tracking.RunHandle, rows: list[dict[str, Any]]) -> None:
+    """Delete child runs whose trial Tune no longer knows (the driver died before Tune saved its
+    first experiment state, so the sweep started afresh): they would be duplicates."""
+    known = {r["trial_id"] for r in rows}
+    client = MlflowClient(parent.tracking_uri)
+    for run in tracking.children(parent.tracking_uri, parent.experiment_id, parent.run_id):
+        if run.data.tags.get(tracking.TRIAL_TAG) not in known:
+            client.delete_run(run.info.run_id)
+
+
+def _summarise(
+    settings: SweepSettings,
+    plan: SweepPlan,
+    sweep_dir: Path,
+    parent: tracking.RunHandle,
+    print_fn: Callable[[str], None],
+) -> SweepOutcome:
+    """Rows, best trial, summary files and MLflow tags of the sweep that just ran."""
+    rows = summary.trial_rows(
+        str(sweep_dir),
+        metric=settings.metric,
+        mode=settings.mode,
+        search_fields=settings.space.names,
+        steps=plan.sample.steps,
+        tracking=(parent.tracking_uri, parent.experiment_id, parent.run_id),
+    )
+    outcome = SweepOutcome(
+        str(sweep_dir), parent.tracking_uri, parent.experiment_id, parent.run_id, rows
+    )
+    expected = settings.space.grid_size() * settings.num_samples
+    if any(r["status"] == "unfinished" for r in rows) or len(rows) < expected:
+        done = sum(r["status"] in ("completed", "stopped early") for r in rows)
+        summary.finish_sweep_runs(
+            parent.tracking_uri,
+            parent.run_id,
+            rows,
+            [],
+            metric=settings.metric,
+            sweep_status="KILLED",
+            reason=INTERRUPTED,
+        )
+        _write_state(sweep_dir / STATE_FILE, status="interrupted")
+        print_fn(
+            f"[noisyseg tune] sweep {settings.name!r} interrupted with {done} of {expected} "
+            "trials done; re-run the same command to resume it"
+        )
+        outcome.interrupted = True
+        return outcome
+    _remove_orphan_children(parent, rows)
+    outcome.best = summary.pick_best(rows, settings.mode)
+    files = summary.write_summary(
+        rows,
+        sweep_dir / "summary",
+        metric=settings.metric,
+        mode=settings.mode,
+        search_fields=settings.space.names,
+    )
+    if outcome.best is not None:
+        outcome.best["best"] = True
+        outcome.best_yaml = summary.best_config_yaml(
+            plan.base, outcome.best, sweep=settings.name, metric=settings.metric
+        )
+        (sweep_dir / BEST_FILE).write_text(outcome.best_yaml)
+        files.append(sweep_dir / BEST_FILE)
+    failed = any(r["status"] == "error" for r in rows)
+    summary.finish_sweep_runs(
+        parent.tracking_uri,
+        parent.run_id,
+        rows,
+        files,
+        metric=settings.metric,
+        sweep_status="FAILED" if failed else "FINISHED",
+        reason="a trial failed" if failed else None,
+    )
+    _write_state(
+        sweep_dir / STATE_FILE,
+        status="failed" if failed else "finished",
+        best_trial_id=outcome.best["trial_id"] if outcome.best else None,
+    )
+    for row in rows:
+        print_fn(_row_line(row, settings.metric))
+    return outcome
+
+
+def _row_line(row: dict[str, Any], metric: str) -> str:
+    line = (
+        f"[noisyseg tune] {row['trial_id']} {row['status']:<13} step {row['last_step']:>5} "
+        f"{metric}={row['metric_last']} {row['point']}"
+    )
+    if row.get("error"):
+        line += f"  error: {row['error']}"
+    return line + ("  <- best" if row.get("best") else "")
 
 
 # ---------------------------------------------------------------------------------- the sweep
-def _write_state(path: Path, **update: Any) -> None:
-    state = json.loads(path.read_text()) if path.is_file() else {}
-    state.update(update)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    tmp.replace(path)
-
-
-def _rows_from_results(
-    results: Any, settings: SweepSettings, steps: int, uri: str, experiment_id: str, parent: str
-) -> list[dict[str, Any]]:
-    import math
-
-    from noisyseg.tuning.tracking import find_child
-
-    rows = []
-    trials = list(results._experiment_analysis.trials)  # same order as the results
-    for trial, result in zip(trials, results, strict=True):
-        metrics = dict(result.metrics or {})
-        trial_id = trial.trial_id
-        history: list[tuple[int, float]] = []
-        frame = result.metrics_dataframe
-        if frame is not None and settings.metric in frame and "step" in frame:
-            for step, value in zip(frame["step"], frame[settings.metric]):
-                if value is not None and math.isfinite(float(value)):
-                    history.append((int(step), float(value)))
-        last_step = int(metrics.get("step") or 0)
-        if trial.status == "ERROR" or result.error is not None:
-            status = "error"
-        elif trial.status != "TERMINATED":
-            status = "unfinished"  # the sweep was interrupted (Ctrl-C) before it ended
-        elif last_step >= steps:
-            status = "completed"
-        else:
-            status = "stopped early"  # terminated by the scheduler (ASHA) before max_t
-        values = [v for _, v in history]
-        best_value = (max if settings.mode == "max" else min)(values) if values else None
-        rows.append(
-            {
-                "trial_id": str(trial_id),
-                "run_id": find_child(uri, experiment_id, parent, str(trial_id)),
-                "status": status,
-                "last_step": last_step,
-                "point": {k: result.config.get(k) for k in settings.space.names},
-                "metric_last": values[-1] if values else None,
-                "metric_best": best_value,
-                "history": history,
-                "best": False,
-            }
-        )
-    rows.sort(key=lambda r: r["trial_id"])
-    return rows
-
-
-def _pick_best(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
-    """Best final metric among completed trials (trials ASHA stopped lost at a rung)."""
-    pool = [r for r in rows if r["status"] == "completed" and r["metric_last"] is not None]
-    pool = pool or [r for r in rows if r["metric_last"] is not None]
-    if not pool:
-        return None
-    chooser = max if mode == "max" else min
-    return chooser(pool, key=lambda r: r["metric_last"])
-
-
-def best_config_yaml(base: dict[str, Any], best: dict[str, Any], *, sweep: str, metric: str) -> str:
-    """The best trial's full TrainConfig as YAML (validated by loading it back)."""
-    import yaml
-
-    from noisyseg.distributed.config import make_config
-
-    config = make_config({**base, **best["point"]})
-    data = config.model_dump(mode="json", exclude={"run_name"})
-    if data.get("storage_path") is None:
-        data.pop("storage_path", None)
-    text = (
-        f"# best trial {best['trial_id']} of sweep {sweep}: {metric} = {best['metric_last']} "
-        f"(MLflow run {best['run_id']})\n"
-        "# use: noisyseg train --config best.yaml --run-name NAME\n"
-        + yaml.safe_dump(data, sort_keys=False)
-    )
-    make_config(yaml.safe_load(text))  # round trip: what we print must load
-    return text
-
-
 def run_sweep(settings: SweepSettings, *, print_fn: Callable[[str], None] = print) -> SweepOutcome:
-    """Validate, start tracking, run (or resume) the Tune sweep, then summarise it in MLflow."""
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    base, sample = prepare(settings)
-    root = sweep_root(sample.storage_path)
-    sweep_dir = root / settings.name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    state_file = sweep_dir / STATE_FILE
-    train_root = str(sweep_dir / "train")
+    """Check, connect, track, run (or resume) the Tune sweep, then summarise it in MLflow.
 
-    from noisyseg.distributed.trainer import ensure_ray
-    from noisyseg.tuning import tracking
-
-    uri, server = tracking.resolve_sweep_tracking(sweep_dir, settings.max_concurrent)
-    started_ray = False
+    Raises NoisysegInputError before any work for bad settings, and before any trial runs when a
+    trial cannot be placed on the cluster. ``KeyboardInterrupt`` outside Tune's own handling
+    marks the parent run ``KILLED``; any other failure marks it ``FAILED``. The sweep's own
+    MLflow server and a Ray instance this call started are always stopped.
+    """
+    plan = prepare(settings)
+    sweep_dir = sweep_root(plan.sample.storage_path) / settings.name
+    footprint = TrialFootprint.of(plan.sample, settings.trial_cpus)
+    owned_ray = ensure_ray(footprint.cpus * (settings.max_concurrent or 1))
+    server = None
     try:
-        parent_params = {
-            "sweep": settings.name,
-            "metric": settings.metric,
-            "mode": settings.mode,
-            "num_samples": settings.num_samples,
-            "max_concurrent": settings.max_concurrent,
-            "scheduler": settings.scheduler,
-            "grace_period": settings.grace_period,
-            "reduction_factor": settings.reduction_factor,
-            "trial_cpus": settings.trial_cpus,
-            **{f"space.{k}": v for k, v in settings.space.describe().items()},
-            **{f"base.{k}": v for k, v in sample.flat_params().items() if k not in settings.space},
-        }
-        experiment_id, parent, resumed = tracking.open_parent_run(
-            uri, sample.experiment, settings.name, state_file, parent_params
-        )
-        _write_state(
-            state_file,
-            name=settings.name,
-            tracking_uri=uri,
-            metric=settings.metric,
-            mode=settings.mode,
-            space=settings.space.describe(),
-            base=base,
-            status="running",
-            updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        )
-        print_fn(f"[noisyseg tune] sweep {settings.name!r} in {sweep_dir}")
-        print_fn(
-            f"[noisyseg tune] MLflow tracking URI: {uri}; parent run {parent}"
-            + (" (resumed)" if resumed else "")
-        )
-
-        # A local instance (no RAY_ADDRESS) gets logical CPUs for max_concurrent trials: Tune
-        # admits trials on the driver actor's CPUs alone, and a trial whose Train workers cannot
-        # be placed waits (and retries) until another finishes.
-        need = settings.trial_cpus + sample.workers * sample.cpus_per_worker
-        started_ray = ensure_ray(need * (settings.max_concurrent or 1))
-        from ray import tune
-        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                trial_function,
-                base=base,
-                sweep=settings.name,
-                train_root=train_root,
-                tracking_uri=uri,
-                experiment_id=experiment_id,
-                parent_run_id=parent,
-            ),
-            {"CPU": settings.trial_cpus},
-        )
-        if tune.Tuner.can_restore(str(sweep_dir)):
-            print_fn(
-                f"[noisyseg tune] resuming sweep {settings.name!r} (unfinished and errored "
-                "trials continue)"
-            )
-            tuner = tune.Tuner.restore(
-                str(sweep_dir),
-                trainable=trainable,
-                resume_unfinished=True,
-                restart_errored=True,
-            )
-        else:
-            if settings.scheduler == "asha":
-                scheduler: Any = ASHAScheduler(
-                    time_attr="step",
-                    max_t=sample.steps,
-                    grace_period=settings.grace_period or sample.checkpoint_interval,
-                    reduction_factor=settings.reduction_factor,
-                )
-            else:
-                scheduler = FIFOScheduler()
-            tuner = tune.Tuner(
-                trainable,
-                param_space=settings.space.to_tune(),
-                tune_config=tune.TuneConfig(
-                    metric=settings.metric,
-                    mode=settings.mode,
-                    scheduler=scheduler,
-                    num_samples=settings.num_samples,
-                    max_concurrent_trials=settings.max_concurrent,
-                ),
-                run_config=tune.RunConfig(
-                    name=settings.name,
-                    storage_path=str(root),
-                    failure_config=tune.FailureConfig(max_failures=0),
-                ),
-            )
-        results = tuner.fit()
-
-        rows = _rows_from_results(results, settings, sample.steps, uri, experiment_id, parent)
-        expected = settings.space.grid_size() * settings.num_samples
-        if any(r["status"] == "unfinished" for r in rows) or len(rows) < expected:
-            print_fn(
-                f"[noisyseg tune] sweep {settings.name!r} interrupted with "
-                f"{sum(r['status'] in ('completed', 'stopped early') for r in rows)} of "
-                f"{expected} trials done; re-run the same command to resume it"
-            )
-            return SweepOutcome(
-                sweep_dir=str(sweep_dir),
-                tracking_uri=uri,
-                experiment_id=experiment_id,
-                parent_run_id=parent,
-                rows=rows,
-                interrupted=True,
-            )
-        known = {r["trial_id"] for r in rows}
-        client = tracking._client(uri)
-        for run in tracking.children(uri, experiment_id, parent):
-            # A child whose trial Tune no longer knows (the driver died before Tune saved its
-            # first experiment state, so the sweep started afresh): remove the duplicate.
-            if run.data.tags.get(tracking.TRIAL_TAG) not in known:
-                client.delete_run(run.info.run_id)
-        best = _pick_best(rows, settings.mode)
-        best_yaml = None
-        if best is not None:
-            best["best"] = True
-            best_yaml = best_config_yaml(base, best, sweep=settings.name, metric=settings.metric)
-            (sweep_dir / BEST_FILE).write_text(best_yaml)
-        files = tracking.write_summary(
-            rows,
-            sweep_dir / "summary",
-            metric=settings.metric,
-            mode=settings.mode,
-            search_fields=settings.space.names,
-        )
-        if best_yaml is not None:
-            files.append(sweep_dir / BEST_FILE)
-        failed = any(r["status"] == "error" for r in rows)
-        tracking.finish_sweep_runs(
-            uri,
-            parent,
-            rows,
-            files,
-            metric=settings.metric,
-            sweep_status="FAILED" if failed else "FINISHED",
-        )
-        _write_state(
-            state_file,
-            status="failed" if failed else "finished",
-            best_trial_id=best["trial_id"] if best else None,
-            updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        )
-        for row in rows:
-            print_fn(
-                f"[noisyseg tune] {row['trial_id']} {row['status']:<13} step {row['last_step']:>5} "
-                f"{settings.metric}={row['metric_last']} {row['point']}"
-                + ("  <- best" if row["best"] else "")
-            )
-        return SweepOutcome(
-            sweep_dir=str(sweep_dir),
-            tracking_uri=uri,
-            experiment_id=experiment_id,
-            parent_run_id=parent,
-            rows=rows,
-            best=best,
-            best_yaml=best_yaml,
-        )
+        concurrent = _concurrency(settings, plan, print_fn)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        uri, server = resolve_sweep_tracking(sweep_dir, concurrent)
+        return _run_tracked(settings, plan, sweep_dir, uri, concurrent, print_fn)
     finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
         if server is not None:
             server.stop()
+        if owned_ray:
+            ray.shutdown()
+
+
+def _run_tracked(
+    settings: SweepSettings,
+    plan: SweepPlan,
+    sweep_dir: Path,
+    uri: str,
+    concurrent: int,
+    print_fn: Callable[[str], None],
+) -> SweepOutcome:
+    """Open (or re-open) the parent run, run the Tuner, summarise; end the parent on failure."""
+    state_file = sweep_dir / STATE_FILE
+    parent = tracking.open_parent_run(
+        uri,
+        plan.sample.experiment,
+        settings.name,
+        _parent_params(settings, plan, concurrent),
+        run_id=_read_state(state_file).get("parent_run_id"),
+    )
+    _write_state(
+        state_file,
+        name=settings.name,
+        parent_run_id=parent.run_id,
+        experiment_id=parent.experiment_id,
+        tracking_uri=uri,
+        metric=settings.metric,
+        mode=settings.mode,
+        space=settings.space.describe(),
+        base=plan.base,
+        status="running",
+    )
+    print_fn(f"[noisyseg tune] sweep {settings.name!r} in {sweep_dir}")
+    print_fn(
+        f"[noisyseg tune] MLflow tracking URI: {uri}; parent run {parent.run_id}"
+        + (" (resumed)" if parent.resumed else "")
+    )
+    try:
+        _make_tuner(settings, plan, sweep_dir, concurrent, parent, print_fn).fit()
+        return _summarise(settings, plan, sweep_dir, parent, print_fn)
+    except KeyboardInterrupt:
+        tracking.finish_run(uri, parent.run_id, "KILLED", reason=INTERRUPTED)
+        _write_state(state_file, status="interrupted")
+        raise
+    except BaseException as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        tracking.finish_run(uri, parent.run_id, "FAILED", reason=reason)
+        _write_state(state_file, status="failed")
+        raise
 
 
 def best_yaml_of(sweep: str, storage_path: str | None = None) -> str:
     """The finished sweep's best config YAML (checked with ``make_config``)."""
-    import yaml
-
-    from noisyseg.distributed.config import make_config
-
     sweep_dir = find_sweep_dir(sweep, storage_path)
     path = sweep_dir / BEST_FILE
     if not path.is_file():
