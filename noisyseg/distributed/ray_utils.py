@@ -94,17 +94,3 @@ def largest_node_cpus() -> float:
         if node.get("Alive", node.get("alive", False))
     ]
     return max(sizes, default=0.0)
-
-
-def connect_or_start_ray(
-    *, num_cpus: int | None, include_dashboard: bool, log_to_driver: bool
-) -> str:
-    """Deprecated three-way form of :func:`ensure_ray`, kept only until every caller has moved.
-
-    Returns ``"already"`` (Ray was initialised before; nothing done), ``"joined"``
-    (``RAY_ADDRESS``) or ``"started"`` (a local instance).
-    """
-    if ray.is_initialized():
-        return "already"
-    ensure_ray(num_cpus or 0, dashboard=include_dashboard, log_to_driver=log_to_driver)
-    return "joined" if os.environ.get("RAY_ADDRESS", "").strip() else "started"

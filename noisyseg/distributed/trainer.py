@@ -204,8 +204,14 @@ def make_trainer(
     *,
     worker_env: dict[str, str] | None = None,
     callbacks: list[Any] | None = None,
+    controller_failure_limit: int = -1,
 ) -> TorchTrainer:
-    """The ``TorchTrainer``: workers × (CPUs[, 1 GPU]), checkpoints kept, failures allowed."""
+    """The ``TorchTrainer``: workers × (CPUs[, 1 GPU]), checkpoints kept, failures allowed.
+
+    ``controller_failure_limit``: Ray Train controller failures (a worker group that could not be
+    placed within Ray Train's start-up timeout) retried before the run fails; -1 (Ray's default)
+    retries forever.
+    """
     config = plan.config
     resources: dict[str, float] = {"CPU": config.cpus_per_worker}
     if config.gpu:
@@ -227,7 +233,10 @@ def make_trainer(
             name=config.run_name,
             storage_path=plan.root,
             checkpoint_config=CheckpointConfig(num_to_keep=config.num_checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=config.max_failures),
+            failure_config=FailureConfig(
+                max_failures=config.max_failures,
+                controller_failure_limit=controller_failure_limit,
+            ),
             worker_runtime_env={"env_vars": env},
             callbacks=list(callbacks or []),
         ),
@@ -291,6 +300,7 @@ def run_training(
     force_new: bool = False,
     verbose: bool = False,
     display: ProgressDisplay | None = None,
+    controller_failure_limit: int = -1,
 ) -> TrainingOutcome:
     """Plan, check, track and train on Ray; returns where the run lives (module docstring).
 
@@ -298,7 +308,8 @@ def run_training(
     passes ``TuneReportCallback()``). ``mlflow_run_id``: an existing MLflow run to log into when
     no checkpoint names one (a Tune trial's child run). ``force_new``: set an earlier run of the
     same name aside and start afresh. ``display``: a shared progress display (runs in parallel
-    threads); default one printing through ``print_fn``.
+    threads); default one printing through ``print_fn``. ``controller_failure_limit``: see
+    :func:`make_trainer` (a Tune trial fails instead of waiting forever for its workers).
     """
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     info = store_info or check_against_store(config)
@@ -319,8 +330,14 @@ def run_training(
         requiet()
         receiver = ProgressReceiver(display)
         try:
-            result = fit(make_trainer(plan, loop_config(plan, handle, receiver.inbox),
-                                      worker_env=worker_env, callbacks=callbacks), handle)  # fmt: skip
+            trainer = make_trainer(
+                plan,
+                loop_config(plan, handle, receiver.inbox),
+                worker_env=worker_env,
+                callbacks=callbacks,
+                controller_failure_limit=controller_failure_limit,
+            )
+            result = fit(trainer, handle)
         finally:
             receiver.close()
             if own_display:
