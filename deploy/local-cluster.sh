@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A two-node Ray cluster plus an MLflow tracking server on this machine, all on 127.0.0.1.
 #
-#   deploy/local-cluster.sh up     [--dir DIR] [--head-cpus N] [--worker-cpus N]
+#   deploy/local-cluster.sh up     [--dir DIR] [--head-cpus N] [--worker-cpus N] [--object-store]
 #   deploy/local-cluster.sh status [--dir DIR]
 #   deploy/local-cluster.sh down   [--dir DIR]
 #
@@ -9,6 +9,10 @@
 #   * MLflow:       mlflow server on SQLite (DIR/mlflow.db), artifacts served from DIR/artifacts
 #   * Ray head:     ray start --head --block, custom resource {"node1": 1}, dashboard + job server
 #   * Ray worker:   ray start --block --address <head>, custom resource {"node2": 1}
+#   * with --object-store, first: an S3-compatible server (moto's standalone server) on
+#     127.0.0.1 with a bucket `noisyseg`; MLflow's artifacts then live in s3://noisyseg/mlflow,
+#     and both Ray nodes (so every job) get the endpoint and credentials in their environment,
+#     exactly as a KubeRay pod gets them from the noisyseg-object-store Secret.
 # Every port is picked free at start-up (nothing collides with other Ray clusters on the
 # machine). Each Ray node gets its own short, unique --temp-dir under /tmp/nsr-<id>/ (Unix
 # socket paths must stay under ~107 characters, so DIR itself is not used). `down` stops exactly
@@ -20,6 +24,8 @@
 #   RAY_GCS_ADDRESS=127.0.0.1:<gcs>            (for ray.init(address=...))
 #   MLFLOW_TRACKING_URI=http://127.0.0.1:<port>
 #   RAY_AUTH_MODE=disabled|token  (+ RAY_AUTH_TOKEN_PATH in token mode)
+#   with --object-store: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+#   AWS_DEFAULT_REGION, NOISYSEG_BUCKET=s3://noisyseg
 #
 # Environment knobs:
 #   RAY_AUTH_MODE        "disabled" (default here: loopback only) or "token". In token mode a
@@ -44,11 +50,13 @@ shift
 DIR=${NOISYSEG_CLUSTER_DIR:-$REPO_DIR/.local-cluster}
 HEAD_CPUS=1
 WORKER_CPUS=1
+OBJECT_STORE=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dir) DIR=$2; shift 2 ;;
     --head-cpus) HEAD_CPUS=$2; shift 2 ;;
     --worker-cpus) WORKER_CPUS=$2; shift 2 ;;
+    --object-store) OBJECT_STORE=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown option: $1" ;;
   esac
@@ -68,6 +76,8 @@ fi
 BIN_DIR=$(dirname "$PYTHON")
 RAY="$BIN_DIR/ray"
 MLFLOW="$BIN_DIR/mlflow"
+MOTO="$BIN_DIR/moto_server"
+BUCKET=noisyseg
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-90}
 OBJECT_STORE_BYTES=${OBJECT_STORE_BYTES:-200000000}
 
@@ -139,7 +149,8 @@ pgid_of() { ps -o pgid= -p "$1" 2>/dev/null | tr -d ' '; }
 
 # pids whose command line names TEMP_ROOT, plus every member of the recorded process groups
 our_pids() {
-  "$PYTHON" - "${TEMP_ROOT:-}" "${HEAD_PGID:-}" "${WORKER_PGID:-}" "${MLFLOW_PGID:-}" <<'EOF'
+  "$PYTHON" - "${TEMP_ROOT:-}" "${HEAD_PGID:-}" "${WORKER_PGID:-}" "${MLFLOW_PGID:-}" \
+    "${S3_PGID:-}" <<'EOF'
 import os, sys
 temp_root = sys.argv[1].encode()
 pgids = {int(g) for g in sys.argv[2:] if g}
@@ -215,12 +226,16 @@ stop_all() {
     kill -TERM -- "-$MLFLOW_PGID" 2>/dev/null || true
     wait_gone 15 "$MLFLOW_PGID" || true
   fi
+  if [[ -n "${S3_PGID:-}" ]]; then
+    kill -TERM -- "-$S3_PGID" 2>/dev/null || true
+    wait_gone 15 "$S3_PGID" || true
+  fi
   # shellcheck disable=SC2046
   wait_gone 5 $(our_pids) || true
   pids=$(our_pids)
   if [[ -n "$pids" ]]; then
     echo "local-cluster: SIGKILL to leftover processes:" $pids >&2
-    for pgid in ${WORKER_PGID:-} ${HEAD_PGID:-} ${MLFLOW_PGID:-}; do
+    for pgid in ${WORKER_PGID:-} ${HEAD_PGID:-} ${MLFLOW_PGID:-} ${S3_PGID:-}; do
       kill -KILL -- "-$pgid" 2>/dev/null || true
     done
     # shellcheck disable=SC2086
@@ -234,6 +249,25 @@ stop_all() {
   rm -f -- "$STATE" "$ENV_FILE"
   pids=$(our_pids)
   [[ -z "$pids" ]] || die "processes still running after down:" $pids
+}
+
+# The S3-compatible server, its credentials in the environment (inherited by MLflow and both
+# Ray nodes), and the bucket. Credentials are random per cluster, like a KubeRay Secret's.
+start_object_store() {
+  [[ -x "$MOTO" ]] || die "moto_server not found at $MOTO (pip install 'moto[server]')"
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT"
+  AWS_ACCESS_KEY_ID="nsr$("$PYTHON" -c 'import secrets; print(secrets.token_hex(6))')"
+  AWS_SECRET_ACCESS_KEY="$("$PYTHON" -c 'import secrets; print(secrets.token_hex(16))')"
+  export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_DEFAULT_REGION=us-east-1
+  # MLflow's S3 artifact client reads this one.
+  export MLFLOW_S3_ENDPOINT_URL="$AWS_ENDPOINT_URL"
+  setsid "$MOTO" -H 127.0.0.1 -p "$S3_PORT" > "$DIR/logs/s3.log" 2>&1 < /dev/null &
+  local s3_pid=$!
+  S3_PGID=$(pgid_of "$s3_pid"); write_state
+  wait_for "object store" "$s3_pid" "$DIR/logs/s3.log" \
+    eval 'http_get "$AWS_ENDPOINT_URL" > /dev/null'
+  "$PYTHON" -c "import boto3; boto3.client('s3').create_bucket(Bucket='$BUCKET')" \
+    || die "could not create bucket $BUCKET at $AWS_ENDPOINT_URL"
 }
 
 # ----------------------------------------------------------------------------------- verbs
@@ -263,8 +297,8 @@ cmd_up() {
   export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 
   local ports
-  ports=$(pick_ports 16 2 40) || die "could not find free ports"
-  read -r GCS_PORT DASH_PORT CLIENT_PORT MLFLOW_PORT \
+  ports=$(pick_ports 17 2 40) || die "could not find free ports"
+  read -r GCS_PORT DASH_PORT CLIENT_PORT MLFLOW_PORT S3_PORT \
     H_NM H_OM H_AGENT H_AGENT_GRPC H_RTENV H_METRICS \
     W_NM W_OM W_AGENT W_AGENT_GRPC W_RTENV W_METRICS H_WORKERS W_WORKERS <<< "$ports"
   TEMP_ROOT="/tmp/nsr-$("$PYTHON" -c 'import secrets; print(secrets.token_hex(4))')"
@@ -282,15 +316,24 @@ RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-}
 MLFLOW_PGID=${MLFLOW_PGID:-}
 HEAD_PGID=${HEAD_PGID:-}
 WORKER_PGID=${WORKER_PGID:-}
+S3_PGID=${S3_PGID:-}
+S3_PORT=${S3_PORT:-}
+OBJECT_STORE=$OBJECT_STORE
 EOF
   }
   write_state
+
+  local artifacts="$DIR/artifacts"
+  if (( OBJECT_STORE )); then
+    start_object_store
+    artifacts="s3://$BUCKET/mlflow"
+  fi
 
   # MLflow first, so the Ray nodes (and every job they run) inherit MLFLOW_TRACKING_URI.
   export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$MLFLOW" server \
     --backend-store-uri "sqlite:///$DIR/mlflow.db" \
-    --artifacts-destination "$DIR/artifacts" \
+    --artifacts-destination "$artifacts" \
     --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     > "$DIR/logs/mlflow.log" 2>&1 < /dev/null &
   local mlflow_pid=$!
@@ -339,8 +382,19 @@ EOF
     if [[ "$RAY_AUTH_MODE" == token ]]; then
       echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
     fi
+    if (( OBJECT_STORE )); then
+      echo "export AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL"
+      echo "export MLFLOW_S3_ENDPOINT_URL=$AWS_ENDPOINT_URL"
+      echo "export AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID"
+      echo "export AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY"
+      echo "export AWS_DEFAULT_REGION=$AWS_DEFAULT_REGION"
+      echo "export NOISYSEG_BUCKET=s3://$BUCKET"
+    fi
   } > "$ENV_FILE"
-  echo "local cluster up: 2 Ray nodes (head $HEAD_CPUS CPU, worker $WORKER_CPUS CPU), MLflow"
+  chmod 600 "$ENV_FILE"
+  local extra=""
+  (( OBJECT_STORE )) && extra=", S3 at $AWS_ENDPOINT_URL (bucket s3://$BUCKET)"
+  echo "local cluster up: 2 Ray nodes (head $HEAD_CPUS CPU, worker $WORKER_CPUS CPU), MLflow$extra"
   echo "  source $ENV_FILE"
   cat "$ENV_FILE" | sed 's/^/  /'
 }
@@ -353,6 +407,11 @@ cmd_status() {
   http_get "http://127.0.0.1:$MLFLOW_PORT/health" > /dev/null && mlflow=up
   echo "ray nodes alive: $nodes  dashboard: http://127.0.0.1:$DASH_PORT"
   echo "mlflow: $mlflow  http://127.0.0.1:$MLFLOW_PORT"
+  if [[ "${OBJECT_STORE:-0}" == 1 ]]; then
+    local s3=down
+    http_get "http://127.0.0.1:$S3_PORT" > /dev/null && s3=up
+    echo "object store: $s3  http://127.0.0.1:$S3_PORT"
+  fi
   echo "processes: $(our_pids | wc -l)  temp dir: $TEMP_ROOT"
   [[ "$nodes" -ge 2 && "$mlflow" == up ]]
 }
