@@ -681,6 +681,8 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
     log = StepLog(job, context.rank, context.world_size, device, start_step=state.step)
     if state.resumed_from is not None:
         log.note(state.step, f"resumed from step {state.step} ({state.resumed_from})")
+        if metric_log is not None:
+            metric_log.log({"resumed_from_step": float(state.step)}, state.step)
     progress = Progress(metrics={"step": state.step})
     state.model.train()
     try:

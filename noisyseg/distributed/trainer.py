@@ -169,7 +169,9 @@ def open_tracking(plan: LaunchPlan, tracking_uri: str, mlflow_run_id: str | None
     )
 
 
-def announce(plan: LaunchPlan, handle: RunHandle, print_fn: Callable[[str], None]) -> None:
+def announce(
+    plan: LaunchPlan, handle: RunHandle, print_fn: Callable[[str], None], *, verbose: bool
+) -> None:
     """The lines that say where everything is (printed once)."""
     if plan.set_aside_to is not None:
         print_fn(f"{PREFIX} --force-new: the earlier run was moved to {plan.set_aside_to}")
@@ -178,6 +180,8 @@ def announce(plan: LaunchPlan, handle: RunHandle, print_fn: Callable[[str], None
     print_fn(f"{PREFIX} MLflow tracking URI: {handle.tracking_uri}")
     print_fn(f"{PREFIX} MLflow run id: {handle.run_id} (experiment {handle.experiment_id})")
     print_fn(f"{PREFIX} MLflow UI: {handle.url}")
+    if not verbose:
+        print_fn(f"{PREFIX} Ray and MLflow logs: {plan.log_file} (--verbose shows them)")
 
 
 # ---------------------------------------------------------------------------------- 4. fit
@@ -316,20 +320,15 @@ def run_training(
     tracking_uri = tracking_uri or resolve_tracking_uri()
     plan = plan_launch(config, info, tracking_uri, force_new=force_new)
     print_fn(f"{PREFIX} {check_memory(plan.config, info).line()}")
-    handle = open_tracking(plan, tracking_uri, mlflow_run_id)
-    announce(plan, handle, print_fn)
-    if not verbose:
-        print_fn(f"{PREFIX} Ray and MLflow logs: {plan.log_file} (--verbose shows them)")
     own_display = display is None
     display = display or ProgressDisplay(print_fn)
     cpus = plan.config.workers * plan.config.cpus_per_worker
-    with (
-        quiet_logs(plan.log_file, verbose=verbose) as requiet,
-        ray_connection(cpus, log_to_driver=verbose),
-    ):
-        requiet()
-        receiver = ProgressReceiver(display)
-        try:
+    with quiet_logs(plan.log_file, verbose=verbose) as requiet:
+        handle = open_tracking(plan, tracking_uri, mlflow_run_id)
+        announce(plan, handle, print_fn, verbose=verbose)
+        with ray_connection(cpus, log_to_driver=verbose):
+            requiet()
+            receiver = ProgressReceiver(display)
             trainer = make_trainer(
                 plan,
                 loop_config(plan, handle, receiver.inbox),
@@ -337,11 +336,12 @@ def run_training(
                 callbacks=callbacks,
                 controller_failure_limit=controller_failure_limit,
             )
-            result = fit(trainer, handle)
-        finally:
-            receiver.close()
-            if own_display:
-                display.close()
+            try:
+                result = fit(trainer, handle)
+            finally:
+                receiver.close()
+                if own_display:
+                    display.close()
     metrics = dict(result.metrics or {})
     print_fn(
         f"{PREFIX} finished {plan.config.run_name!r} at step {metrics.get('step')}; "
