@@ -536,3 +536,27 @@ def test_splits_file_clean_cases_and_resplit(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "clean-case list: case 'zz9' not among the dataset's cases" in err
     assert VolumeStore.open(url).case_ids(clean=True) == ["c5"]
+
+
+def test_overwrite_rebuilds_beside_the_old_store_and_refuses_a_foreign_folder(tmp_path):
+    src = tmp_path / "Dataset006"
+    make_nnunet(src, ["a", "b"])
+    url = tmp_path / "s.zarr"
+    assert ingest_folder(src, str(url), progress=False, val_fraction=0.0).ok
+    with pytest.raises(NoisysegInputError, match="ingested with foreground nonzero, now"):
+        ingest_folder(src, str(url), progress=False, val_fraction=0.0, foreground="tumor")
+    report = ingest_folder(
+        src, str(url), progress=False, val_fraction=0.0, foreground="tumor", overwrite=True
+    )
+    assert report.ok and sorted(report.written) == ["a", "b"] and report.skipped == []
+    store = VolumeStore.open(str(url))
+    assert store.label_set_info("truth")["params"]["foreground"] == [2]
+    lab = np.asarray(nib.load(str(src / "labelsTr" / "a.nii.gz")).dataobj)
+    np.testing.assert_array_equal(store.labels("a")[:], (lab == 2).transpose(2, 1, 0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset006", "s.zarr"]  # no leftovers
+    foreign = tmp_path / "notastore"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(NoisysegInputError, match="is not a noisyseg store"):
+        ingest_folder(src, str(foreign), progress=False, overwrite=True, val_fraction=0.0)
+    assert (foreign / "keep.txt").read_text() == "mine"

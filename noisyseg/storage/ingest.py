@@ -1,27 +1,17 @@
 """Ingest a folder of scans into a :class:`~noisyseg.storage.store.VolumeStore`.
 
-Layouts (nnU-Net v2 / MSD, BraTS, 2D images + masks) are found by :mod:`.layouts`; geometry
-(reorientation to RAS, optional resampling) is :mod:`.geometry`; splits and clean lists are
-:mod:`.splits`. This module reads one case (:func:`load_nifti_case`, :func:`load_2d_case`) and
-runs the cases in parallel (:func:`ingest_folder`).
-
-Labels. A NIfTI label may be multi-class (MSD/nnU-Net ``labels``, BraTS 1/2/3(4)). The binary
-``truth`` lesion mask is ``isin(label, foreground)``; ``foreground`` comes from ``--foreground``
-(values ``1,2,3`` or names from dataset.json, nnU-Net region names included) and defaults to
-every non-zero value except one named ``ignore``. The source map itself is kept, voxel for
-voxel, as the label map :data:`SOURCE_LABELS` (uint8/uint16, class names in its OME
-``image-label`` properties). When the dataset lists its labels, a value it does not list is an
-error of that case. 2D masks must already be binary, {0, 1} or {0, 255}.
-
-Axis order: NIfTI arrays are ``(i, j, k)``; after reorientation to RAS the store keeps
-``(z, y, x)`` = ``(k, j, i)`` (``transpose(2, 1, 0)``, channels first), spacing reversed likewise,
-and the affine of the stored grid: store voxel ``[z, y, x]`` is at world ``affine @ [x, y, z, 1]``.
-The case attributes also hold ``geometry`` (original and stored grids, see
-:class:`~noisyseg.storage.geometry.Geometry`) so predictions can go back to the input space.
+Layouts (nnU-Net v2 / MSD, BraTS, 2D images + masks) are found by :mod:`.layouts`; one case is
+read by :mod:`.case_readers` (labels -> ``truth`` by ``--foreground``, the multi-class map kept
+as :data:`SOURCE_LABELS`, reorientation to RAS and ``--target-spacing`` via :mod:`.geometry`);
+splits and clean lists follow :mod:`.splits`. This module runs the cases as Dask tasks
+(:func:`ingest_folder`; scheduler ``threads``, ``processes``, ``synchronous`` or ``ray``, as
+``noisyseg corrupt``), :data:`COMPACT_EVERY` at a time.
 
 Every case is validated on its own; a bad case gives one error line (case, file, rule) and the
 other cases are still ingested. Cases already in the store are skipped, so a re-run after an
 interruption finishes the job (see the atomicity notes in :mod:`noisyseg.storage.store`).
+``overwrite`` of a local store builds the new store beside the old one and swaps it in at the end
+(:func:`noisyseg.storage.atomic.replace_store`): a kill leaves the complete old store.
 """
 
 from __future__ import annotations
@@ -35,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import fsspec
 import nibabel as nib
 import numpy as np
 from dask.callbacks import Callback
@@ -42,18 +33,22 @@ from dask.callbacks import Callback
 from noisyseg.errors import NoisysegInputError
 from noisyseg.storage import geometry as G
 from noisyseg.storage import splits as S
-from noisyseg.storage import validate as V
-from noisyseg.storage.corrupt import SCHEDULERS, run_tasks
-from noisyseg.storage.layouts import (
-    LAYOUT_2D,
-    CaseSpec,
-    DatasetInfo,
-    Layout,
-    discover,
+from noisyseg.storage.atomic import replace_store
+from noisyseg.storage.case_readers import (
+    SOURCE_LABELS,
+    LabelRule,
+    NiftiOptions,
+    is_grey_image,
+    load_2d_case,
+    load_nifti_case,
+    parse_foreground,
 )
+from noisyseg.storage.corrupt import SCHEDULERS, run_tasks
+from noisyseg.storage.layouts import LAYOUT_2D, CaseSpec, Layout, discover
 from noisyseg.storage.store import TRUTH, VolumeStore
 
 __all__ = [
+    "SOURCE_LABELS",
     "CaseFailure",
     "CaseSpec",
     "IngestReport",
@@ -65,8 +60,6 @@ __all__ = [
     "progress_bar",
 ]
 
-#: Name of the label map that keeps the source's multi-class labels.
-SOURCE_LABELS = "source-multiclass"
 #: Compact the index every this many written cases (journal files -> Parquet).
 COMPACT_EVERY = 500
 #: Test hook: seconds to sleep after each written case, so a test can kill an ingest midway.
@@ -111,298 +104,6 @@ class IngestReport:
             f"ingested {len(self.written)} case(s), skipped {len(self.skipped)} already in store, "
             f"{len(self.failed)} failed -> {self.store_url}"
         )
-
-
-@dataclass(frozen=True)
-class LabelRule:
-    """How a case's source label becomes ``truth``: ``foreground`` values (None: every non-zero
-    value except ``ignore``), the values the dataset lists (empty: any), and their names."""
-
-    foreground: tuple[int, ...] | None
-    names: dict[int, str]
-    listed_in: str  # where ``names`` come from, for messages ("dataset.json", "BraTS")
-
-    def truth(self, label: np.ndarray, *, case: str, path: Path) -> np.ndarray:
-        """Binary ``(*S)`` uint8 lesion mask of an integer label map; checks listed values."""
-        values = np.unique(label)
-        if self.names:
-            unlisted = [int(v) for v in values if int(v) not in self.names]
-            if unlisted:
-                listed = ", ".join(f"{v} {n}" for v, n in sorted(self.names.items()))
-                raise NoisysegInputError(
-                    f"label values {', '.join(map(str, unlisted[:8]))} not listed in "
-                    f"{self.listed_in} labels ({listed})",
-                    case=case,
-                    path=str(path),
-                )
-        if self.foreground is not None:
-            return np.isin(label, self.foreground).astype(np.uint8)
-        ignore = [v for v, n in self.names.items() if n.lower() == "ignore"]
-        return ((label != 0) & ~np.isin(label, ignore)).astype(np.uint8)
-
-
-@dataclass(frozen=True)
-class NiftiOptions:
-    """Per-case NIfTI reading options: the label rule and an optional target spacing (mm,
-    x,y,z after reorientation to RAS)."""
-
-    rule: LabelRule
-    target_spacing: tuple[float, float, float] | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# --foreground
-# --------------------------------------------------------------------------------------------
-
-
-def parse_foreground(text: str | Sequence[Any] | None, info: DatasetInfo) -> tuple[int, ...] | None:
-    """``--foreground`` -> sorted label values, or None (every non-zero label).
-
-    Items are label values (``1,2,3``) or names the dataset gives (label names, nnU-Net region
-    names; case-insensitive), comma separated.
-
-    Raises:
-        NoisysegInputError: an unknown name, a value the dataset does not list, background (0),
-            or nothing at all.
-    """
-    if text is None:
-        return None
-    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
-    items = [i for i in items if str(i) != ""]
-    by_name: dict[str, tuple[int, ...]] = {n.lower(): (v,) for v, n in info.labels.items()}
-    by_name.update({n.lower(): vals for n, vals in info.regions.items()})
-    where = info.path
-    values: set[int] = set()
-    for item in items:
-        key = str(item).strip()
-        if key.lstrip("-").isdigit():
-            v = int(key)
-            if info.labels and v not in info.labels:
-                raise NoisysegInputError(
-                    f"--foreground: label value {v} is not listed ({_listed(info)})", path=where
-                )
-            values.add(v)
-        elif key.lower() in by_name:
-            values.update(by_name[key.lower()])
-        else:
-            raise NoisysegInputError(
-                f"--foreground: unknown label name {key!r} (known: {_listed(info)})", path=where
-            )
-    if not values or 0 in values:
-        raise NoisysegInputError(
-            f"--foreground must name at least one non-background label, got {text!r}", path=where
-        )
-    return tuple(sorted(values))
-
-
-def _listed(info: DatasetInfo) -> str:
-    names = [f"{v} {n!r}" for v, n in sorted(info.labels.items())]
-    names += [f"{n!r} = {list(v)}" for n, v in info.regions.items()]
-    return ", ".join(names) if names else "none listed; use label values"
-
-
-# --------------------------------------------------------------------------------------------
-# reading one NIfTI case
-# --------------------------------------------------------------------------------------------
-
-
-def _check_file(path: Path, case: str) -> None:
-    try:
-        size = path.stat().st_size
-    except OSError:
-        raise NoisysegInputError("file missing or unreadable", case=case, path=str(path)) from None
-    if size == 0:
-        raise NoisysegInputError("empty file (0 bytes)", case=case, path=str(path))
-
-
-def _load_nifti(path: Path, case: str) -> tuple[np.ndarray, G.Grid]:
-    """Read a NIfTI file fully: data in nibabel ``(i, j, k[, c])`` order and its grid."""
-    _check_file(path, case)
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-        zooms = tuple(float(z) for z in img.header.get_zooms())
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception as e:  # noqa: BLE001 - nibabel/gzip/zlib raise many types for a damaged file
-        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise NoisysegInputError(
-            f"truncated or unreadable NIfTI ({type(e).__name__}: {msg})", case=case, path=str(path)
-        ) from None
-    if data.ndim == 2:
-        data, zooms = data[:, :, None], (*zooms[:2], 1.0)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim not in (3, 4):
-        raise NoisysegInputError(
-            f"expected a 3D volume (or 4D channels), got shape {data.shape}",
-            case=case,
-            path=str(path),
-        )
-    return data, G.make_grid(data.shape[:3], affine, zooms[:3])
-
-
-def _read_channels(spec: CaseSpec) -> tuple[list[np.ndarray], G.Grid]:
-    """Every channel of the case in NIfTI order on one grid (shapes, spacings, affines equal)."""
-    cid = spec.case_id
-    channels: list[np.ndarray] = []
-    ref: G.Grid | None = None
-    for path in spec.images:
-        data, grid = _load_nifti(path, cid)
-        if data.ndim == 4 and len(spec.images) > 1:
-            raise NoisysegInputError(
-                f"expected a 3D channel file, got shape {data.shape}", case=cid, path=str(path)
-            )
-        vols = [data[..., c] for c in range(data.shape[3])] if data.ndim == 4 else [data]
-        if ref is None:
-            ref = grid
-        else:
-            what = f"channel {len(channels)}"
-            G.check_same_grid(ref, grid, what=what, case=cid, path=str(path))
-            V.check_spacing_match(ref.spacing, grid.spacing, case=cid, path=str(path))
-        channels.extend(vols)
-    assert ref is not None
-    return channels, ref
-
-
-def _read_label(spec: CaseSpec, ref: G.Grid) -> np.ndarray:
-    """The case's label in NIfTI order, on the image grid; validated as a label map."""
-    assert spec.label is not None
-    cid, path = spec.case_id, spec.label
-    data, grid = _load_nifti(path, cid)
-    if data.ndim != 3:
-        raise NoisysegInputError(
-            f"label must be 3D, got shape {data.shape}", case=cid, path=str(path)
-        )
-    if grid.shape != ref.shape:
-        raise NoisysegInputError(
-            f"label shape {grid.shape} does not match image shape {ref.shape}",
-            case=cid,
-            path=str(path),
-        )
-    V.check_spacing_match(ref.spacing, grid.spacing, case=cid, path=str(path))
-    G.check_same_grid(ref, grid, what="label", case=cid, path=str(path))
-    return V.check_label_map(data, case=cid, path=str(path), name="label")
-
-
-def load_nifti_case(spec: CaseSpec, options: NiftiOptions) -> dict[str, Any]:
-    """Read, validate, reorient (and resample) one NIfTI case; returns write_case kwargs.
-
-    Raises NoisysegInputError naming the case, the file and the rule.
-    """
-    cid = spec.case_id
-    channels, original = _read_channels(spec)
-    label = _read_label(spec, original) if spec.label is not None else None
-    ornt = G.canonical_transform(original.affine)
-    image = np.stack(channels, axis=-1)  # (i, j, k, c)
-    image, stored = G.reorient(image, original, ornt)
-    if label is not None:
-        label, _ = G.reorient(label, original, ornt)
-    if options.target_spacing is not None:
-        target = G.resampled_grid(stored, options.target_spacing)
-        image = G.resample(image, stored, target, order=1, channels_last=True)
-        if label is not None:
-            label = G.resample(label, stored, target, order=0)
-        stored = target
-    image = V.check_image(
-        image.transpose(3, 2, 1, 0),
-        n_channels=None,
-        spatial_dims=3,
-        case=cid,
-        path=str(spec.images[0]),
-    )
-    spacing = V.check_spacing(stored.spacing[::-1], 3, case=cid, path=str(spec.images[0]))
-    geometry = G.Geometry(original, stored)
-    out: dict[str, Any] = {
-        "image": image,
-        "labels": {},
-        "spacing": spacing,
-        "affine": stored.affine,
-        "split": spec.split,
-        "source": str(spec.images[0]),
-        "extra": {
-            "geometry": geometry.to_json(),
-            "source_files": [str(p) for p in spec.images],
-            "source_label": str(spec.label) if spec.label is not None else None,
-        },
-    }
-    if label is not None:
-        zyx = label.transpose(2, 1, 0)
-        truth = options.rule.truth(zyx, case=cid, path=spec.label)  # type: ignore[arg-type]
-        out["labels"] = {TRUTH: truth}
-        out["label_maps"] = {SOURCE_LABELS: (zyx, _class_names(zyx, options.rule))}
-    return out
-
-
-def _class_names(label: np.ndarray, rule: LabelRule) -> dict[int, str]:
-    return {int(v): rule.names.get(int(v), f"label {int(v)}") for v in np.unique(label)}
-
-
-# --------------------------------------------------------------------------------------------
-# reading one 2D case
-# --------------------------------------------------------------------------------------------
-
-
-def _open_pil(path: Path, case: str):
-    from PIL import Image  # Pillow is only needed for 2D datasets
-
-    _check_file(path, case)
-    try:
-        im = Image.open(path)
-        im.load()
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types for a damaged file
-        raise NoisysegInputError(
-            f"truncated or unreadable image ({type(e).__name__}: {str(e)[:120]})",
-            case=case,
-            path=str(path),
-        ) from None
-    return im
-
-
-GREY_MODES = ("L", "I", "I;16", "I;16B", "F", "1")
-
-
-def load_2d_case(spec: CaseSpec, options: Any = None) -> dict[str, Any]:
-    """Read and validate one 2D image + mask; returns write_case keyword arguments."""
-    cid = spec.case_id
-    im = _open_pil(spec.images[0], cid)
-    if im.mode in GREY_MODES:
-        image = np.asarray(im)[None].astype(np.float32)
-    else:
-        image = np.asarray(im.convert("RGB")).transpose(2, 0, 1).astype(np.float32)
-    assert spec.label is not None
-    mk = _open_pil(spec.label, cid)
-    mask = np.asarray(mk)
-    if mask.ndim == 3:
-        if not all(
-            np.array_equal(mask[..., 0], mask[..., c]) for c in range(1, min(3, mask.shape[2]))
-        ):
-            raise NoisysegInputError(
-                "mask is not single-channel (RGB channels differ)", case=cid, path=str(spec.label)
-            )
-        mask = mask[..., 0]
-    values = set(np.unique(mask).tolist())
-    if values <= {0, 255} or (mk.mode == "1" and values <= {False, True}):
-        mask = (mask != 0).astype(np.uint8)
-    elif not values <= {0, 1}:
-        shown = ", ".join(str(v) for v in sorted(values)[:8])
-        raise NoisysegInputError(
-            f"mask is not binary (values {shown}{', ...' if len(values) > 8 else ''}; "
-            f"expected {{0, 1}} or {{0, 255}})",
-            case=cid,
-            path=str(spec.label),
-        )
-    label = V.check_label(mask, shape=image.shape[1:], case=cid, path=str(spec.label), name="mask")
-    image = V.check_image(
-        image, n_channels=None, spatial_dims=2, case=cid, path=str(spec.images[0])
-    )
-    return {
-        "image": image,
-        "labels": {TRUTH: label},
-        "spacing": (1.0, 1.0),
-        "affine": None,
-        "split": spec.split,
-        "source": str(spec.images[0]),
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,8 +178,8 @@ def _channel_names(layout: Layout) -> list[str]:
             continue
         try:
             if layout.kind == LAYOUT_2D:
-                n = 1 if _open_pil(spec.images[0], spec.case_id).mode in GREY_MODES else 3
-                return ["gray"] if n == 1 else ["R", "G", "B"]
+                grey = is_grey_image(spec.images[0], spec.case_id)
+                return ["gray"] if grey else ["R", "G", "B"]
             if len(spec.images) > 1:
                 return [f"ch{i}" for i in range(len(spec.images))]
             shape = nib.load(str(spec.images[0])).shape
@@ -507,44 +208,43 @@ def _truth_params(src: str, layout: Layout, rule: LabelRule, target: Any) -> dic
     }
 
 
-def _open_or_create(
-    store_url: str,
-    layout: Layout,
-    params: dict[str, Any],
-    *,
-    overwrite: bool,
-    storage_options: dict[str, Any] | None,
-) -> VolumeStore:
-    """Resume the store at ``store_url`` (same geometry and label parameters) or create it."""
-    if not overwrite:
-        try:
-            store = VolumeStore.open(store_url, "r+", storage_options)
-        except NoisysegInputError:
-            store = None
-        if store is not None:
-            if store.spatial_dims != layout.spatial_dims:
-                raise NoisysegInputError(
-                    f"store holds {store.spatial_dims}D cases, source is {layout.spatial_dims}D",
-                    path=str(store_url),
-                )
-            old = store.label_set_info(TRUTH).get("params", {})
-            for key in ("foreground", "target_spacing"):
-                if key in old and old[key] != params[key]:
-                    raise NoisysegInputError(
-                        f"store was ingested with {key} {old[key]}, now {params[key]} "
-                        "(pass --overwrite to rebuild it)",
-                        path=str(store_url),
-                    )
-            store.cleanup_staging()
-            return store
-    return VolumeStore.create(
-        store_url,
-        spatial_dims=layout.spatial_dims,
-        channel_names=_channel_names(layout),
-        overwrite=overwrite,
-        storage_options=storage_options,
-        truth_params=params,
-    )
+def _existing_store(url: str, storage_options: dict[str, Any] | None) -> bool:
+    """True when a noisyseg store is at ``url``; False when nothing (or an empty folder) is.
+
+    Raises:
+        NoisysegInputError: something else is there (never replaced, even with ``overwrite``).
+    """
+    try:
+        VolumeStore.open(url, "r", storage_options)
+        return True
+    except NoisysegInputError:
+        pass
+    fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+    if fs.exists(root) and (not fs.isdir(root) or fs.ls(root, detail=False)):
+        raise NoisysegInputError(
+            "path exists and is not a noisyseg store (refusing to overwrite)", path=str(url)
+        )
+    return False
+
+
+def _resume(store: VolumeStore, layout: Layout, params: dict[str, Any]) -> VolumeStore:
+    """Check that an existing store was ingested the same way (dimensionality, foreground,
+    target spacing) before cases are added to it."""
+    if store.spatial_dims != layout.spatial_dims:
+        raise NoisysegInputError(
+            f"store holds {store.spatial_dims}D cases, source is {layout.spatial_dims}D",
+            path=store.url,
+        )
+    old = store.label_set_info(TRUTH).get("params", {})
+    for key in ("foreground", "target_spacing"):
+        if key in old and old[key] != params[key]:
+            raise NoisysegInputError(
+                f"store was ingested with {key} {old[key]}, now {params[key]} "
+                "(pass --overwrite to rebuild it)",
+                path=store.url,
+            )
+    store.cleanup_staging()
+    return store
 
 
 def _plan(
@@ -573,6 +273,21 @@ def _plan(
     return {s.case_id: plan.get(s.case_id, s.split) for s in layout.specs}
 
 
+@dataclass
+class _Job:
+    """Everything decided before the first case is read."""
+
+    src: str
+    layout: Layout
+    params: dict[str, Any]  # truth label-set params (foreground, target spacing, names)
+    options: NiftiOptions | None
+    good: list[CaseSpec]  # cases without a scanning problem, split assigned
+    clean_ids: set[str]
+    scheduler: str
+    num_workers: int | None
+    progress: bool
+
+
 def ingest_folder(
     src: str | os.PathLike,
     store_url: str,
@@ -597,7 +312,8 @@ def ingest_folder(
     Args:
         src: source folder (nnU-Net v2/MSD, BraTS, or 2D images + masks; :mod:`.layouts`).
         store_url: store location (path or fsspec URL). An existing store is resumed: cases
-            already in it are skipped. ``overwrite`` replaces the whole store instead.
+            already in it are skipped. ``overwrite`` replaces the whole store instead (local
+            stores: built beside the old one and swapped in at the end).
         foreground: label values/names forming the lesion mask (None: every non-zero label).
         target_spacing: resample to this spacing (mm, x,y,z after RAS reorientation).
         val_fraction, test_fraction, seed: split rule of :mod:`.splits` over the labelled
@@ -623,11 +339,7 @@ def ingest_folder(
         )
     layout = discover(src)
     rule = _label_rule(layout, foreground)
-    target = tuple(float(t) for t in target_spacing) if target_spacing is not None else None
-    if target is not None:
-        if layout.kind == LAYOUT_2D:
-            raise NoisysegInputError("--target-spacing applies to 3D NIfTI datasets only")
-        G.resampled_grid(G.make_grid((1, 1, 1), np.eye(4), (1, 1, 1)), target)  # validates
+    target = _target_spacing(target_spacing, layout)
     plan = _plan(
         layout,
         seed=seed,
@@ -654,44 +366,97 @@ def ingest_folder(
         else:
             spec.split = plan[spec.case_id]
             good.append(spec)
-    if not good:
-        report.seconds = time.perf_counter() - t0
-        return report
-    params = _truth_params(str(src), layout, rule, target)
-    store = _open_or_create(
-        store_url, layout, params, overwrite=overwrite, storage_options=storage_options
+    job = _Job(
+        str(src),
+        layout,
+        _truth_params(str(src), layout, rule, target),
+        NiftiOptions(rule, target) if layout.kind != LAYOUT_2D else None,
+        good,
+        clean_ids,
+        scheduler,
+        num_workers,
+        progress,
     )
-    done = set(store.case_ids())
-    pending = [s for s in good if s.case_id not in done]
-    report.skipped = [s.case_id for s in good if s.case_id in done]
-    options = NiftiOptions(rule, target) if layout.kind != LAYOUT_2D else None
-    _run(store, pending, options, clean_ids, report, fail, scheduler, num_workers, progress, src)
-    store.compact()
-    present = set(store.case_ids())
-    if clean_ids & present:
-        store.set_clean(sorted(clean_ids & present), True)
-    store.cleanup_staging()
+    if good:
+        _write_store(job, str(store_url), report, fail, overwrite, storage_options)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _target_spacing(target_spacing: Sequence[float] | None, layout: Layout) -> Any:
+    if target_spacing is None:
+        return None
+    if layout.kind == LAYOUT_2D:
+        raise NoisysegInputError("--target-spacing applies to 3D NIfTI datasets only")
+    target = tuple(float(t) for t in target_spacing)
+    G.resampled_grid(G.make_grid((1, 1, 1), np.eye(4), (1, 1, 1)), target)  # validates it
+    return target
+
+
+def _write_store(
+    job: _Job,
+    url: str,
+    report: IngestReport,
+    fail: Callable[[CaseFailure], None],
+    overwrite: bool,
+    storage_options: dict[str, Any] | None,
+) -> None:
+    """Resume or create the store at ``url`` and ingest the job's cases into it; with
+    ``overwrite`` a local store is rebuilt beside the old one and swapped in at the end."""
+
+    def build(target_url: str, replace: bool) -> None:
+        store = VolumeStore.create(
+            target_url,
+            spatial_dims=job.layout.spatial_dims,
+            channel_names=_channel_names(job.layout),
+            overwrite=replace,
+            storage_options=storage_options,
+            truth_params=job.params,
+        )
+        _ingest_into(store, job, report, fail)
+
+    exists = _existing_store(url, storage_options)
+    if exists and not overwrite:
+        store = _resume(VolumeStore.open(url, "r+", storage_options), job.layout, job.params)
+        _ingest_into(store, job, report, fail)
+    elif exists:
+        try:
+            replace_store(url, lambda staged: build(staged, False), storage_options=storage_options)
+        except NotImplementedError:  # object store: no atomic swap, replace in place
+            build(url, True)
+    else:
+        build(url, False)
+
+
+def _ingest_into(
+    store: VolumeStore, job: _Job, report: IngestReport, fail: Callable[[CaseFailure], None]
+) -> None:
+    """Write the job's cases not yet in ``store``, then index, clean flags and cleanup."""
+    done = set(store.case_ids())
+    pending = [s for s in job.good if s.case_id not in done]
+    report.skipped = [s.case_id for s in job.good if s.case_id in done]
+    _run(store, pending, job, report, fail)
+    store.compact()
+    present = set(store.case_ids())
+    if job.clean_ids & present:
+        store.set_clean(sorted(job.clean_ids & present), True)
+    store.cleanup_staging()
 
 
 def _run(
     store: VolumeStore,
     pending: list[CaseSpec],
-    options: Any,
-    clean_ids: set[str],
+    job: _Job,
     report: IngestReport,
     fail: Callable[[CaseFailure], None],
-    scheduler: str,
-    num_workers: int | None,
-    progress: bool,
-    src: Any,
 ) -> None:
     """Ingest ``pending`` cases as Dask tasks, :data:`COMPACT_EVERY` at a time (the index is
-    compacted after each batch), reporting each result as its task finishes."""
-    bar = progress_bar("ingest", enabled=progress)
+    compacted after each batch), reporting each result as its task finishes (local schedulers;
+    with ``ray`` at the end of each batch)."""
+    bar = progress_bar("ingest", enabled=job.progress)
+    local = job.scheduler != "ray"
     with bar:
-        task = bar.add_task(Path(src).name, total=len(pending))
+        task = bar.add_task(Path(job.src).name, total=len(pending))
 
         def on_result(result: Any) -> None:
             if isinstance(result, CaseFailure):
@@ -701,20 +466,18 @@ def _run(
             bar.advance(task)
 
         for start in range(0, len(pending), COMPACT_EVERY):
-            batch = pending[start : start + COMPACT_EVERY]
             tasks = [
                 dask.delayed(ingest_one, pure=False)(
                     store,
                     s,
-                    options,
-                    s.case_id in clean_ids,
+                    job.options,
+                    s.case_id in job.clean_ids,
                     dask_key_name=f"ingest-case-{s.case_id}",
                 )
-                for s in batch
+                for s in pending[start : start + COMPACT_EVERY]
             ]
-            local = scheduler != "ray"
             with _CaseDone(on_result) if local else contextlib.nullcontext():
-                results = run_tasks(tasks, scheduler=scheduler, num_workers=num_workers)
+                results = run_tasks(tasks, scheduler=job.scheduler, num_workers=job.num_workers)
             if not local:
                 for r in results:
                     on_result(r)
