@@ -28,6 +28,7 @@ _COMMAND_MODULES: list[str] = [
     "noisyseg.storage.commands",  # synth, ingest, corrupt, info
     "noisyseg.distributed.commands",  # train
     "noisyseg.distributed.inference_commands",  # evaluate, predict
+    "noisyseg.audit.commands",  # audit
     "noisyseg.tuning.commands",  # tune
     "noisyseg.benchmarking.commands",  # benchmark, demo
 ]
