@@ -344,7 +344,7 @@ def test_ray_scheduler(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cli_corrupt_on_synth_brain_store(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The issue's check on phantoms: `noisyseg corrupt` at rate 0.5, random and size."""
     from noisyseg.cli import main
-    from noisyseg.storage.commands import synth_store
+    from noisyseg.storage.phantoms import synth_store
 
     url = str(tmp_path / "brain.zarr")
     synth_store(
@@ -385,7 +385,7 @@ def test_cli_corrupt_on_synth_brain_store(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_skin_store_2d_eight_connectivity(tmp_path: Path) -> None:
-    from noisyseg.storage.commands import synth_store
+    from noisyseg.storage.phantoms import synth_store
 
     url = str(tmp_path / "skin.zarr")
     synth_store(
@@ -403,8 +403,8 @@ def test_skin_store_2d_eight_connectivity(tmp_path: Path) -> None:
 @pytest.mark.parametrize("scope", ["dataset", "case"])
 @pytest.mark.parametrize("mode", ["random", "size"])
 def test_select_censored_equals_noise_selection(mode: str, scope: str) -> None:
-    """Table-only selection == noise.py's selection over LesionRecords, many seeds and rates,
-    with many tied volumes."""
+    """Table-only selection == noise.py's censoring of the same lesions as masks, many seeds and
+    rates, with many tied volumes."""
     import pandas as pd
 
     rng = np.random.default_rng(0)
@@ -429,24 +429,14 @@ def test_select_censored_equals_noise_selection(mode: str, scope: str) -> None:
                 ],
             )
         )
-        recs = [
-            noise.LesionRecord(
-                case=cases.index(c), label=lid, voxels=1, volume_mm3=v, centroid=(), bbox=()
-            )
-            for c, lid, v in rows
-        ]
-        if scope == "dataset":
-            want = noise._select(
-                recs, noise.count_to_select(rate, len(recs)), mode, np.random.default_rng(seed)
-            )
-        else:
-            want = []
-            for i in range(n_cases):
-                block = [r for r in recs if r.case == i]
-                want += noise._select(
-                    block,
-                    noise.count_to_select(rate, len(block)),
-                    mode,
-                    np.random.default_rng([seed, i]),
-                )
-        assert got == {(cases[r.case], r.label) for r in want}, trial
+        # the same lesions as masks: lesion lid of volume v is v voxels of row 1 from column
+        # 4·(lid - 1), so noise.py's raster-order ids are the table's lesion ids
+        masks = []
+        for c in cases:
+            mask = np.zeros((3, 4 * 8), np.uint8)
+            for case_id, lid, v in rows:
+                if case_id == c:
+                    mask[1, 4 * (lid - 1) : 4 * (lid - 1) + int(v)] = 1
+            masks.append(mask)
+        _, removed = noise.censor_lesions(masks, rate, mode=mode, seed=seed, scope=scope)
+        assert got == {(cases[r.case], r.label) for r in removed}, trial

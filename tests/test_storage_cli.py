@@ -13,7 +13,7 @@ import pytest
 
 from noisyseg.cli import main
 from noisyseg.errors import NoisysegInputError
-from noisyseg.storage.commands import SEED_STRIDE, assign_splits, synth_store
+from noisyseg.storage.phantoms import SEED_STRIDE, assign_splits, synth_store
 from noisyseg.storage.store import VolumeStore
 
 SHAPE = (12, 14, 16)
@@ -69,7 +69,7 @@ def test_assign_splits_counts():
     assert sum(clean40) == 8
     with pytest.raises(NoisysegInputError, match="leave no training case"):
         assign_splits(4, 0, test_fraction=0.5, val_fraction=0.5, clean_fraction=0.0)
-    with pytest.raises(NoisysegInputError, match=r"clean fraction must lie in \[0, 1\]"):
+    with pytest.raises(NoisysegInputError, match=r"clean fraction must be in \[0, 1\]"):
         assign_splits(4, 0, test_fraction=0.0, val_fraction=0.0, clean_fraction=1.5)
 
 
@@ -242,7 +242,7 @@ def test_cli_info_tables_and_statistics(synth_url, capsys):
 @pytest.mark.parametrize(
     "argv, expect",
     [
-        (["--mode", "random", "--rate", "1.5"], "rate must lie in [0, 1]"),
+        (["--mode", "random", "--rate", "1.5"], "rate must be in [0, 1]"),
         (["--mode", "random", "--rate", "0.5", "--from", "nope"], "label set 'nope' missing"),
         (["--mode", "random", "--rate", "0.5", "--name", "truth"], "never overwritten"),
         (["--mode", "random", "--rate", "0.5", "--name", "../x"], "unsafe label set name"),

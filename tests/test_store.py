@@ -13,7 +13,8 @@ import pytest
 import zarr
 
 from noisyseg.errors import NoisysegInputError
-from noisyseg.storage.store import VolumeStore, chunk_shape, lesion_records
+from noisyseg.lesions import lesion_table_rows
+from noisyseg.storage.store import VolumeStore, chunk_shape
 
 SPACING3 = (3.0, 1.25, 0.5)  # z, y, x (mm)
 
@@ -132,14 +133,14 @@ def test_lesion_table_hand_computed(store):
     assert set(t["status"]) == {"present"} and set(t["case_id"]) == {"c1"}
     assert store.index().loc[0, "n_lesions_truth"] == 2
     # 6-connectivity splits the pair: 3 lesions
-    assert len(lesion_records(label, SPACING3, connectivity=6)) == 3
+    assert len(lesion_table_rows(label, SPACING3, connectivity=6)) == 3
 
 
 def test_lesion_records_2d_eight_connectivity():
     lab = np.zeros((6, 6), np.uint8)
     lab[0, 0] = lab[1, 1] = 1  # diagonal: one lesion in 8-connectivity
     lab[4:6, 4:6] = 1
-    recs = lesion_records(lab, (0.5, 0.5))
+    recs = lesion_table_rows(lab, (0.5, 0.5))
     assert [r["voxels"] for r in recs] == [2, 4]
     assert recs[1]["volume_mm3"] == pytest.approx(1.0)
     assert "centroid_z" not in recs[0]

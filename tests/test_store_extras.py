@@ -76,7 +76,10 @@ def test_prediction_rewrite_replaces_without_leftovers(store) -> None:
     second = np.linspace(0, 1, 12 * 16 * 20, dtype=np.float32).reshape(12, 16, 20)
     st.write_prediction("c0", "p", first)
     before = st.prediction("c0", "p")  # opened before the re-write
-    st.write_prediction("c0", "p", second)
+    with pytest.raises(NoisysegInputError, match="prediction 'p' already exists"):
+        st.write_prediction("c0", "p", second)  # an existing name needs overwrite
+    np.testing.assert_array_equal(st.prediction("c0", "p")[...], first)
+    st.write_prediction("c0", "p", second, overwrite=True)
     np.testing.assert_array_equal(st.prediction("c0", "p")[...], second)
     assert before.shape == second.shape
     entries = sorted(os.listdir(Path(st.root) / "cases/c0/predictions"))

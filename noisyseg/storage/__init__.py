@@ -1,8 +1,13 @@
 """noisyseg.storage: the Zarr volume store, ingest, phantoms, Dask label-noise jobs, patch loader.
 
+One module per idea: ``layout`` (paths, chunking, OME metadata), ``index`` (case index, journal,
+lesion tables, label-set registry), ``writer`` (cases, label sets, predictions), ``atomic`` (the
+build-beside-then-switch commit), ``integrity`` (chunk manifests), ``verify`` (whole-store check),
+``reader`` (fast patch reads), ``normalise``, ``store`` (:class:`VolumeStore`, the front).
 Heavy submodules (phantoms, corrupt, patches) are not imported here; import them directly.
 """
 
-from noisyseg.storage.store import TRUTH, VolumeStore, lesion_records
+from noisyseg.storage.layout import TRUTH
+from noisyseg.storage.store import VolumeStore
 
-__all__ = ["TRUTH", "VolumeStore", "lesion_records"]
+__all__ = ["TRUTH", "VolumeStore"]

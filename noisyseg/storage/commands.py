@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -16,178 +16,19 @@ import numpy as np
 from noisyseg.errors import NoisysegInputError
 from noisyseg.storage import validate as V
 
-SYNTH_KINDS = ("brain-mets", "skin")
-#: Per-case seed: case i of a run with seed S uses ``S * SEED_STRIDE + i`` (distinct across
-#: runs of different S for fewer than SEED_STRIDE cases).
-SEED_STRIDE = 100003
-SYNTH_META = "index/synth.json"
-
-
 # --------------------------------------------------------------------------------------------
 # synth
 # --------------------------------------------------------------------------------------------
 
 
-def assign_splits(
-    n_cases: int, seed: int, *, test_fraction: float, val_fraction: float, clean_fraction: float
-) -> tuple[list[str], list[bool]]:
-    """Deterministic split and clean flag per case index.
-
-    ``round(test_fraction·N)`` test and ``round(val_fraction·N)`` val cases drawn at random
-    (at least one train case kept); ``max(1, round(clean_fraction·N_train))`` of the train cases
-    flagged clean when ``clean_fraction > 0``.
-    """
-    for name, value in (
-        ("test fraction", test_fraction),
-        ("val fraction", val_fraction),
-        ("clean fraction", clean_fraction),
-    ):
-        V.check_rate(value, name=name)
-    if n_cases < 1:
-        raise NoisysegInputError(f"--cases must be at least 1, got {n_cases}")
-    rng = np.random.default_rng([int(seed), 7919])
-    order = rng.permutation(n_cases)
-    n_test = round(test_fraction * n_cases)
-    n_val = round(val_fraction * n_cases)
-    if n_test + n_val >= n_cases:
-        raise NoisysegInputError(
-            f"test fraction {test_fraction} + val fraction {val_fraction} leave no training case "
-            f"out of {n_cases}"
-        )
-    splits = ["train"] * n_cases
-    for i in order[:n_test]:
-        splits[i] = "test"
-    for i in order[n_test : n_test + n_val]:
-        splits[i] = "val"
-    train = [i for i in range(n_cases) if splits[i] == "train"]
-    clean = [False] * n_cases
-    if clean_fraction > 0:
-        n_clean = max(1, round(clean_fraction * len(train)))
-        for i in rng.choice(train, size=n_clean, replace=False):
-            clean[int(i)] = True
-    return splits, clean
-
-
-def _zyx_affine_to_xyz(affine: Any) -> np.ndarray | None:
-    """Phantom affines map store indices ``(z, y, x, 1)``; the store keeps NIfTI-style affines
-    mapping ``(x, y, z, 1)`` (see :mod:`noisyseg.storage.ingest`): swap columns 0 and 2."""
-    if affine is None:
-        return None
-    a = np.asarray(affine, dtype=np.float64).copy()
-    a[:, [0, 2]] = a[:, [2, 0]]
-    return a
-
-
-def synth_store(
-    store_url: str,
-    *,
-    kind: str,
-    cases: int,
-    seed: int,
-    test_fraction: float = 0.2,
-    val_fraction: float = 0.1,
-    clean_fraction: float = 0.05,
-    overwrite: bool = False,
-    generator: Callable[[int], Any] | None = None,
-    generator_opts: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> list[str]:
-    """Write ``cases`` phantom cases into a store; returns the case ids written (not skipped).
-
-    Case ``i`` is ``<kind>-<i:05d>`` made by ``generator(seed * 100003 + i)`` (default: the
-    phantom generator of ``kind``), which returns an object with ``image`` (C, *S) float32,
-    ``label`` (*S) uint8, ``spacing`` (mm), ``channel_names``, ``affine``. Re-running with the
-    same parameters resumes (cases already in the store are skipped); other parameters on an
-    existing store need ``overwrite``.
-    """
-    from noisyseg.storage.store import TRUTH, VolumeStore
-
-    if kind not in SYNTH_KINDS:
-        raise NoisysegInputError(f"--kind must be one of {', '.join(SYNTH_KINDS)}, got {kind!r}")
-    splits, clean = assign_splits(
-        cases,
-        seed,
-        test_fraction=test_fraction,
-        val_fraction=val_fraction,
-        clean_fraction=clean_fraction,
-    )
-    opts = dict(generator_opts or {})
-    if generator is None:
-        from noisyseg.storage import phantoms
-
-        fn = phantoms.brain_mets_case if kind == "brain-mets" else phantoms.skin_case
-
-        def generator(case_seed: int) -> Any:
-            return fn(case_seed, **opts)
-
-    params = {
-        "kind": kind,
-        "cases": int(cases),
-        "seed": int(seed),
-        "test_fraction": float(test_fraction),
-        "val_fraction": float(val_fraction),
-        "clean_fraction": float(clean_fraction),
-        "generator_opts": opts,
-    }
-    store = None
-    if not overwrite:
-        try:
-            store = VolumeStore.open(store_url, "r+")
-        except NoisysegInputError:
-            store = None
-    if store is not None:
-        try:
-            old = store._read_json(SYNTH_META)
-        except FileNotFoundError:
-            old = None
-        if old != params:
-            raise NoisysegInputError(
-                "store exists with other contents or synth parameters (pass --overwrite to replace it)",
-                path=str(store_url),
-            )
-        store.cleanup_staging()
-    done = set(store.case_ids()) if store is not None else set()
-    written = []
-    from noisyseg.storage.ingest import progress_bar
-
-    bar = progress_bar("synth", enabled=progress)
-    with bar:
-        task = bar.add_task(kind, total=cases)
-        for i in range(cases):
-            cid = f"{kind}-{i:05d}"
-            if cid in done:
-                bar.advance(task)
-                continue
-            case = generator(seed * SEED_STRIDE + i)
-            image = np.asarray(case.image, dtype=np.float32)
-            if store is None:
-                store = VolumeStore.create(
-                    store_url,
-                    spatial_dims=image.ndim - 1,
-                    channel_names=list(case.channel_names),
-                    overwrite=overwrite,
-                    attrs={"synth": params},
-                    truth_params={"source": "synth", "kind": kind, "seed": int(seed)},
-                )
-                store._write_json(SYNTH_META, params)
-            store.write_case(
-                cid,
-                image,
-                {TRUTH: np.asarray(case.label)},
-                spacing=tuple(case.spacing),
-                affine=_zyx_affine_to_xyz(getattr(case, "affine", None)),
-                split=splits[i],
-                clean=clean[i],
-                source=f"synth:{kind}:seed={seed * SEED_STRIDE + i}",
-            )
-            written.append(cid)
-            bar.advance(task)
-    assert store is not None
-    store.compact()
-    return written
+#: Phantom kinds ``noisyseg synth --kind`` offers (checked again by ``synth_store``).
+SYNTH_KINDS = ("brain-mets", "skin")
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    # heavy (zarr, pandas, scipy): imported when the verb runs, so `noisyseg --help` stays fast
+    from noisyseg.storage.phantoms.synth import synth_store
+
     written = synth_store(
         args.store,
         kind=args.kind,
@@ -220,11 +61,53 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         on_error=on_error,
+        foreground=args.foreground,
+        target_spacing=_floats(args.target_spacing, "--target-spacing", 3),
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        splits_file=args.splits,
+        fold=args.fold,
+        clean_cases=args.clean_cases,
+        scheduler=args.scheduler,
+        num_workers=args.workers,
     )
     for note in report.notes:
         print(f"note: {note}")
     print(report.summary())
-    return 0 if report.ok else 1
+    # a failed case is bad input: status 2, the good cases are in the store
+    return 0 if report.ok else 2
+
+
+def _floats(text: str | None, flag: str, n: int) -> tuple[float, ...] | None:
+    """``"1,1,3"`` -> ``(1.0, 1.0, 3.0)`` (exactly ``n`` numbers) or None."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise NoisysegInputError(f"{flag} must be {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from noisyseg.storage.splits import resplit_store
+    from noisyseg.storage.store import VolumeStore
+
+    store = VolumeStore.open(args.store, "r+")
+    counts = resplit_store(
+        store,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        splits_file=args.splits,
+        fold=args.fold,
+        clean_cases=args.clean_cases,
+    )
+    print("split: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" -> {args.store}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,8 +304,40 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _add_split_arguments(
+    p: argparse.ArgumentParser, *, val_default: float | None, test_default: float | None
+) -> None:
+    """Split flags shared by ``ingest`` and ``split`` (rule: noisyseg.storage.splits)."""
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=val_default,
+        help="share of labelled cases for validation (ingest default 0.2; split: 0 if unset)",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=test_default,
+        help="share held out for test (ingest default 0.1, 0 when the source has labelsTs)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the split permutation")
+    p.add_argument(
+        "--splits",
+        default=None,
+        metavar="FILE",
+        help="take splits from a file: nnU-Net splits_final.json or {train,val,test} lists",
+    )
+    p.add_argument("--fold", type=int, default=0, help="fold of a splits_final.json (default 0)")
+    p.add_argument(
+        "--clean-cases",
+        default=None,
+        metavar="FILE",
+        help="file listing the clean-annotated cases (one id per line or a JSON list)",
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``synth``, ``ingest``, ``corrupt`` and ``info`` verbs."""
+    """Add the ``synth``, ``ingest``, ``split``, ``corrupt`` and ``info`` verbs."""
     p = subparsers.add_parser("synth", help="write a store of phantom cases (no scans needed)")
     p.add_argument("store", help="store path or URL (file://, s3://, gs://)")
     p.add_argument("--kind", required=True, choices=SYNTH_KINDS)
@@ -441,15 +356,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_synth)
 
     p = subparsers.add_parser(
-        "ingest", help="turn a folder of scans (nnU-Net/MSD NIfTI or 2D images+masks) into a store"
+        "ingest",
+        help="turn a folder of scans (nnU-Net v2/MSD, BraTS, 2D images+masks) into a store",
     )
     p.add_argument("src", help="source folder")
     p.add_argument("store", help="store path or URL; an existing store is resumed")
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing store instead of resuming"
     )
+    p.add_argument(
+        "--foreground",
+        default=None,
+        help="labels forming the lesion mask: values '1,2,3' or dataset.json names "
+        "'enhancing tumor,necrosis' (default: every non-zero label)",
+    )
+    p.add_argument(
+        "--target-spacing",
+        default=None,
+        metavar="X,Y,Z",
+        help="resample to this voxel spacing in mm (RAS x,y,z; images linear, labels nearest)",
+    )
+    p.add_argument(
+        "--scheduler",
+        default="threads",
+        help="Dask scheduler: threads | processes | synchronous | ray",
+    )
+    p.add_argument("--workers", type=int, default=None, help="parallel cases (default: cores)")
     p.add_argument("--no-progress", action="store_true")
+    _add_split_arguments(p, val_default=None, test_default=None)
     p.set_defaults(func=_cmd_ingest)
+
+    p = subparsers.add_parser(
+        "split", help="re-assign train/val/test (and the clean flag) of a store's labelled cases"
+    )
+    p.add_argument("store")
+    _add_split_arguments(p, val_default=None, test_default=None)
+    p.set_defaults(func=_cmd_split)
 
     p = subparsers.add_parser(
         "corrupt", help="derive a noisy label set with Dask (truth is never touched)"

@@ -2,7 +2,8 @@
 
 Every check raises :class:`~noisyseg.errors.NoisysegInputError` whose message is one line naming
 the case, the file (when known) and the rule broken (DESIGN.md, "Bad input"). The functions are
-pure NumPy: no Zarr, no file I/O.
+pure NumPy: no Zarr, no file I/O. ``check_rate`` is the core's (:func:`noisyseg.noise.check_rate`),
+re-exported here for the storage verbs.
 """
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from noisyseg.errors import NoisysegInputError
+from noisyseg.noise import check_rate as check_rate
 
 #: Case ids and label-set names: start with a letter or digit, then letters, digits, ``._-``.
 #: No ``/`` (it would nest groups), no ``..`` (path traversal), no spaces or shell characters.
 SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_NAME_LEN = 128
 SPLITS = ("train", "val", "test")
+#: Split of cases without any annotation (e.g. nnU-Net ``imagesTs``): no ``truth`` label set.
+UNLABELED = "unlabeled"
 #: Relative tolerance when comparing voxel spacings of an image and its label (header zooms are
 #: float32 in NIfTI, so exact equality is too strict).
 SPACING_RTOL = 1e-4
 
 
-def _is_safe_name(name: object) -> bool:
+def is_safe_name(name: object) -> bool:
+    """True for a safe case id / label-set name (see :func:`check_case_id`)."""
     return (
         isinstance(name, str)
         and 0 < len(name) <= MAX_NAME_LEN
@@ -39,7 +44,7 @@ def check_case_id(case_id: object, *, path: str | None = None) -> str:
 
     Safe: matches ``^[A-Za-z0-9][A-Za-z0-9._-]*$``, at most 128 characters, no ``..``.
     """
-    if not _is_safe_name(case_id):
+    if not is_safe_name(case_id):
         raise NoisysegInputError(
             f"unsafe case id {case_id!r} (allowed: letters, digits, '.', '_', '-', "
             f"starting with a letter or digit, no '..' or '/')",
@@ -51,7 +56,7 @@ def check_case_id(case_id: object, *, path: str | None = None) -> str:
 
 def check_label_set_name(name: object) -> str:
     """Return ``name`` if it is a safe label-set name (same rule as case ids), else raise."""
-    if not _is_safe_name(name):
+    if not is_safe_name(name):
         raise NoisysegInputError(
             f"unsafe label set name {name!r} (allowed: letters, digits, '.', '_', '-', "
             f"starting with a letter or digit, no '..' or '/')"
@@ -60,23 +65,12 @@ def check_label_set_name(name: object) -> str:
 
 
 def check_split(split: object, *, case: str | None = None) -> str:
-    """Return ``split`` if it is one of ``train``, ``val``, ``test``, else raise."""
-    if split not in SPLITS:
+    """Return ``split`` if it is one of ``train``, ``val``, ``test``, ``unlabeled``, else raise."""
+    if split not in (*SPLITS, UNLABELED):
         raise NoisysegInputError(
-            f"split must be one of {', '.join(SPLITS)}, got {split!r}", case=case
+            f"split must be one of {', '.join((*SPLITS, UNLABELED))}, got {split!r}", case=case
         )
     return str(split)
-
-
-def check_rate(rate: float, *, name: str = "rate") -> float:
-    """Return ``rate`` as float if it lies in ``[0, 1]``, else raise."""
-    try:
-        value = float(rate)
-    except (TypeError, ValueError):
-        raise NoisysegInputError(f"{name} must be a number in [0, 1], got {rate!r}") from None
-    if not (0.0 <= value <= 1.0):
-        raise NoisysegInputError(f"{name} must lie in [0, 1], got {rate!r}")
-    return value
 
 
 def check_spacing(
@@ -201,6 +195,45 @@ def check_label(
             f"{name} is not binary (values {shown}{more})", case=case, path=path
         )
     return arr.astype(np.uint8)
+
+
+def check_label_map(
+    label: np.ndarray,
+    *,
+    shape: Sequence[int] | None = None,
+    case: str | None = None,
+    path: str | None = None,
+    name: str = "label map",
+) -> np.ndarray:
+    """Validate a multi-class label map ``(*S)`` and return it as uint8 (max < 256) or uint16.
+
+    Rules: shape equals the image's spatial shape (when given), values are integers (no
+    fractional values, no NaN) in ``[0, 65535]``.
+    """
+    arr = np.asarray(label)
+    if shape is not None and tuple(arr.shape) != tuple(shape):
+        raise NoisysegInputError(
+            f"{name} shape {tuple(arr.shape)} does not match image shape {tuple(shape)}",
+            case=case,
+            path=path,
+        )
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8)
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise NoisysegInputError(f"{name} dtype {arr.dtype} is not numeric", case=case, path=path)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise NoisysegInputError(f"{name} has NaN/Inf voxels", case=case, path=path)
+        if not np.array_equal(arr, np.round(arr)):
+            raise NoisysegInputError(
+                f"{name} is not integer-valued (non-integer labels)", case=case, path=path
+            )
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if lo < 0 or hi > 65535:
+        raise NoisysegInputError(
+            f"{name} values must lie in [0, 65535], got [{lo:g}, {hi:g}]", case=case, path=path
+        )
+    return arr.astype(np.uint8 if hi < 256 else np.uint16)
 
 
 def check_affine(affine: np.ndarray | None, *, case: str | None = None) -> np.ndarray | None:

@@ -1,0 +1,220 @@
+"""Fast box (patch) reads from the chunked arrays of a store, with their decoding thread pool."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numcodecs.blosc
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BytesCodec
+from zarr.core.chunk_grids import RegularChunkGrid
+
+from noisyseg.storage.integrity import ArrayContext, Manifest, VerifiedStore
+
+#: Decoding threads of :class:`RegionReader` (environment ``NOISYSEG_READ_THREADS``).
+READ_THREADS = int(os.environ.get("NOISYSEG_READ_THREADS", "0") or 0) or min(4, os.cpu_count() or 1)
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, executor)
+
+
+def read_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's decoding thread pool (re-created after a fork or for more workers)."""
+    global _POOL
+    pid = os.getpid()
+    if _POOL is None or _POOL[0] != pid or _POOL[1] < workers:
+        _POOL = (pid, workers, ThreadPoolExecutor(workers, thread_name_prefix="noisyseg-read"))
+    return _POOL[2]
+
+
+class _Plan:
+    """What the fast path needs to read an array's chunk files itself."""
+
+    def __init__(
+        self,
+        base: str,
+        chunks: tuple[int, ...],
+        dtype: np.dtype,
+        key_encoding: Any,
+        compressed: bool,
+        fill: Any,
+        manifest: Manifest | None,
+        context: ArrayContext | None,
+    ) -> None:
+        self.base = base
+        self.chunks = chunks
+        self.dtype = dtype
+        self.key_encoding = key_encoding
+        self.compressed = compressed
+        self.fill = fill
+        self.manifest = manifest
+        self.context = context
+
+
+def _make_plan(array: Any) -> _Plan | None:
+    """The fast-path plan of an unsharded local array with ``bytes`` (+ Blosc) codecs, else
+    None (zarr's own path)."""
+    try:
+        meta = array.metadata
+        if getattr(meta, "zarr_format", None) != 3:
+            return None
+        if not isinstance(meta.chunk_grid, RegularChunkGrid):
+            return None
+        codecs = tuple(meta.codecs)
+        if not codecs or not isinstance(codecs[0], BytesCodec):
+            return None  # sharding, transpose, ... : zarr's own path
+        if len(codecs) == 1:
+            compressed = False
+        elif len(codecs) == 2 and isinstance(codecs[1], BloscCodec):
+            compressed = True
+        else:
+            return None
+        store = array.store_path.store
+        manifest = context = None
+        if isinstance(store, VerifiedStore):
+            manifest, context, store = store.manifest, store.context, store.inner
+        if not isinstance(store, zarr.storage.LocalStore):
+            return None
+        base = os.path.join(str(store.root), array.store_path.path)
+        dtype = np.dtype(array.dtype)
+        endian = getattr(codecs[0], "endian", None)
+        if dtype.itemsize > 1 and endian is not None:
+            dtype = dtype.newbyteorder(
+                "<" if str(getattr(endian, "value", endian)) == "little" else ">"
+            )
+        chunks = tuple(int(c) for c in meta.chunk_grid.chunk_shape)
+        return _Plan(
+            base,
+            chunks,
+            dtype,
+            meta.chunk_key_encoding,
+            compressed,
+            meta.fill_value,
+            manifest,
+            context,
+        )
+    except (AttributeError, TypeError, ValueError):  # unknown metadata: zarr path
+        return None
+
+
+class RegionReader:
+    """Array-like view of a Zarr array with a fast path for reading boxes (patches).
+
+    ``reader[box]`` with ``box`` a tuple of unit-step slices equals ``array[box]``. For an
+    unsharded array of a local store whose codecs are ``bytes`` (+ one Blosc compressor, or
+    none) it reads the chunk files that the box touches directly and decodes them with Blosc in
+    the calling thread: zarr's asynchronous pipeline costs two thread hand-offs per chunk, which
+    made it 2-3x slower than the decoding itself (96³ float32 patches of 64³ chunks: 6.9 ms of
+    CPU through ``array[box]``, 2.4 ms here). Every other array (sharded, remote stores, other
+    codecs) and every other selection (steps, integers) goes through ``array[...]`` unchanged,
+    where zarr fetches the chunks concurrently (what object stores need).
+
+    Integrity: when the array was opened through the store (a
+    :class:`~noisyseg.storage.integrity.VerifiedStore`), every chunk file the fast path reads is
+    checked against the array's manifest, and a missing or damaged chunk raises
+    :class:`~noisyseg.storage.files.StoreDamageError` (never read as the fill value).
+
+    The chunks of one box are decoded by a small per-process thread pool (Blosc and numpy's
+    copies release the GIL): ``threads`` workers, default :data:`READ_THREADS` (environment
+    ``NOISYSEG_READ_THREADS``, else ``min(4, CPU count)``); 1 decodes in the calling thread
+    (what DataLoader worker processes use: there the processes are the parallelism).
+
+    Args:
+        array: a ``zarr.Array`` (anything with ``shape`` and ``__getitem__`` is passed through).
+        threads: decoding threads for one box (see above).
+    """
+
+    def __init__(self, array: Any, threads: int | None = None) -> None:
+        self.array = array
+        self.threads = max(1, int(READ_THREADS if threads is None else threads))
+        self.shape = tuple(int(s) for s in array.shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(array.dtype)
+        self._plan = _make_plan(array)
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        box = self._box(selection)
+        if box is None or self._plan is None:
+            return np.asarray(self.array[selection])
+        out = self._read_box(*box)
+        return np.asarray(self.array[selection]) if out is None else out
+
+    def _box(self, selection: Any) -> tuple[list[int], list[int]] | None:
+        if not isinstance(selection, tuple):
+            selection = (selection,)
+        if len(selection) > self.ndim or not all(isinstance(s, slice) for s in selection):
+            return None
+        selection = selection + (slice(None),) * (self.ndim - len(selection))
+        start, stop = [], []
+        for s, n in zip(selection, self.shape):
+            a, b, step = s.indices(n)
+            if step != 1:
+                return None
+            start.append(a)
+            stop.append(max(a, b))
+        return start, stop
+
+    def _read_box(self, start: list[int], stop: list[int]) -> np.ndarray | None:
+        chunks = self._plan.chunks
+        out = np.empty([b - a for a, b in zip(start, stop)], dtype=self.dtype)
+        if out.size == 0:
+            return out
+        ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(start, stop, chunks)]
+        keys = list(itertools.product(*ranges))
+        if self.threads > 1 and len(keys) > 1:
+            pool = read_pool(self.threads)
+            n = min(self.threads, len(keys))
+            parts = [keys[i::n] for i in range(n)]
+            ok = list(pool.map(lambda part: self._read_chunks(part, start, stop, out), parts))
+        else:
+            ok = [self._read_chunks(keys, start, stop, out)]
+        return out if all(ok) else None
+
+    def _read_chunks(
+        self, keys: list[tuple[int, ...]], start: list[int], stop: list[int], out: np.ndarray
+    ) -> bool:
+        """Decode the chunks ``keys`` into their parts of ``out``; False: not a plain chunk."""
+        plan = self._plan
+        chunks = plan.chunks
+        buf = np.empty(chunks, dtype=plan.dtype)
+        for idx in keys:
+            lo = [i * c for i, c in zip(idx, chunks)]
+            src = tuple(
+                slice(max(a, l) - l, min(b, l + c) - l)
+                for a, b, l, c in zip(start, stop, lo, chunks)
+            )
+            dst = tuple(
+                slice(max(a, l) - a, min(b, l + c) - a)
+                for a, b, l, c in zip(start, stop, lo, chunks)
+            )
+            key = plan.key_encoding.encode_chunk_key(idx)
+            data = self._read_object(key)
+            if data is None:  # never-written chunk (checked above): the fill value
+                out[dst] = plan.fill
+                continue
+            if plan.compressed:
+                # Blosc header: bytes 4-8 hold the uncompressed size (little-endian uint32)
+                if len(data) < 16 or int.from_bytes(data[4:8], "little") != buf.nbytes:
+                    return False  # not a plain chunk of this shape: let zarr decide
+                numcodecs.blosc.decompress(data, buf)
+                chunk = buf
+            else:
+                if len(data) != buf.nbytes:
+                    return False
+                chunk = np.frombuffer(data, dtype=plan.dtype).reshape(chunks)
+            out[dst] = chunk[src]
+        return True
+
+    def _read_object(self, key: str) -> bytes | None:
+        """The stored object of chunk ``key`` (None: absent), checked against the manifest."""
+        plan = self._plan
+        try:
+            with open(os.path.join(plan.base, key), "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            data = None
+        if plan.manifest is not None:
+            plan.manifest.check(key, data, plan.context)
+        return data
