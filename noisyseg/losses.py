@@ -86,7 +86,14 @@ def _reduce(per_voxel: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 class _VoxelwiseLoss(nn.Module):
-    """Base: subclasses implement :meth:`per_voxel` ``(N,1,*S) -> (N,1,*S)``; reduction is shared."""
+    """Base: subclasses implement :meth:`per_voxel` ``(N,1,*S) -> (N,1,*S)``; reduction is shared.
+
+    ``voxel_separable``: each voxel's loss depends on that voxel's logit and label only, so a
+    per-voxel weighting (meta reweighting) weights each voxel's own term. False for a loss whose
+    per-voxel form spreads a per-sample quantity (Dice) over the voxels.
+    """
+
+    voxel_separable: bool = True
 
     def __init__(self, reduction: Reduction = "mean") -> None:
         super().__init__()
@@ -118,12 +125,14 @@ class DiceBCELoss(_VoxelwiseLoss):
     per-sample quantity: for ``reduction="none"`` the per-voxel tensor
     ``bce_weight·BCE_j + dice_weight·Dice_n(j)`` is returned (``n(j)`` the sample of voxel ``j``),
     whose mean over all voxels equals the ``mean`` reduction. Its Dice part is not local to a
-    voxel, so reweighting it per voxel reweights the sample's Dice term.
+    voxel (``voxel_separable = False``): meta reweighting refuses it.
 
     Args:
         dice_weight, bce_weight: weights of the two terms (default 1 and 1).
         smooth: MONAI's ``smooth_nr``/``smooth_dr`` (default 1e-5).
     """
+
+    voxel_separable = False
 
     def __init__(
         self,
@@ -133,7 +142,9 @@ class DiceBCELoss(_VoxelwiseLoss):
         smooth: float = 1e-5,
     ) -> None:
         super().__init__(reduction)
-        from monai.losses import DiceLoss  # MONAI's Dice, not a re-implementation
+        # MONAI's Dice, not a re-implementation; imported here because MONAI is heavy and
+        # this module is imported by the CLI (config defaults), which must start fast.
+        from monai.losses import DiceLoss
 
         self.dice = DiceLoss(
             sigmoid=True, reduction="none", smooth_nr=smooth, smooth_dr=smooth, batch=False
@@ -232,7 +243,7 @@ class LopsidedBootstrapLoss(_VoxelwiseLoss):
 def make_loss(
     name: str,
     *,
-    entropy_weight: float = 0.5,
+    entropy_weight: float = DEFAULT_ENTROPY_WEIGHT,
     beta: float = 0.95,
     mode: BootstrapMode = "soft",
     reduction: Reduction = "mean",
@@ -241,6 +252,7 @@ def make_loss(
 
     Only the parameters the named loss uses are read (``beta`` for ``bootstrap``,
     ``entropy_weight`` and ``mode`` for ``lopsided``, ``mode`` for ``bootstrap``).
+    ``entropy_weight`` defaults to :data:`DEFAULT_ENTROPY_WEIGHT`, as the config does.
     """
     if name == "bce":
         return BCELoss(reduction=reduction)

@@ -8,18 +8,18 @@ through ``np.asarray`` by the caller). Outputs keep each input's shape and dtype
 ``None`` (1 mm isotropic), one per-axis spacing tuple in mm used for every case, or a list with
 one tuple per case; physical lesion volume = voxel count × prod(spacing), in mm³.
 
-**Lesions** are connected components of a mask: 26-connectivity in 3D, 8 in 2D by default
-(``connectivity`` may be 6/18/26 in 3D, 4/8 in 2D). A lesion's ``label`` is the component id that
-:func:`label_lesions` (``cc3d.connected_components``, raster order, from 1) gives it in the
-*input* mask of its case.
+**Lesions**, their records, the mask/spacing checks and the censor selection are those of
+:mod:`noisyseg.lesions`: connected components (26-connectivity in 3D, 8 in 2D by default;
+``connectivity`` may be 6/18/26 in 3D, 4/8 in 2D). A lesion's ``label`` is the component id that
+:func:`~noisyseg.lesions.label_lesions` (raster order, from 1) gives it in the *input* mask of
+its case.
 
 **How many.** A rate ``r`` over ``K`` lesions selects ``n = floor(r·K + 1/2)`` of them: round half
-*up* (``r = 0.5`` of 3 lesions selects 2, of 5 selects 3), not Python's banker's ``round()``
-(which would select 2 of 5 but 2 of 3, inconsistently). A ``1e-9`` slack absorbs binary
-floating-point error in ``r·K`` (so ``0.15·10`` counts as 1.5 → 2). ``r = 0`` selects none,
-``r = 1`` selects all.
+*up* (:func:`~noisyseg.lesions.count_to_select`; ``r = 0.5`` of 3 lesions selects 2, of 5 selects
+3). ``r = 0`` selects none, ``r = 1`` selects all.
 
-Censoring (:func:`censor_lesions`), DESIGN.md "Label noise":
+Censoring (:func:`censor_lesions`, selection by :func:`~noisyseg.lesions.censor_positions`),
+DESIGN.md "Label noise":
 
 * ``mode="random"``: ``n`` lesions uniformly at random without replacement.
 * ``mode="size"``: the ``n`` lesions of smallest physical volume; equal volumes are ordered by a
@@ -101,11 +101,19 @@ import numpy as np
 from scipy import ndimage
 
 from noisyseg.errors import NoisysegInputError
+from noisyseg.lesions import (
+    CENSOR_MODES,
+    CensorMode,
+    LesionRecord,
+    censor_positions,
+    check_binary_mask,
+    label_lesions,
+    lesion_records,
+    resolve_connectivity,
+    resolve_spacings,
+)
 
-CensorMode = Literal["random", "size"]
 Scope = Literal["dataset", "case"]
-
-CENSOR_MODES: tuple[str, ...] = ("random", "size")
 BOUNDARY_MODES: tuple[str, ...] = (
     "polygon",
     "hull",
@@ -146,45 +154,16 @@ _PARAM_NAMES: dict[str, tuple[str, ...]] = {
     "dilate_erode": ("k",),
     "jitter": ("max_shift_vox", "max_rotation_deg", "max_scale"),
 }
-_DEFAULT_CONNECTIVITY = {2: 8, 3: 26}
-_ALLOWED_CONNECTIVITY = {2: (4, 8), 3: (6, 18, 26)}
 
 
 # ----------------------------------------------------------------------------- records
-@dataclass(frozen=True)
-class LesionRecord:
-    """One lesion (a connected component) of one case, as written into a lesion table.
-
-    Attributes:
-        case: index of the case in the input list.
-        label: component id in the input mask of that case (:func:`label_lesions`, from 1).
-        voxels: voxel count.
-        volume_mm3: voxels × prod(spacing), mm³.
-        centroid: mean voxel index per axis (array order, voxel units).
-        bbox: per axis ``(start, stop)`` voxel indices, stop exclusive.
-    """
-
-    case: int
-    label: int
-    voxels: int
-    volume_mm3: float
-    centroid: tuple[float, ...]
-    bbox: tuple[tuple[int, int], ...]
-
-    def as_dict(self) -> dict[str, Any]:
-        """Flat JSON-friendly dict (tuples become lists)."""
-        out = asdict(self)
-        out["centroid"] = list(self.centroid)
-        out["bbox"] = [list(b) for b in self.bbox]
-        return out
-
-
 @dataclass(frozen=True)
 class BoundaryChange:
     """What boundary noise did to one lesion.
 
     Attributes:
-        case, label, voxels, volume_mm3, centroid, bbox: the original lesion (:class:`LesionRecord`).
+        case, label, voxels, volume_mm3, centroid, bbox, equivalent_diameter_mm: the original
+            lesion (:class:`~noisyseg.lesions.LesionRecord`).
         mode: the boundary mode applied (``dilate_erode`` records the drawn op in ``params``).
         voxels_after: voxel count of the noisy lesion.
         voxels_added: voxels in the noisy lesion but not in the original lesion.
@@ -201,6 +180,7 @@ class BoundaryChange:
     volume_mm3: float
     centroid: tuple[float, ...]
     bbox: tuple[tuple[int, int], ...]
+    equivalent_diameter_mm: float
     mode: str
     voxels_after: int
     voxels_added: int
@@ -217,12 +197,6 @@ class BoundaryChange:
 
 
 # ----------------------------------------------------------------------------- validation helpers
-def count_to_select(rate: float, n_lesions: int) -> int:
-    """``floor(rate·n_lesions + 1/2)`` (round half up, with 1e-9 slack), clipped to ``[0, n]``."""
-    n = math.floor(rate * n_lesions + 0.5 + 1e-9)
-    return int(min(max(n, 0), n_lesions))
-
-
 def check_rate(rate: float, name: str = "rate") -> float:
     """Return ``rate`` as a float; NoisysegInputError unless it is a finite number in [0, 1]."""
     try:
@@ -234,68 +208,6 @@ def check_rate(rate: float, name: str = "rate") -> float:
     return value
 
 
-def check_binary_mask(mask: Any, case: int, what: str = "mask") -> np.ndarray:
-    """``mask`` as an ndarray after checking it is 2D/3D, numeric, finite and only 0/1.
-
-    Raises NoisysegInputError naming ``case`` and the rule broken.
-    """
-    array = np.asarray(mask)
-    if array.ndim not in (2, 3):
-        raise NoisysegInputError(
-            f"{what} must be 2D or 3D, got shape {array.shape}", case=str(case)
-        )
-    if array.dtype == bool:
-        return array
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise NoisysegInputError(f"{what} must be numeric, got dtype {array.dtype}", case=str(case))
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise NoisysegInputError(f"{what} has NaN or Inf voxels", case=str(case))
-    bad = (array != 0) & (array != 1)
-    if bad.any():
-        values = np.unique(array[bad])[:5]
-        shown = ", ".join(f"{v:g}" for v in values)
-        raise NoisysegInputError(
-            f"{what} is not binary: values must be 0 or 1 (found {shown})", case=str(case)
-        )
-    return array
-
-
-def resolve_connectivity(ndim: int, connectivity: int | None, case: int | None = None) -> int:
-    """Default 8 (2D) / 26 (3D); NoisysegInputError if not allowed for ``ndim``."""
-    if connectivity is None:
-        return _DEFAULT_CONNECTIVITY[ndim]
-    if connectivity not in _ALLOWED_CONNECTIVITY[ndim]:
-        raise NoisysegInputError(
-            f"connectivity {connectivity} is not valid in {ndim}D "
-            f"(use one of {_ALLOWED_CONNECTIVITY[ndim]})",
-            case=None if case is None else str(case),
-        )
-    return int(connectivity)
-
-
-def resolve_spacings(spacings: Any, shapes: Sequence[tuple[int, ...]]) -> list[tuple[float, ...]]:
-    """Per-case spacing tuples (mm): ``None`` → ones; one tuple → every case; or one per case."""
-    if spacings is None:
-        return [tuple(1.0 for _ in shape) for shape in shapes]
-    seq = list(spacings)
-    if seq and all(np.isscalar(s) for s in seq):  # one spacing for every case
-        seq = [tuple(seq)] * len(shapes)
-    if len(seq) != len(shapes):
-        raise NoisysegInputError(f"got {len(seq)} spacings for {len(shapes)} cases")
-    out = []
-    for i, (spacing, shape) in enumerate(zip(seq, shapes, strict=True)):
-        values = tuple(float(s) for s in np.asarray(spacing, dtype=float).ravel())
-        if len(values) != len(shape):
-            raise NoisysegInputError(
-                f"spacing {values} has {len(values)} axes but the array is {len(shape)}D",
-                case=str(i),
-            )
-        if not all(math.isfinite(v) and v > 0 for v in values):
-            raise NoisysegInputError(f"spacing must be finite and > 0, got {values}", case=str(i))
-        out.append(values)
-    return out
-
-
 def _check_masks(masks: Sequence[Any]) -> list[np.ndarray]:
     if isinstance(masks, np.ndarray) or not isinstance(masks, Sequence):
         raise NoisysegInputError("masks must be a list of per-case arrays")
@@ -303,57 +215,6 @@ def _check_masks(masks: Sequence[Any]) -> list[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- lesions
-def label_lesions(mask: np.ndarray, connectivity: int | None = None) -> tuple[np.ndarray, int]:
-    """Connected components of a binary mask.
-
-    Args:
-        mask: binary array ``(H, W)`` or ``(D, H, W)``.
-        connectivity: 4/8 (2D) or 6/18/26 (3D); ``None`` → 8 / 26.
-
-    Returns:
-        ``(labels, n)``: integer array shaped like ``mask`` (0 background, lesions ``1..n`` in
-        raster order) and the number of lesions.
-    """
-    mask = np.asarray(mask)
-    conn = resolve_connectivity(mask.ndim, connectivity)
-    labels, n = cc3d.connected_components(
-        np.ascontiguousarray(mask != 0), connectivity=conn, return_N=True
-    )
-    return labels, int(n)
-
-
-def lesion_records(
-    labels: np.ndarray, n: int, *, case: int = 0, spacing: Sequence[float] | None = None
-) -> list[LesionRecord]:
-    """One :class:`LesionRecord` per label ``1..n`` of a labelled array (voxel index units)."""
-    if n == 0:
-        return []
-    spacing = tuple(1.0 for _ in labels.shape) if spacing is None else tuple(spacing)
-    voxel_volume = float(np.prod(spacing))
-    counts = np.bincount(labels.ravel(), minlength=n + 1)
-    coords = np.nonzero(labels)
-    ids = labels[coords]
-    centroids = [
-        np.bincount(ids, weights=c.astype(float), minlength=n + 1) / np.maximum(counts, 1)
-        for c in coords
-    ]
-    boxes = ndimage.find_objects(labels, max_label=n)
-    records = []
-    for lab in range(1, n + 1):
-        box = boxes[lab - 1]
-        records.append(
-            LesionRecord(
-                case=case,
-                label=lab,
-                voxels=int(counts[lab]),
-                volume_mm3=float(counts[lab]) * voxel_volume,
-                centroid=tuple(float(c[lab]) for c in centroids),
-                bbox=tuple((int(s.start), int(s.stop)) for s in box),
-            )
-        )
-    return records
-
-
 def _labelled_cases(
     masks: Sequence[Any], spacings: Any, connectivity: int | None
 ) -> tuple[
@@ -382,18 +243,11 @@ def _labelled_cases(
 
 
 def _select(
-    records: list[LesionRecord], n: int, mode: str, rng: np.random.Generator
+    records: list[LesionRecord], rate: float, mode: str, rng: np.random.Generator
 ) -> list[LesionRecord]:
-    """``n`` of ``records``: uniformly at random, or the smallest volumes (seeded tie-break)."""
-    if n == 0:
-        return []
-    if mode == "random":
-        idx = rng.choice(len(records), size=n, replace=False)
-    else:
-        tiebreak = rng.random(len(records))
-        volumes = np.array([r.volume_mm3 for r in records])
-        idx = np.lexsort((tiebreak, volumes))[:n]
-    return [records[i] for i in sorted(idx.tolist())]
+    """The ``records`` a censoring ``rate`` removes (:func:`noisyseg.lesions.censor_positions`)."""
+    volumes = np.array([r.volume_mm3 for r in records], dtype=np.float64)
+    return [records[i] for i in censor_positions(volumes, rate, mode, rng)]
 
 
 # ----------------------------------------------------------------------------- censoring
@@ -435,14 +289,12 @@ def censor_lesions(
 
     if scope == "dataset":
         pooled = [r for table in tables for r in table]
-        removed = _select(
-            pooled, count_to_select(rate, len(pooled)), mode, np.random.default_rng(seed)
-        )
+        removed = _select(pooled, rate, mode, np.random.default_rng(seed))
     else:
         removed = []
         for i, table in enumerate(tables):
             rng = np.random.default_rng([seed, i])
-            removed.extend(_select(table, count_to_select(rate, len(table)), mode, rng))
+            removed.extend(_select(table, rate, mode, rng))
 
     by_case: dict[int, list[int]] = {}
     for r in removed:
@@ -644,9 +496,11 @@ def _jitter_region(
     return region, moved_mask, drawn
 
 
-def _resolve_params(
+def resolve_boundary_params(
     mode: str, level: str | None, params: Mapping[str, Any] | None
 ) -> dict[str, Any]:
+    """Concrete parameters of boundary ``mode``: the named ``level``'s (default ``moderate``)
+    or the explicit ``params``, checked (NoisysegInputError naming the rule broken)."""
     if mode not in BOUNDARY_MODES:
         raise NoisysegInputError(f"boundary mode must be one of {BOUNDARY_MODES}, got {mode!r}")
     if params is None:
@@ -711,14 +565,11 @@ def corrupt_boundaries(
         :class:`BoundaryChange` per selected lesion, ordered by case then label.
     """
     rate = check_rate(rate)
-    resolved = _resolve_params(mode, level, params)
+    resolved = resolve_boundary_params(mode, level, params)
     arrays, space, labelled, tables = _labelled_cases(masks, spacings, connectivity)
     pooled = [r for t in tables for r in t]
     chosen = {
-        (r.case, r.label)
-        for r in _select(
-            pooled, count_to_select(rate, len(pooled)), "random", np.random.default_rng(seed)
-        )
+        (r.case, r.label) for r in _select(pooled, rate, "random", np.random.default_rng(seed))
     }
 
     noisy: list[np.ndarray] = []
@@ -917,3 +768,25 @@ def apply_noise(
         connectivity=connectivity,
     )
     return out, [{**c.as_dict(), "change": c.mode} for c in changes]
+
+
+__all__ = [
+    "BOUNDARY_LEVELS",
+    "BOUNDARY_MODES",
+    "CENSOR_MODES",
+    "NOISE_MODES",
+    "SCOPES",
+    "BoundaryChange",
+    "NoiseSpec",
+    "affine_jitter",
+    "apply_noise",
+    "ball",
+    "bounding_ellipsoid",
+    "censor_lesions",
+    "check_rate",
+    "coarsen_polygon",
+    "convex_hull",
+    "corrupt_boundaries",
+    "dilate_erode",
+    "resolve_boundary_params",
+]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from noisyseg.losses import (
+    DEFAULT_ENTROPY_WEIGHT,
     BCELoss,
     BootstrapLoss,
     DiceBCELoss,
@@ -221,3 +222,21 @@ def test_bad_arguments_rejected() -> None:
         BCELoss()(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
     with pytest.raises(ValueError, match="one lesion channel"):
         BCELoss()(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4))
+
+
+def test_make_loss_defaults_to_the_config_entropy_weight() -> None:
+    """make_loss and the config share one default λ (it was 0.5 against 0.95)."""
+    assert DEFAULT_ENTROPY_WEIGHT == 0.95
+    assert make_loss("lopsided").entropy_weight == DEFAULT_ENTROPY_WEIGHT
+    z, y = torch.tensor([[[[0.5]]]]), torch.zeros(1, 1, 1, 1)
+    p = _sigmoid(0.5)
+    entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    expected = 0.05 * _bce(p, 0.0) + 0.95 * entropy
+    assert float(make_loss("lopsided")(z, y)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_only_dice_is_not_voxel_separable() -> None:
+    """Meta reweighting refuses losses whose per-voxel form spreads a per-sample term."""
+    assert not DiceBCELoss.voxel_separable
+    for name in ("bce", "bootstrap", "lopsided"):
+        assert make_loss(name).voxel_separable, name

@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage
 
 from noisyseg.errors import NoisysegInputError
+from noisyseg.lesions import count_to_select
 from noisyseg.noise import (
     BOUNDARY_MODES,
     NoiseSpec,
@@ -20,7 +21,6 @@ from noisyseg.noise import (
     coarsen_polygon,
     convex_hull,
     corrupt_boundaries,
-    count_to_select,
     dilate_erode,
 )
 
