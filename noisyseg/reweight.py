@@ -1,7 +1,16 @@
 """Meta-learned pixel reweighting (Ren et al. 2018 per example; Mirikharaji et al. 2019 per pixel).
 
-Per training step there is a noisy batch ``(x, y)`` with per-pixel losses ``l_j(θ)`` and a small
-clean batch with mean loss ``L_c(θ)``; ``α`` is the inner (virtual) learning rate.
+Per training step there is a noisy batch ``(x, y)`` with per-pixel losses ``l_j(θ)`` (the training
+loss: BCE, Reed bootstrap or the lopsided bootstrap — any voxel-separable loss) and a small clean
+batch with objective ``L_c(θ)``; ``α`` is the inner (virtual) learning rate.
+
+**The clean objective is always mean BCE on the clean labels** (:func:`clean_loss`), whatever the
+training loss, as in Ren et al. and Mirikharaji et al.: the clean set says what "correct" means,
+the training loss only shapes the noisy voxels' gradients. So ``--loss lopsided --reweight meta``
+is the lopsided loss on the noisy voxels, weighted by clean-BCE meta weights. A loss that is not
+voxel-separable (Dice+BCE: its per-voxel form spreads a per-sample Dice over the voxels) is
+refused (``ValueError``). ``class_balanced_clean=True`` (a deviation from both papers, off by
+default) averages the clean BCE per class instead (:func:`clean_loss`).
 
 * **reference** (Ren et al.): ``θ'(ε) = θ - α ∇θ Σ_j ε_j l_j(θ)`` with the graph kept, then
   ``g_j = ∂ L_c(θ'(ε)) / ∂ε_j`` at ``ε = 0`` by a double backward.
@@ -27,15 +36,22 @@ side effects; in :func:`meta_reweighted_step` only the real noisy forward update
 exactly once, as a standard step would.
 
 DistributedDataParallel: pass the DDP-wrapped model. The clean gradient and the virtual passes use
-``model.module`` (no gradient all-reduce, nothing accumulated in ``.grad``: they use
-``torch.autograd.grad``), each rank weighting its own noisy batch against its own clean batch
-(optionally against the all-reduced clean gradient, ``sync_clean_gradient=True``). The real
-forward goes through the DDP wrapper itself (``torch.func.functional_call`` on the wrapper with
-the dual parameters as views of the real ones), so DDP prepares its reducer and the real backward
-all-reduces the gradients as in any DDP step.
+``model.module`` (nothing accumulated in ``.grad``: they use ``torch.autograd.grad``). With
+``sync`` (default: on when the model is DDP-wrapped and a process group is initialised) the
+clean gradient is averaged over ranks (all-reduce) and ``Σ w̃`` is the global sum (all-reduce),
+and the real loss is multiplied by the world size so DDP's gradient *average* is the gradient of
+the global ``Σ_j w_j l_j``: with equal per-rank batches, N ranks give exactly the weights and the
+update of one process on the concatenated noisy and clean batches (tests/test_meta_ddp.py). The
+real forward goes through the DDP wrapper itself (``torch.func.functional_call`` on the wrapper
+with the dual parameters as views of the real ones), so DDP prepares its reducer and the real
+backward all-reduces the gradients as in any DDP step. The ``reference`` method is single-process
+(the test oracle) and refuses ``sync`` over more than one rank.
 
 Shapes: images ``(N, C, *spatial)``, labels and logits ``(N, 1, *spatial)``, 2D or 3D; the clean
-batch may have a different ``N``.
+batch may have a different ``N`` and spatial size.
+
+Errors: arguments here come from validated configs, so a wrong shape, method or loss is a
+programming error (``ValueError`` / ``TypeError``), not a user-input error.
 """
 
 from __future__ import annotations
@@ -47,10 +63,10 @@ from typing import Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from noisyseg.errors import NoisysegInputError
 from noisyseg.losses import bce_with_logits
 from noisyseg.models import unwrap_model
 
@@ -63,7 +79,62 @@ METHODS: tuple[str, ...] = ("fast", "reference", "head")
 DEFAULT_HEAD_MODULES = 3
 
 PixelLoss = Callable[[Tensor, Tensor], Tensor]
+CleanObjective = Callable[[Tensor, Tensor], Tensor]
 HeadSpec = int | Callable[[str], bool]
+
+
+# ------------------------------------------------------------------------------ clean objective
+def clean_loss(logits: Tensor, labels: Tensor, *, class_balanced: bool = False) -> Tensor:
+    """The clean objective ``L_c``: mean BCE over every voxel of the clean batch (nats).
+
+    Ren et al. (2018) and Mirikharaji et al. (2019) measure the clean set with plain
+    cross-entropy on its clean labels, whatever loss trains the model; so does this function,
+    for every training loss.
+
+    Args:
+        logits: ``(M, 1, *S)`` clean-batch logits.
+        labels: ``(M, 1, *S)`` clean labels in ``{0, 1}``.
+        class_balanced: deviation from both papers, off by default: ``½·mean BCE over lesion
+            voxels + ½·mean BCE over background voxels`` (the mean over the present class alone
+            when the batch holds one class), so a lesion-poor clean batch still asks for lesions.
+
+    Returns:
+        A scalar tensor (differentiable).
+    """
+    if labels.shape != logits.shape:
+        raise ValueError(
+            f"clean labels shape {tuple(labels.shape)} differs from logits shape "
+            f"{tuple(logits.shape)}"
+        )
+    labels = labels.to(device=logits.device, dtype=logits.dtype)
+    per_voxel = bce_with_logits(logits, labels)
+    if not class_balanced:
+        return per_voxel.mean()
+    lesion = labels > 0.5
+    terms = [per_voxel[part].mean() for part in (lesion, ~lesion) if part.any()]
+    return torch.stack(terms).mean()
+
+
+def _clean_objective(class_balanced: bool) -> CleanObjective:
+    def objective(logits: Tensor, labels: Tensor) -> Tensor:
+        return clean_loss(logits, labels, class_balanced=class_balanced)
+
+    return objective
+
+
+def _sync_world(model: nn.Module, sync: bool | None) -> int:
+    """Number of ranks the weights are computed over: the world size when syncing, else 1.
+
+    ``sync=None``: sync when ``model`` is DistributedDataParallel and a process group is up.
+    """
+    ready = dist.is_available() and dist.is_initialized()
+    if sync is None:
+        sync = ready and isinstance(model, nn.parallel.DistributedDataParallel)
+    if not sync:
+        return 1
+    if not ready:
+        raise ValueError("sync=True needs an initialised torch.distributed process group")
+    return dist.get_world_size()
 
 
 # ----------------------------------------------------------------------------------- plumbing
@@ -72,7 +143,14 @@ def _pixel_loss(loss: object | None) -> PixelLoss:
 
     Losses of :mod:`noisyseg.losses` are used through their ``per_voxel`` form whatever their
     ``reduction``; any other callable must itself return a per-pixel tensor shaped like logits.
+    A loss whose ``voxel_separable`` attribute is False (Dice+BCE) is refused: a per-voxel weight
+    cannot weight its per-sample Dice term voxel by voxel.
     """
+    if getattr(loss, "voxel_separable", True) is False:
+        raise ValueError(
+            f"meta reweighting needs a voxel-separable training loss; {type(loss).__name__} "
+            "spreads a per-sample term over the voxels (use bce, bootstrap or lopsided)"
+        )
     if loss is None:
         base: PixelLoss = bce_with_logits
     elif hasattr(loss, "per_voxel"):
@@ -80,17 +158,17 @@ def _pixel_loss(loss: object | None) -> PixelLoss:
     elif callable(loss):
         base = loss  # type: ignore[assignment]
     else:
-        raise NoisysegInputError(f"loss must be None, a noisyseg loss or a callable, got {loss!r}")
+        raise TypeError(f"loss must be None, a noisyseg loss or a callable, got {loss!r}")
 
     def per_pixel(logits: Tensor, labels: Tensor) -> Tensor:
         if labels.shape != logits.shape:
-            raise NoisysegInputError(
+            raise ValueError(
                 f"labels shape {tuple(labels.shape)} differs from logits shape "
                 f"{tuple(logits.shape)}"
             )
         out = base(logits, labels.to(device=logits.device, dtype=logits.dtype))
         if out.shape != logits.shape:
-            raise NoisysegInputError(
+            raise ValueError(
                 f"the reweighted loss must give one value per pixel (shape {tuple(logits.shape)}), "
                 f"got shape {tuple(out.shape)}; pass a noisyseg loss or reduction='none'"
             )
@@ -124,7 +202,7 @@ def head_parameter_names(model: nn.Module, head: HeadSpec = DEFAULT_HEAD_MODULES
         names = [n for n, p in inner.named_parameters() if p.requires_grad and head(n)]
     else:
         if int(head) < 1:
-            raise NoisysegInputError(f"head must count at least 1 module, got {head}")
+            raise ValueError(f"head must count at least 1 module, got {head}")
         owners = [
             name
             for name, module in inner.named_modules()
@@ -139,20 +217,20 @@ def head_parameter_names(model: nn.Module, head: HeadSpec = DEFAULT_HEAD_MODULES
                 prefix + n for n, p in module.named_parameters(recurse=False) if p.requires_grad
             ]
     if not names:
-        raise NoisysegInputError("head selects no trainable parameter")
+        raise ValueError("head selects no trainable parameter")
     return names
 
 
 def _selected(model: nn.Module, method: str, head: HeadSpec) -> dict[str, Tensor]:
     """Trainable parameters the weights differentiate: all of them, or the head's."""
     if method not in METHODS:
-        raise NoisysegInputError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     inner = unwrap_model(model)
     params = {n: p for n, p in inner.named_parameters() if p.requires_grad}
     if method == "head":
         return {n: params[n] for n in head_parameter_names(inner, head)}
     if not params:
-        raise NoisysegInputError("the model has no trainable parameter")
+        raise ValueError("the model has no trainable parameter")
     return params
 
 
@@ -167,7 +245,7 @@ def _check_batches(
         noisy_labels.shape[0] != noisy_images.shape[0]
         or noisy_labels.shape[2:] != noisy_images.shape[2:]
     ):
-        raise NoisysegInputError(
+        raise ValueError(
             f"noisy labels {tuple(noisy_labels.shape)} do not match noisy images "
             f"{tuple(noisy_images.shape)}"
         )
@@ -175,12 +253,12 @@ def _check_batches(
         clean_labels.shape[0] != clean_images.shape[0]
         or clean_labels.shape[2:] != clean_images.shape[2:]
     ):
-        raise NoisysegInputError(
+        raise ValueError(
             f"clean labels {tuple(clean_labels.shape)} do not match clean images "
             f"{tuple(clean_images.shape)}"
         )
     if not inner_lr > 0:
-        raise NoisysegInputError(f"inner_lr must be > 0, got {inner_lr}")
+        raise ValueError(f"inner_lr must be > 0, got {inner_lr}")
 
 
 def _prepare(
@@ -202,10 +280,15 @@ def _prepare(
     return per_pixel, inner, _selected(inner, method, head)
 
 
-def _normalise(scores: Tensor) -> Tensor:
-    """``w̃ = max(scores, 0)``, divided by its sum when the sum is positive (else all zero)."""
+def _normalise(scores: Tensor, world: int = 1) -> Tensor:
+    """``w̃ = max(scores, 0)``, divided by its sum when the sum is positive (else all zero).
+
+    ``world > 1``: the sum is the global one, all-reduced over the ranks.
+    """
     clipped = scores.clamp(min=0)
     total = clipped.sum()
+    if world > 1:
+        dist.all_reduce(total)
     return clipped / total if total > 0 else clipped
 
 
@@ -215,10 +298,11 @@ def _clean_gradient(
     selected: dict[str, Tensor],
     clean_images: Tensor,
     clean_labels: Tensor,
-    per_pixel: PixelLoss,
-    sync: bool,
+    objective: CleanObjective,
+    world: int,
 ) -> tuple[dict[str, Tensor], float]:
-    """``v = ∇ L_c`` over the selected parameters (detached), and ``L_c``; buffers untouched."""
+    """``v = ∇ L_c`` over the selected parameters (detached), and this rank's ``L_c``; buffers
+    untouched. ``world > 1``: ``v`` is averaged over the ranks (one all-reduce)."""
     with preserved_buffers(inner):
         all_params = dict(inner.named_parameters())
         if len(selected) == sum(p.requires_grad for p in all_params.values()):
@@ -228,21 +312,20 @@ def _clean_gradient(
                 n: (selected[n] if n in selected else p.detach()) for n, p in all_params.items()
             }
             logits = functional_call(inner, params, (clean_images,))
-        clean_loss = per_pixel(logits, clean_labels).mean()
-        grads = torch.autograd.grad(clean_loss, list(selected.values()), allow_unused=True)
+        value = objective(logits, clean_labels)
+        grads = torch.autograd.grad(value, list(selected.values()), allow_unused=True)
     tangents = {
         n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(selected.items(), grads)
     }
-    if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
+    if world > 1:
         flat = torch.cat([t.reshape(-1) for t in tangents.values()])
-        torch.distributed.all_reduce(flat)
+        dist.all_reduce(flat)
         flat /= world
         offset = 0
         for n, t in tangents.items():
             tangents[n] = flat[offset : offset + t.numel()].view_as(t)
             offset += t.numel()
-    return tangents, float(clean_loss.detach())
+    return tangents, float(value.detach())
 
 
 def _dual_forward(
@@ -301,9 +384,11 @@ def _reference_scores(
     clean_images: Tensor,
     clean_labels: Tensor,
     per_pixel: PixelLoss,
+    objective: CleanObjective,
     inner_lr: float,
-) -> Tensor:
-    """``-g_j`` by Ren et al.'s virtual step with the graph kept and a double backward."""
+) -> tuple[Tensor, float]:
+    """``-g_j`` by Ren et al.'s virtual step with the graph kept and a double backward, and
+    ``L_c(θ)`` (the clean objective at ``ε = 0``, where ``θ' = θ``)."""
     with preserved_buffers(inner):
         all_params = dict(inner.named_parameters())
         base = {n: (selected[n] if n in selected else p.detach()) for n, p in all_params.items()}
@@ -316,14 +401,47 @@ def _reference_scores(
         for (n, p), g in zip(selected.items(), grads):
             if g is not None:
                 virtual[n] = p - inner_lr * g
-        clean = per_pixel(functional_call(inner, virtual, (clean_images,)), clean_labels).mean()
+        clean = objective(functional_call(inner, virtual, (clean_images,)), clean_labels)
         (g_eps,) = torch.autograd.grad(clean, eps, allow_unused=True)
     if g_eps is None:
-        return torch.zeros_like(noisy).detach()
-    return -g_eps.detach()
+        return torch.zeros_like(noisy).detach(), float(clean.detach())
+    return -g_eps.detach(), float(clean.detach())
 
 
 # ---------------------------------------------------------------------------------- public API
+def _scores(
+    inner: nn.Module,
+    selected: dict[str, Tensor],
+    batches: tuple[Tensor, Tensor, Tensor, Tensor],
+    per_pixel: PixelLoss,
+    objective: CleanObjective,
+    inner_lr: float,
+    method: str,
+    world: int,
+) -> tuple[Tensor, float]:
+    """``-g_j`` for every noisy pixel (shaped like the noisy labels, detached) and ``L_c``."""
+    noisy_images, noisy_labels, clean_images, clean_labels = batches
+    if method == "reference":
+        if world > 1:
+            raise ValueError("the reference method is single-process; use fast or head with sync")
+        return _reference_scores(
+            inner,
+            selected,
+            noisy_images,
+            noisy_labels,
+            clean_images,
+            clean_labels,
+            per_pixel,
+            objective,
+            inner_lr,
+        )
+    tangents, clean_value = _clean_gradient(
+        inner, selected, clean_images, clean_labels, objective, world
+    )
+    tangent = _graph_free_tangent(inner, selected, tangents, noisy_images, noisy_labels, per_pixel)
+    return inner_lr * tangent, clean_value  # -g_j = α ⟨∇L_c, ∇l_j⟩
+
+
 def meta_pixel_weights(
     model: nn.Module,
     noisy_images: Tensor,
@@ -335,7 +453,8 @@ def meta_pixel_weights(
     inner_lr: float = 1.0,
     method: Method = "fast",
     head: HeadSpec = DEFAULT_HEAD_MODULES,
-    sync_clean_gradient: bool = False,
+    class_balanced_clean: bool = False,
+    sync: bool | None = None,
 ) -> Tensor:
     """Meta-learned per-pixel weights of the noisy batch (no parameter or buffer is changed).
 
@@ -344,55 +463,58 @@ def meta_pixel_weights(
             used in its current train/eval mode; DDP wrapper accepted.
         noisy_images, noisy_labels: ``(N, C, *S)`` and ``(N, 1, *S)`` (labels in ``{0, 1}``).
         clean_images, clean_labels: ``(M, C, *S')`` and ``(M, 1, *S')``.
-        loss: ``None`` (BCE with logits) or a :mod:`noisyseg.losses` loss (its per-voxel form on
-            the noisy batch, its mean on the clean batch), or a callable returning per-pixel loss.
+        loss: the training loss on the noisy batch: ``None`` (BCE with logits), a voxel-separable
+            :mod:`noisyseg.losses` loss (its per-voxel form), or a callable returning per-pixel
+            loss. The clean batch is always measured with :func:`clean_loss` (mean BCE).
         inner_lr: ``α > 0`` of the virtual step (a positive scale; the normalised weights do not
             depend on it).
         method: ``"fast"`` (exact, forward mode), ``"reference"`` (virtual step + double
             backward) or ``"head"`` (``fast`` restricted to :func:`head_parameter_names`).
         head: which parameters ``"head"`` differentiates (count of last modules or predicate).
-        sync_clean_gradient: under ``torch.distributed``, average ``∇L_c`` over ranks first.
+        class_balanced_clean: class-balanced clean objective (deviation, see :func:`clean_loss`).
+        sync: all-reduce the clean gradient and ``Σ w̃`` over the ranks of the process group;
+            ``None`` → when ``model`` is DDP-wrapped and a process group is initialised.
 
     Returns:
         Detached weights shaped like ``noisy_labels`` in the logits' dtype, ``>= 0``, summing to 1
-        over the whole batch, or all zero when no pixel's gradient agrees with the clean one.
+        over the whole (global, with ``sync``) batch, or all zero when no pixel's gradient agrees
+        with the clean one.
     """
     per_pixel, inner, selected = _prepare(
         model, noisy_images, noisy_labels, clean_images, clean_labels, loss, inner_lr, method, head
     )
-    if method == "reference":
-        scores = _reference_scores(
-            inner,
-            selected,
-            noisy_images,
-            noisy_labels,
-            clean_images,
-            clean_labels,
-            per_pixel,
-            inner_lr,
-        )
-    else:
-        tangents, _ = _clean_gradient(
-            inner, selected, clean_images, clean_labels, per_pixel, sync_clean_gradient
-        )
-        tangent = _graph_free_tangent(
-            inner, selected, tangents, noisy_images, noisy_labels, per_pixel
-        )
-        scores = inner_lr * tangent  # -g_j = α ⟨∇L_c, ∇l_j⟩
-    return _normalise(scores).detach()
+    world = _sync_world(model, sync)
+    scores, _ = _scores(
+        inner,
+        selected,
+        (noisy_images, noisy_labels, clean_images, clean_labels),
+        per_pixel,
+        _clean_objective(class_balanced_clean),
+        inner_lr,
+        method,
+        world,
+    )
+    return _normalise(scores, world).detach()
 
 
 @dataclass
 class MetaStepResult:
     """Outcome of one :func:`meta_reweighted_step`.
 
+    Scalars are over the global batch (all ranks) when the step syncs, else over this rank's.
+
     Attributes:
         loss: the weighted loss ``Σ_j w_j l_j`` that was minimised (nats; weights sum to 1).
-        weights: detached pixel weights shaped like the noisy labels.
-        unweighted_loss: mean per-pixel loss of the noisy batch (nats), for logging.
-        clean_loss: mean loss of the clean batch before the update (nats; NaN for "reference",
-            which does not compute it separately).
+        weights: detached pixel weights of this rank's noisy batch, shaped like its labels.
+        unweighted_loss: mean per-pixel training loss of the noisy batch (nats), for logging.
+        clean_loss: the clean objective :func:`clean_loss` before the update (nats; the mean
+            over ranks of each rank's value when syncing).
         positive_fraction: fraction of noisy pixels with a non-zero weight.
+        lesion_weight_share: share of the total weight on voxels labelled lesion in the noisy
+            batch, ``Σ_{y=1} w_j / Σ w_j`` (NaN when every weight is 0). Uniform weights give
+            ``noisy_lesion_fraction``; far below it, the weights are switching lesions off.
+        noisy_lesion_fraction: fraction of the noisy batch's voxels labelled lesion.
+        clean_lesion_fraction: fraction of the clean batch's voxels labelled lesion.
     """
 
     loss: float
@@ -400,6 +522,60 @@ class MetaStepResult:
     unweighted_loss: float
     clean_loss: float
     positive_fraction: float
+    lesion_weight_share: float
+    noisy_lesion_fraction: float
+    clean_lesion_fraction: float
+
+    def log_metrics(self, prefix: str = "train/") -> dict[str, float]:
+        """The scalar fields as a metrics dict (``<prefix><field>``), e.g. for MLflow."""
+        names = (
+            "unweighted_loss",
+            "clean_loss",
+            "positive_fraction",
+            "lesion_weight_share",
+            "noisy_lesion_fraction",
+            "clean_lesion_fraction",
+        )
+        return {f"{prefix}{name}": float(getattr(self, name)) for name in names}
+
+
+def _step_statistics(
+    weights: Tensor,
+    per: Tensor,
+    noisy_labels: Tensor,
+    clean_labels: Tensor,
+    clean_value: float,
+    world: int,
+) -> dict[str, float]:
+    """The logged scalars of a step, summed over the ranks with one all-reduce when syncing."""
+    lesion = (noisy_labels > 0.5).to(weights.dtype)
+    per = per.detach()
+    sums = torch.stack(
+        [
+            (weights * per).sum(),
+            per.sum(),
+            torch.tensor(float(per.numel()), dtype=weights.dtype, device=weights.device),
+            (weights > 0).sum().to(weights.dtype),
+            weights.sum(),
+            (weights * lesion).sum(),
+            lesion.sum(),
+            (clean_labels > 0.5).sum().to(weights.dtype).to(weights.device),
+            torch.tensor(float(clean_labels.numel()), dtype=weights.dtype, device=weights.device),
+            torch.tensor(clean_value, dtype=weights.dtype, device=weights.device),
+        ]
+    )
+    if world > 1:
+        dist.all_reduce(sums)
+    s = [float(v) for v in sums]
+    return {
+        "loss": s[0],
+        "unweighted_loss": s[1] / s[2],
+        "positive_fraction": s[3] / s[2],
+        "lesion_weight_share": s[5] / s[4] if s[4] > 0 else float("nan"),
+        "noisy_lesion_fraction": s[6] / s[2],
+        "clean_lesion_fraction": s[7] / s[8],
+        "clean_loss": s[9] / world,
+    }
 
 
 def meta_reweighted_step(
@@ -414,13 +590,15 @@ def meta_reweighted_step(
     inner_lr: float = 1.0,
     method: Method = "fast",
     head: HeadSpec = DEFAULT_HEAD_MODULES,
-    sync_clean_gradient: bool = False,
+    class_balanced_clean: bool = False,
+    sync: bool | None = None,
     share_forward: bool | None = None,
 ) -> MetaStepResult:
     """One training step with meta pixel reweighting: weights, then the real weighted update.
 
-    ``fast``/``head``: clean forward + backward (``v = ∇L_c`` by ``torch.autograd.grad``, so no
-    ``.grad`` is touched and DDP does not all-reduce it), then the noisy batch:
+    ``fast``/``head``: clean forward + backward of :func:`clean_loss` (``v = ∇L_c`` by
+    ``torch.autograd.grad``, so no ``.grad`` is touched and DDP does not all-reduce it; with
+    ``sync`` it is averaged over ranks explicitly), then the noisy batch:
 
     * ``share_forward=True`` (default for ``head``): one noisy forward through ``model`` (the DDP
       wrapper when there is one) whose parameters are dual tensors — differentiable views of the
@@ -432,62 +610,41 @@ def meta_reweighted_step(
       operation (the primal inputs of the JVP formulas require grad), which costs more than the
       plain forward it saves (benchmarks/RESULTS.md).
 
-    Then ``optimizer.zero_grad()``, ``(Σ w_j l_j).backward()``, ``optimizer.step()``.
-    ``reference``: :func:`meta_pixel_weights` then an ordinary weighted forward/backward/step.
-    Arguments as in :func:`meta_pixel_weights`. The model's running stats (BatchNorm) are
-    updated once, by the real noisy forward.
+    Then ``optimizer.zero_grad()``, ``(world · Σ_{j on this rank} w_j l_j).backward()`` (world = 1
+    without sync; DDP averages the gradients over ranks, so the update is that of the global
+    ``Σ_j w_j l_j``), ``optimizer.step()``. ``reference``: :func:`meta_pixel_weights` then an
+    ordinary weighted forward/backward/step. Arguments as in :func:`meta_pixel_weights`. The
+    model's running stats (BatchNorm) are updated once, by the real noisy forward.
     """
     per_pixel, inner, selected = _prepare(
         model, noisy_images, noisy_labels, clean_images, clean_labels, loss, inner_lr, method, head
     )
-    clean_loss = float("nan")
+    world = _sync_world(model, sync)
+    objective = _clean_objective(class_balanced_clean)
     if share_forward is None:
         share_forward = method == "head"
-    if method == "reference":
-        weights = meta_pixel_weights(
-            model,
-            noisy_images,
-            noisy_labels,
-            clean_images,
-            clean_labels,
-            loss=loss,
-            inner_lr=inner_lr,
-            method="reference",
+    if method == "reference" or not share_forward:
+        batches = (noisy_images, noisy_labels, clean_images, clean_labels)
+        scores, clean_value = _scores(
+            inner, selected, batches, per_pixel, objective, inner_lr, method, world
         )
         per = per_pixel(model(noisy_images), noisy_labels)
     else:
-        tangents, clean_loss = _clean_gradient(
-            inner, selected, clean_images, clean_labels, per_pixel, sync_clean_gradient
+        tangents, clean_value = _clean_gradient(
+            inner, selected, clean_images, clean_labels, objective, world
         )
-        if share_forward:
-            prefix = "module." if inner is not model else ""
-            per, tangent = _dual_forward(
-                model,
-                prefix,
-                selected,
-                tangents,
-                noisy_images,
-                noisy_labels,
-                per_pixel,
-                attach=True,
-            )
-        else:
-            tangent = _graph_free_tangent(
-                inner, selected, tangents, noisy_images, noisy_labels, per_pixel
-            )
-            per = per_pixel(model(noisy_images), noisy_labels)
-        weights = _normalise(inner_lr * tangent)
+        prefix = "module." if inner is not model else ""
+        per, tangent = _dual_forward(
+            model, prefix, selected, tangents, noisy_images, noisy_labels, per_pixel, attach=True
+        )
+        scores = inner_lr * tangent
+    weights = _normalise(scores, world).detach()
     weighted = (weights * per).sum()
     optimizer.zero_grad(set_to_none=True)
-    weighted.backward()
+    (weighted * world if world > 1 else weighted).backward()
     optimizer.step()
-    return MetaStepResult(
-        loss=float(weighted.detach()),
-        weights=weights,
-        unweighted_loss=float(per.detach().mean()),
-        clean_loss=clean_loss,
-        positive_fraction=float((weights > 0).float().mean()),
-    )
+    stats = _step_statistics(weights, per, noisy_labels, clean_labels, clean_value, world)
+    return MetaStepResult(weights=weights, **stats)
 
 
 def head_weight_correlation(
@@ -533,6 +690,7 @@ __all__ = [
     "DEFAULT_HEAD_MODULES",
     "METHODS",
     "MetaStepResult",
+    "clean_loss",
     "head_parameter_names",
     "head_weight_correlation",
     "meta_pixel_weights",

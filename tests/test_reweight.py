@@ -12,9 +12,16 @@ import torch.distributed as dist
 from torch import nn
 
 from noisyseg.errors import NoisysegInputError
-from noisyseg.losses import BCELoss, LopsidedBootstrapLoss, bce_with_logits
+from noisyseg.losses import (
+    BCELoss,
+    BootstrapLoss,
+    DiceBCELoss,
+    LopsidedBootstrapLoss,
+    bce_with_logits,
+)
 from noisyseg.models import build_unet
 from noisyseg.reweight import (
+    clean_loss,
     head_parameter_names,
     head_weight_correlation,
     meta_pixel_weights,
@@ -314,14 +321,163 @@ def test_head_with_every_parameter_is_the_exact_method() -> None:
 
 
 # ----------------------------------------------------------------------------------- bad input
-def test_bad_arguments_raise_input_errors() -> None:
+def test_bad_arguments_raise_programming_errors() -> None:
+    """The core gets validated configs: a wrong argument is a ValueError/TypeError, never the
+    user-input error type (which the CLI would print without a traceback)."""
     model = small_unet()
     x, y = mixed_batch(1)
-    with pytest.raises(NoisysegInputError, match="method"):
-        meta_pixel_weights(model, x, y, x, y, method="exactish")
-    with pytest.raises(NoisysegInputError, match="inner_lr"):
-        meta_pixel_weights(model, x, y, x, y, inner_lr=0.0)
-    with pytest.raises(NoisysegInputError, match="noisy labels"):
-        meta_pixel_weights(model, x, y[:1], x, y)
-    with pytest.raises(NoisysegInputError, match="one value per pixel"):
-        meta_pixel_weights(model, x, y, x, y, loss=lambda z, t: bce_with_logits(z, t).mean())
+    cases = [
+        (ValueError, "method", {"method": "exactish"}, (x, y, x, y)),
+        (ValueError, "inner_lr", {"inner_lr": 0.0}, (x, y, x, y)),
+        (ValueError, "noisy labels", {}, (x, y[:1], x, y)),
+        (ValueError, "clean labels", {}, (x, y, x, y[:1])),
+        (
+            ValueError,
+            "one value per pixel",
+            {"loss": lambda z, t: bce_with_logits(z, t).mean()},
+            (x, y, x, y),
+        ),
+        (TypeError, "loss must be", {"loss": 3}, (x, y, x, y)),
+        (ValueError, "sync=True needs", {"sync": True}, (x, y, x, y)),
+    ]
+    for kind, message, kwargs, batches in cases:
+        with pytest.raises(kind, match=message) as raised:
+            meta_pixel_weights(model, *batches, **kwargs)
+        assert not isinstance(raised.value, NoisysegInputError), message
+
+
+# ------------------------------------------------------- the clean objective is BCE (by hand)
+def _dl_dz(z: np.ndarray, y: np.ndarray, loss: str) -> np.ndarray:
+    """∂l/∂z per pixel, by hand: BCE ``σ - y``; ``dH/dz = -z σ (1 - σ)``;
+    lopsided (λ = 0.6): ``σ - 1`` on lesion, ``(1-λ) σ + λ dH/dz`` on background;
+    bootstrap (β = 0.7): ``β (σ - y) + (1-β) dH/dz``."""
+    p = _sigmoid(z)
+    d_entropy = -z * p * (1 - p)
+    if loss == "bce":
+        return p - y
+    if loss == "lopsided":
+        return np.where(y > 0.5, p - 1, 0.4 * p + 0.6 * d_entropy)
+    return 0.7 * (p - y) + 0.3 * d_entropy
+
+
+TRAINING_LOSSES = {
+    "bce": None,
+    "lopsided": LopsidedBootstrapLoss(0.6, "soft"),
+    "bootstrap": BootstrapLoss(0.7, "soft"),
+}
+
+
+def _logistic_problem():
+    """A 1x1x1 conv ``z = w·x + b`` (2 input channels) and noisy/clean batches (NumPy)."""
+    rng = np.random.default_rng(7)
+    model = nn.Conv3d(2, 1, kernel_size=1).double()
+    w0, b0 = np.array([0.9, -0.5]), -0.2
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(w0).view(1, 2, 1, 1, 1))
+        model.bias.fill_(b0)
+    x = rng.normal(size=(2, 2, 3, 3, 3))
+    y = (rng.random((2, 1, 3, 3, 3)) < 0.4).astype(np.float64)
+    xc = rng.normal(size=(3, 2, 3, 3, 3))
+    yc = (xc[:, :1] + 0.3 * xc[:, 1:] > 0.6).astype(np.float64)
+    return model, (w0, b0), x, y, xc, yc
+
+
+def _hand_weights(w0, b0, x, y, xc, yc, loss: str, clean: str, balanced: bool = False):
+    """Weights of Ren et al. at ε = 0 from hand gradients: ``max(⟨∇L_c, ∇l_j⟩, 0)``, normalised;
+    ``L_c`` is mean BCE (``clean="bce"``) or, for the counter-example, the training loss."""
+    zc = np.einsum("c,ncdhw->ndhw", w0, xc)[:, None] + b0
+    dc = _dl_dz(zc, yc, clean).reshape(-1)
+    fc = np.concatenate([np.moveaxis(xc, 1, -1).reshape(-1, 2), np.ones((dc.size, 1))], axis=1)
+    if balanced:
+        lesion = yc.reshape(-1) > 0.5
+        grad_c = 0.5 * (dc[lesion] @ fc[lesion]) / lesion.sum()
+        grad_c += 0.5 * (dc[~lesion] @ fc[~lesion]) / (~lesion).sum()
+    else:
+        grad_c = dc @ fc / dc.size
+    z = np.einsum("c,ncdhw->ndhw", w0, x)[:, None] + b0
+    dn = _dl_dz(z, y, loss).reshape(-1)
+    fn = np.concatenate([np.moveaxis(x, 1, -1).reshape(-1, 2), np.ones((dn.size, 1))], axis=1)
+    scores = np.maximum(dn * (fn @ grad_c), 0)
+    return (scores / scores.sum()).reshape(y.shape), float(_bce(zc, yc).mean())
+
+
+@pytest.mark.parametrize("loss_name", sorted(TRAINING_LOSSES))
+def test_clean_objective_is_bce_whatever_the_training_loss(loss_name: str) -> None:
+    model, (w0, b0), x, y, xc, yc = _logistic_problem()
+    want, want_clean = _hand_weights(w0, b0, x, y, xc, yc, loss_name, "bce")
+    tensors = [torch.from_numpy(a) for a in (x, y, xc, yc)]
+    loss = TRAINING_LOSSES[loss_name]
+    for method in ("fast", "reference"):
+        got = meta_pixel_weights(model, *tensors, loss=loss, inner_lr=0.3, method=method)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-12)
+    if loss_name != "bce":  # measuring the clean batch with the training loss would differ
+        wrong, _ = _hand_weights(w0, b0, x, y, xc, yc, loss_name, loss_name)
+        assert np.abs(wrong - want).max() > 0.05 * want.max()
+    for method, share in (("fast", False), ("fast", True), ("reference", None)):
+        twin = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+        result = meta_reweighted_step(
+            twin, optimizer, *tensors, loss=loss, method=method, share_forward=share
+        )
+        np.testing.assert_allclose(result.weights.numpy(), want, rtol=1e-9, atol=1e-12)
+        assert result.clean_loss == pytest.approx(want_clean, rel=1e-12)
+
+
+def test_class_balanced_clean_objective_by_hand() -> None:
+    model, (w0, b0), x, y, xc, yc = _logistic_problem()
+    assert 0 < yc.mean() < 0.5  # both classes, unbalanced
+    want, _ = _hand_weights(w0, b0, x, y, xc, yc, "lopsided", "bce", balanced=True)
+    plain, _ = _hand_weights(w0, b0, x, y, xc, yc, "lopsided", "bce")
+    assert np.abs(want - plain).max() > 0.05 * want.max()  # the flag changes the weights
+    tensors = [torch.from_numpy(a) for a in (x, y, xc, yc)]
+    loss = TRAINING_LOSSES["lopsided"]
+    for method in ("fast", "reference"):
+        got = meta_pixel_weights(
+            model, *tensors, loss=loss, method=method, class_balanced_clean=True
+        )
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-12)
+    # the objective itself: half the mean BCE on lesion voxels plus half on background
+    z = torch.tensor([[[[2.0, -1.0, 0.5, 0.0]]]])
+    t = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]]])
+    per = bce_with_logits(z, t)[0, 0, 0]
+    expected = 0.5 * per[0] + 0.5 * per[1:].mean()
+    assert float(clean_loss(z, t, class_balanced=True)) == pytest.approx(float(expected))
+    assert float(clean_loss(z, t)) == pytest.approx(float(per.mean()))
+    assert float(clean_loss(z, torch.zeros_like(t), class_balanced=True)) == pytest.approx(
+        float(bce_with_logits(z, torch.zeros_like(t)).mean())
+    )
+
+
+def test_non_separable_loss_is_refused() -> None:
+    model, _, x, y, xc, yc = _logistic_problem()
+    tensors = [torch.from_numpy(a) for a in (x, y, xc, yc)]
+    with pytest.raises(ValueError, match="voxel-separable"):
+        meta_pixel_weights(model, *tensors, loss=DiceBCELoss())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="DiceBCELoss"):
+        meta_reweighted_step(model, optimizer, *tensors, loss=DiceBCELoss())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_step_reports_lesion_shares() -> None:
+    model, (w0, b0), x, y, xc, yc = _logistic_problem()
+    want, _ = _hand_weights(w0, b0, x, y, xc, yc, "lopsided", "bce")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tensors = [torch.from_numpy(a) for a in (x, y, xc, yc)]
+    result = meta_reweighted_step(model, optimizer, *tensors, loss=TRAINING_LOSSES["lopsided"])
+    assert result.lesion_weight_share == pytest.approx(want[y > 0.5].sum() / want.sum())
+    assert 0 < result.lesion_weight_share < 1
+    assert result.noisy_lesion_fraction == pytest.approx(y.mean())
+    assert result.clean_lesion_fraction == pytest.approx(yc.mean())
+    assert result.positive_fraction == pytest.approx((want > 0).mean())
+    logged = result.log_metrics()
+    assert logged["train/lesion_weight_share"] == result.lesion_weight_share
+    assert set(logged) == {
+        "train/unweighted_loss",
+        "train/clean_loss",
+        "train/positive_fraction",
+        "train/lesion_weight_share",
+        "train/noisy_lesion_fraction",
+        "train/clean_lesion_fraction",
+    }
