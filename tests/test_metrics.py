@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from noisyseg.errors import NoisysegInputError
-from noisyseg.metrics import case_candidates, lesion_metrics
+from noisyseg.metrics import FROC_FP_RATES, case_candidates, lesion_metrics
+
+#: The seven CPM rates, passed explicitly where a test reads FROC below 1 FP/case.
+CPM_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def place(shape: tuple[int, ...], boxes: list[tuple[tuple[slice, ...], float]]) -> np.ndarray:
@@ -31,7 +34,8 @@ def hit_miss_fp_case() -> tuple[np.ndarray, np.ndarray]:
 
 def test_one_hit_one_miss_one_false_positive() -> None:
     prob, truth = hit_miss_fp_case()
-    m = lesion_metrics([prob], [truth])
+    m = lesion_metrics([prob], [truth], froc_fp_rates=CPM_RATES)
+    # IoU of the 0.9 candidate with A: 2 / (6 + 9 - 2) = 2/13 >= 0.1, a hit
     assert (m["n_lesions"], m["n_cases"], m["tp"], m["fp"], m["detected"]) == (2, 1, 1, 1, 1)
     assert m["sensitivity"] == 0.5 and m["precision"] == 0.5 and m["fp_per_case"] == 1.0
     assert m["max_sensitivity"] == 0.5
@@ -131,7 +135,7 @@ def test_ap_and_sensitivity_at_80_precision_hand_ranking() -> None:
     probs, truths = ranking_cases(
         [(0.9, True), (0.8, False), (0.7, True), (0.6, True), (0.55, False)], 1
     )
-    m = lesion_metrics(probs, truths)
+    m = lesion_metrics(probs, truths, froc_fp_rates=CPM_RATES)
     # k: accepted  TP  P      R     FP/case (2 cases)
     # 1  .9        1   1      1/4   0
     # 2  .8        1   1/2    1/4   1/2
@@ -191,13 +195,17 @@ def test_tied_scores_enter_together() -> None:
 
 def test_fragments_and_min_iou() -> None:
     truth = place((6, 12), [((slice(1, 3), slice(1, 9)), 1)]).astype(np.uint8)  # 16 px
-    # two fragments on the same lesion: detected once, neither is a FP
+    # two fragments on the same lesion: detected once (one TP), neither is a FP
     prob = place((6, 12), [((slice(1, 3), slice(1, 3)), 0.9), ((slice(1, 3), slice(6, 9)), 0.7)])
     m = lesion_metrics([prob], [truth])
-    assert (m["sensitivity"], m["tp"], m["fp"], m["precision"]) == (1.0, 2, 0, 1.0)
+    # (the old any-overlap rule counted each fragment as a TP: tp was 2)
+    assert (m["sensitivity"], m["tp"], m["fp"], m["precision"]) == (1.0, 1, 0, 1.0)
+    assert lesion_metrics([prob], [truth], min_iou=0.0)["tp"] == 1
     # IoU of the 4-px fragment = 4/16 = 0.25, of the 6-px one 6/16 = 0.375
     m = lesion_metrics([prob], [truth], min_iou=0.3)
-    assert (m["sensitivity"], m["tp"], m["fp"]) == (1.0, 1, 1)
+    # only the 6-px fragment hits; the 4-px one lies on the detected lesion: neither TP nor FP
+    # (the old rule made it a FP: fp was 1)
+    assert (m["sensitivity"], m["tp"], m["fp"]) == (1.0, 1, 0)
     m = lesion_metrics([prob], [truth], min_iou=0.5)
     assert (m["sensitivity"], m["tp"], m["fp"]) == (0.0, 0, 2)
 
@@ -230,6 +238,7 @@ def test_case_candidates_helper() -> None:
     c = case_candidates(prob, truth)
     np.testing.assert_allclose(c.scores, [0.9, 0.7])
     assert c.hits.tolist() == [True, False] and c.sizes.tolist() == [6, 4]
+    assert c.covers.tolist() == [0.9, -np.inf]  # the 0.7 candidate overlaps no lesion
     assert c.truth_scores[0] == 0.9 and c.truth_scores[1] == -np.inf
     assert c.truth_voxels.tolist() == [9, 4]
 
@@ -254,3 +263,113 @@ def test_bad_input() -> None:
         lesion_metrics([prob], [truth], threshold=0.0)
     with pytest.raises(NoisysegInputError, match="size_bins"):
         lesion_metrics([prob], [truth], size_bins=[5, 1])
+
+
+# ------------------------------------------------------------- detection rules that cannot be gamed
+def three_lesions_under_a_blob() -> tuple[np.ndarray, np.ndarray]:
+    """Three 2x2 lesions (4 px each) at (2,2), (2,10), (10,6); one diffuse p = 0.6 blob over
+    rows/cols 1-14 (196 px) covers all three: IoU with each 4/196 ≈ 0.02 < 0.1."""
+    truth = place(
+        (20, 20),
+        [
+            ((slice(2, 4), slice(2, 4)), 1),
+            ((slice(2, 4), slice(10, 12)), 1),
+            ((slice(10, 12), slice(6, 8)), 1),
+        ],
+    ).astype(np.uint8)
+    prob = place((20, 20), [((slice(1, 15), slice(1, 15)), 0.6)])
+    return prob, truth
+
+
+def test_diffuse_blob_touching_three_lesions_detects_none() -> None:
+    prob, truth = three_lesions_under_a_blob()
+    m = lesion_metrics([prob], [truth], candidate_threshold=0.05)
+    assert (m["n_lesions"], m["n_candidates"]) == (3, 1)
+    assert (m["tp"], m["fp"], m["sensitivity"], m["precision"]) == (0, 1, 0.0, 0.0)
+    assert m["max_sensitivity"] == 0.0 and m["fp_per_case_at_max_sensitivity"] == 1.0
+    assert m["froc_mean"] == 0.0 and m["ap"] == 0.0
+    # the old any-overlap rule (min_iou = 0) let this blob "find" all three lesions
+    gamed = lesion_metrics([prob], [truth], min_iou=0.0)
+    assert (gamed["tp"], gamed["fp"], gamed["max_sensitivity"]) == (3, 0, 1.0)
+
+
+def test_two_fragments_of_one_lesion_one_tp_no_fp_and_fp_can_fall() -> None:
+    # lesion: rows 2-5, cols 2-5 (16 px). Fragment A rows 2-3 (8 px, IoU 0.5) at p = 0.6;
+    # fragment B the single pixel (5, 5) (IoU 1/16 < 0.1) at p = 0.9.
+    truth = place((8, 8), [((slice(2, 6), slice(2, 6)), 1)]).astype(np.uint8)
+    prob = place((8, 8), [((slice(2, 4), slice(2, 6)), 0.6), ((slice(5, 6), slice(5, 6)), 0.9)])
+    m = lesion_metrics([prob], [truth])
+    assert (m["tp"], m["fp"], m["sensitivity"], m["precision"]) == (1, 0, 1.0, 1.0)
+    # s = 0.9: B alone detects nothing and lies on no detected lesion -> FP, recall 0;
+    # s = 0.6: A detects the lesion, B becomes a fragment of it -> 1 TP, 0 FP.
+    np.testing.assert_allclose(m["pr_curve"]["fp"], [1, 0])
+    np.testing.assert_allclose(m["pr_curve"]["recall"], [0.0, 1.0])
+    np.testing.assert_allclose(m["pr_curve"]["precision"], [0.0, 1.0])
+    # AP = (0 - 0)·0 + (1 - 0)·1
+    assert m["ap"] == pytest.approx(1.0) and m["fp_per_case_at_max_sensitivity"] == 0.0
+
+
+def froc_cases():
+    """Two cases; candidates by score: TP .95, FP .9, FP .85, TP .8, FP .7, FP .65, TP .6,
+    FP .55, .52, .51, .5; plus one lesion nobody hits -> 4 lesions."""
+    ranking = [(0.95, True), (0.9, False), (0.85, False), (0.8, True), (0.7, False)]
+    ranking += [(0.65, False), (0.6, True), (0.55, False), (0.52, False), (0.51, False)]
+    ranking += [(0.5, False)]
+    return ranking_cases(ranking, 1)
+
+
+def test_froc_at_1_2_4_8_fp_per_case_by_hand() -> None:
+    probs, truths = froc_cases()
+    m = lesion_metrics(probs, truths)
+    assert FROC_FP_RATES == (1.0, 2.0, 4.0, 8.0)
+    # k:        1    2   3   4   5    6   7   8    9   10   11
+    # FP:       0    1   2   2   3    4   4   5    6   7    8
+    # FP/case:  0   .5   1   1  1.5   2   2  2.5   3  3.5   4
+    # recall:  .25 .25 .25  .5  .5   .5 .75  .75 .75  .75 .75
+    np.testing.assert_allclose(
+        m["pr_curve"]["fp_per_case"], [0, 0.5, 1, 1, 1.5, 2, 2, 2.5, 3, 3.5, 4]
+    )
+    # f = 1: best recall among k <= 4 is .5; f = 2: k = 7 reaches .75; f = 4, 8: .75
+    assert m["froc"] == [(1.0, 0.5), (2.0, 0.75), (4.0, 0.75), (8.0, 0.75)]
+    assert m["froc_mean"] == pytest.approx((0.5 + 0.75 * 3) / 4)
+    # max sensitivity .75 with every candidate in: 8 FP over 2 cases, precision 3/11
+    assert m["max_sensitivity"] == pytest.approx(0.75)
+    assert m["fp_per_case_at_max_sensitivity"] == pytest.approx(4.0)
+    assert m["precision_at_max_sensitivity"] == pytest.approx(3 / 11)
+
+
+def test_every_operating_point_is_named() -> None:
+    probs, truths = froc_cases()
+    m = lesion_metrics(probs, truths, threshold=0.6, candidate_threshold=0.5)
+    points = m["operating_points"]
+    assert list(points) == [
+        "threshold",
+        "max_sensitivity",
+        "precision_80",
+        "froc_1fp",
+        "froc_2fp",
+        "froc_4fp",
+        "froc_8fp",
+    ]
+    assert all(
+        set(p) == {"rule", "score", "sensitivity", "precision", "fp_per_case"}
+        for p in points.values()
+    )
+    # at t = 0.6: candidates k1..k7 -> 3 TP, 4 FP over 2 cases
+    assert points["threshold"]["score"] == 0.6 and "t = 0.6" in points["threshold"]["rule"]
+    assert (m["tp"], m["fp"], m["fp_per_case"]) == (3, 4, 2.0)
+    assert points["threshold"]["precision"] == pytest.approx(3 / 7)
+    assert points["max_sensitivity"]["score"] == 0.5 and "0.5" in points["max_sensitivity"]["rule"]
+    assert points["max_sensitivity"]["fp_per_case"] == m["fp_per_case_at_max_sensitivity"] == 4.0
+    # FROC at 1 FP/case: k = 4 (score .8), 2 FP over 2 cases, precision 2/4
+    assert points["froc_1fp"] == {
+        "rule": "largest sensitivity with FP/case <= 1",
+        "score": 0.8,
+        "sensitivity": 0.5,
+        "precision": 0.5,
+        "fp_per_case": 1.0,
+    }
+    assert points["froc_2fp"]["score"] == 0.6 and points["froc_2fp"]["sensitivity"] == 0.75
+    # precision >= 0.8 only at k = 1 (score .95, recall .25)
+    assert (points["precision_80"]["score"], points["precision_80"]["sensitivity"]) == (0.95, 0.25)
+    assert m["sensitivity_at_80_precision"] == 0.25
