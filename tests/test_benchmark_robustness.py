@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -302,6 +303,36 @@ def test_cli_refuses_bad_seed_counts_and_patterns(tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err
     assert "--only" in err and "matches no row" in err and len(err.strip().splitlines()) == 1
     assert not Path(work).exists()  # refused before any work
+
+
+def test_from_json_merges_per_seed_results(tmp_path: Path, capsys) -> None:
+    """Runs made one seed at a time give the same table as one run over the seeds."""
+    paths = []
+    for seed, (base, censored) in enumerate([(0.8, 0.4), (0.5, 0.5)]):
+        rows = [
+            _row("truth_bce", base, seed=seed),
+            _row(f"censor-random-0.50-s{seed}_bce", censored, seed=seed),
+        ]
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(
+            json.dumps({"kind": "brain-mets", "size": "default", "rows": [asdict(r) for r in rows]})
+        )
+        paths.append(str(path))
+    merged_path = tmp_path / "merged.json"
+    args = ["benchmark", "robustness", "--from-json", paths[0], "--from-json", paths[1]]
+    assert cli_main([*args, "--output", str(merged_path)]) == 0
+    merged = json.loads(merged_path.read_text())
+    assert merged["seeds"] == [0, 1]
+    censored = merged["summary"][1]["metrics"]["relative_max_sensitivity"]
+    # ratios 0.5 and 1.0: mean 0.75, s = 0.353553, half = 12.7062 * 0.353553 / sqrt(2) = 3.17655
+    assert censored["mean"] == pytest.approx(0.75)
+    assert censored["half_width"] == pytest.approx(3.17655, abs=1e-4)
+    assert censored["n"] == 2
+    assert "75% ± 318%" in capsys.readouterr().out
+    assert (
+        cli_main(["benchmark", "robustness", "--from-json", paths[0], "--from-json", paths[0]]) == 2
+    )
+    assert "appears in more than one result" in capsys.readouterr().err
 
 
 @pytest.mark.integration

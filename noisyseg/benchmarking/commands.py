@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 
 from noisyseg.errors import NoisysegInputError
 
@@ -67,6 +69,52 @@ def _run_robustness(
     return document
 
 
+def _merge_results(paths: list[str], output: str | None) -> dict:
+    """Re-summarise the rows of several results JSONs (e.g. one run per seed) in one table."""
+    # The report imports torch (via the settings) and scipy: loaded only when a benchmark runs.
+    from noisyseg.benchmarking.report import (
+        format_table,
+        operating_point_note,
+        print_rich_table,
+        relative_to_baseline,
+        rows_from_documents,
+        summarize,
+    )
+
+    documents = []
+    for path in paths:
+        try:
+            documents.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise NoisysegInputError(
+                f"cannot read results JSON ({error.__class__.__name__})", path=path
+            ) from None
+    try:
+        rows = rows_from_documents(documents)
+        relative_to_baseline(rows, "truth_bce")
+    except (ValueError, KeyError, TypeError) as error:
+        raise NoisysegInputError(f"--from-json: {error}") from None
+    seeds = sorted({row.seed for row in rows})
+    evaluation = next((r.operating_point for r in rows if r.operating_point), {})
+    note = operating_point_note(evaluation, seeds)
+    merged = {
+        **{k: documents[0][k] for k in ("kind", "size", "settings") if k in documents[0]},
+        "seeds": seeds,
+        "sources": [str(Path(p).resolve()) for p in paths],
+        "evaluation": evaluation,
+        "note": note,
+        "rows": [asdict(r) for r in rows],
+        "summary": [s.as_dict() for s in summarize(rows)],
+        "table": format_table(rows),
+    }
+    if output:
+        Path(output).write_text(json.dumps(merged, indent=2, default=float))
+    title = f"robustness on {merged.get('kind')} phantoms ({merged.get('size')}), merged"
+    print_rich_table(rows, title=title, note=note)
+    print(merged["table"] + "\n\n" + note)
+    return merged
+
+
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.benchmark == "audit":
         # Ray, MLflow and torch load only when the benchmark runs (see _run_robustness).
@@ -85,6 +133,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         )
     if args.benchmark != "robustness":
         raise NoisysegInputError(f"unknown benchmark {args.benchmark!r}")
+    if args.from_json:
+        _merge_results(args.from_json, args.output)
+        return 0
     size = "quick" if args.quick else "full" if args.full else "default"
     document = _run_robustness(
         args.kind,
@@ -157,6 +208,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATTERN",
         help="train only the rows whose seedless key matches this glob (repeatable), e.g. "
         "'censor-random-0.50_*'; the truth BCE baseline always runs",
+    )
+    bench.add_argument(
+        "--from-json",
+        action="append",
+        metavar="RESULTS.json",
+        help="train nothing: merge these results files (e.g. one run per seed) into one table "
+        "with intervals (repeatable; --output writes the merged JSON)",
     )
     bench.add_argument("--gpu", action="store_true", help="train and evaluate on GPUs (bf16)")
     bench.add_argument(

@@ -187,6 +187,24 @@ def summarize(rows: Sequence[BenchmarkRow]) -> list[RowSummary]:
     return summaries
 
 
+def rows_from_documents(documents: Sequence[dict[str, Any]]) -> list[BenchmarkRow]:
+    """The rows of several results JSONs of one setting (e.g. one run per seed), in order.
+
+    Raises:
+        ValueError: the documents are of different settings (kind, size) or repeat a seed.
+    """
+    settings = {(d.get("kind"), d.get("size")) for d in documents}
+    if len(settings) != 1:
+        raise ValueError(f"results of different settings cannot be merged: {sorted(settings)}")
+    rows = [BenchmarkRow(**row) for d in documents for row in d["rows"]]
+    seen: set[tuple[int, str]] = set()
+    for row in rows:
+        if (row.seed, row.key) in seen:
+            raise ValueError(f"seed {row.seed} row {row.key} appears in more than one result")
+        seen.add((row.seed, row.key))
+    return rows
+
+
 # ---------------------------------------------------------------------------------- the tables
 #: (column header, statistic, cell format): ``pct`` as a percentage, ``fN`` with N decimals.
 TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
