@@ -4,8 +4,8 @@ The integration tests share one cluster (module fixture). They show that
 * ``up`` starts two Ray nodes (custom resources ``node1`` / ``node2``) and an MLflow server;
 * ``ray job submit ... -- noisyseg train --workers 2`` runs its two Ray Train workers on *both*
   nodes (Ray state API) and leaves a FINISHED MLflow run with logged losses (MlflowClient);
-* ``down`` leaves no process of the cluster behind (by recorded process group and by the
-  cluster's unique temp dir on the command line) and removes the temp dir.
+* ``down`` leaves no process of the cluster behind (no live member in any process group the
+  script recorded) and removes the cluster's temp dir.
 
 Spreading the workers: ``noisyseg train`` has no placement-strategy flag, so each node offers one
 logical CPU and each worker asks for one (``--cpus-per-worker 1``): two workers cannot share a
@@ -59,25 +59,22 @@ def _script(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     )
 
 
-def _cluster_pids(state: dict[str, str]) -> list[int]:
-    """Live (non-zombie) processes in the recorded process groups or naming the temp dir."""
+def _live_groups(state: dict[str, str]) -> list[int]:
+    """The recorded process groups (head, worker node, MLflow) that still have a live member.
+
+    ``kill(-pgid, 0)`` asks the kernel about exactly the groups the script started (orphans are
+    reaped on this machine, so a finished process does not linger in its group); no process is
+    looked up by name or by scanning the process table.
+    """
     pgids = {int(state[k]) for k in ("HEAD_PGID", "WORKER_PGID", "MLFLOW_PGID") if state.get(k)}
-    marker = state["TEMP_ROOT"].encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+    alive = []
+    for pgid in sorted(pgids):
         try:
-            cmdline = (entry / "cmdline").read_bytes()
-            stat = (entry / "stat").read_bytes()
-        except OSError:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
             continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if fields[0] == b"Z":
-            continue
-        if int(fields[2]) in pgids or marker in cmdline:
-            found.append(int(entry.name))
-    return found
+        alive.append(pgid)
+    return alive
 
 
 # ---------------------------------------------------------------------------------- fast checks
@@ -295,13 +292,13 @@ def test_two_worker_training_job_runs_on_both_nodes(cluster: LocalCluster, tmp_p
 @pytest.mark.integration
 def test_down_leaves_no_process_behind(cluster: LocalCluster) -> None:
     state = cluster.state
-    assert _cluster_pids(state), "the cluster should be running before down"
+    assert _live_groups(state), "the cluster should be running before down"
     done = cluster.down()
     assert done.returncode == 0, done.stdout + done.stderr
     deadline = time.monotonic() + 5  # processes just killed may take a moment to be reaped
-    while _cluster_pids(state) and time.monotonic() < deadline:
+    while _live_groups(state) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _cluster_pids(state) == []
+    assert _live_groups(state) == []
     assert not Path(state["TEMP_ROOT"]).exists()
     assert not (cluster.root / "state").exists()
     assert not (cluster.root / "cluster.env").exists()
@@ -340,7 +337,7 @@ def test_token_mode_rejects_requests_without_the_token(tmp_path: Path) -> None:
         state = _read_env(tmp_path / "state") if (tmp_path / "state").exists() else None
         down = _script("down", "--dir", str(tmp_path), timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
-    assert state is not None and _cluster_pids(state) == []
+    assert state is not None and _live_groups(state) == []
 
 
 def test_script_is_valid_bash() -> None:

@@ -1,6 +1,7 @@
 """``noisyseg tune`` end to end: a real Ray head, a real MLflow server, the CLI as a subprocess.
 
-One Ray head (8 logical CPUs on this 2-core machine) and one MLflow server for the module.
+One Ray head (8 logical CPUs on this 2-core machine) and one MLflow server for the module, the
+shared fixtures of conftest.py.
 
 * A 2 x 2 grid over entropy_weight x clean_fraction (lopsided loss + meta reweighting) with ASHA
   on ``train_loss`` (min), built so ASHA stops trials: a report every 2 steps, grace period 2
@@ -25,30 +26,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster_utils import make_ball_store, ray_env, start_mlflow_server, start_ray_head
+from cluster_utils import make_ball_store, ray_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+RAY_HEAD_CPUS = 8  # logical CPUs of the module's Ray head (conftest.py)
 
 NOISYSEG = [sys.executable, "-m", "noisyseg.cli"]
 STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, ray_head, mlflow_server):
+    """The module's store, with the shared Ray head and MLflow server of conftest.py."""
     from noisyseg.storage.store import VolumeStore
 
     root = tmp_path_factory.mktemp("tune")
     store = make_ball_store(root / "s.zarr", train=6, val=1, size=16, seed=1)
     VolumeStore.open(store, mode="r+").set_clean(["case000", "case001", "case002"])
-    head = start_ray_head(num_cpus=8)
-    try:
-        server = start_mlflow_server(root / "mlflow")
-        try:
-            yield {"root": root, "store": store, "head": head, "server": server}
-        finally:
-            server.stop()
-    finally:
-        head.stop()
+    return {"root": root, "store": store, "head": ray_head, "server": mlflow_server}
 
 
 def _env(cluster, **extra: str) -> dict[str, str]:

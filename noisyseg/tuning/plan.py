@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from noisyseg.distributed.config import TrainConfig, make_config
+from noisyseg.distributed.config import TrainConfig, check_against_store, make_config
+from noisyseg.distributed.inference import evaluate_cases
 from noisyseg.distributed.tracking import scalar_metric_names
 from noisyseg.errors import NoisysegInputError
-from noisyseg.metrics import lesion_metrics
+from noisyseg.storage.store import VolumeStore
 from noisyseg.tuning.space import SearchSpace
 
 DEFAULT_METRIC = "val/ap"
@@ -74,27 +75,36 @@ class SweepPlan:
 
 
 # ---------------------------------------------------------------------------------- metrics
-def _validation_metric_names() -> list[str]:
-    """``val/*`` names of one validation, from :func:`noisyseg.metrics.lesion_metrics` itself.
+def _validation_metric_names(config: TrainConfig) -> list[str]:
+    """``val/*`` names of one validation of ``config``, from the code that computes them.
 
-    A 1 x 8 x 8 probe with one lesion, one detection and one false positive gives every entry a
-    value; the names are those of its numeric entries (nested dicts flattened with ``.``), which
-    is what the worker loop reports after each validation.
+    The worker loop scores its validation cases with
+    :func:`noisyseg.distributed.inference.evaluate_cases` and reports the numeric entries of the
+    result (nested dicts flattened with ``.``; :func:`noisyseg.distributed.tracking.scalar_metrics`).
+    Here the same call scores the first validation case with its truth as the prediction (no
+    model: every metric has a value), and the names are taken without the finiteness filter.
     """
-    truth = np.zeros((1, 8, 8), np.uint8)
-    truth[0, 1:3, 1:3] = 1
-    probability = np.zeros((1, 8, 8), np.float32)
-    probability[0, 1:3, 1:3] = 0.9
-    probability[0, 5:7, 5:7] = 0.7
-    return scalar_metric_names(lesion_metrics([probability], [truth]), "val/")
+    info = check_against_store(config)
+    store = VolumeStore.open(config.store)
+    case = info.val_case_ids[0]
+    truth = np.asarray(store.labels(case, config.val_labels)[...], dtype=np.float32)
+    result = evaluate_cases(
+        None,
+        store,
+        [case],
+        label_set=config.val_labels,
+        roi_size=tuple(info.patch_shape),
+        probabilities={case: truth},
+    )
+    return scalar_metric_names(result.metrics, "val/")
 
 
 def reported_metric_names(config: TrainConfig) -> list[str]:
     """Every metric name a trial of ``config`` reports to Tune (validation ones only when it
-    validates)."""
+    validates; those read one validation case of the store)."""
     names = list(TRAIN_REPORT_KEYS)
     if config.val_cases > 0:
-        names += _validation_metric_names()
+        names += _validation_metric_names(config)
     return names
 
 
@@ -187,11 +197,12 @@ def prepare(settings: SweepSettings) -> SweepPlan:
             "and val_interval >= 1 (or choose --metric train_loss --metric-mode min)",
             path=source,
         )
-    check_metric(settings.metric, reported_metric_names(probe), source=source)
     if validates:
         base["checkpoint_interval"] = probe.val_interval
     configs = settings.space.validate(base, source=source)
     sample = configs[0]
+    names = reported_metric_names(sample)
+    check_metric(settings.metric, names, source=source)
     steps = min(c.steps for c in configs)
     grace = grace_period_for(
         settings.grace_period if settings.scheduler == "asha" else None,
@@ -199,7 +210,7 @@ def prepare(settings: SweepSettings) -> SweepPlan:
         steps,
         source=source,
     )
-    return SweepPlan(base, sample, grace, reported_metric_names(sample))
+    return SweepPlan(base, sample, grace, names)
 
 
 # ---------------------------------------------------------------------------------- placement
