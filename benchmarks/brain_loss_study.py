@@ -5,7 +5,8 @@ prior, the optimiser, the lopsided ``entropy_weight`` λ, steps and patch size. 
 ``key=value`` TrainConfig overrides on top of the benchmark's default brain setting; the model is
 trained with :func:`noisyseg.distributed.train_loop.run_worker` (no Ray, no MLflow, one thread
 unless ``cpus_per_worker`` says otherwise) and evaluated like the benchmark (sliding window, test
-split, truth labels, candidates down to p = 0.05).
+split, truth labels, candidates down to p = 0.05, a lesion detected at IoU >= 0.1 — the metrics'
+default rule).
 
     # STORE: the one `noisyseg benchmark robustness --kind brain-mets` wrote,
     # <workdir>/brain-mets-default-s0.zarr (32 cases, every censored label set)
@@ -41,7 +42,15 @@ BASE = {
     "cpus_per_worker": 1,
     "seed": 0,
 }
-METRICS = ("max_sensitivity", "sensitivity_at_80_precision", "ap", "fp_per_case", "dice")
+METRICS = (
+    "max_sensitivity",
+    "fp_per_case_at_max_sensitivity",
+    "froc_mean",
+    "sensitivity_at_80_precision",
+    "ap",
+    "fp_per_case",
+    "dice",
+)
 
 
 def parse_overrides(text: str) -> dict:
@@ -58,8 +67,9 @@ def parse_overrides(text: str) -> dict:
 
 def run_variant(store: str, overrides: dict) -> dict:
     from noisyseg.distributed.config import check_against_store, make_config
+    from noisyseg.distributed.contexts import LocalContext
     from noisyseg.distributed.inference import evaluate_cases, load_trained_model
-    from noisyseg.distributed.train_loop import LocalContext, run_worker
+    from noisyseg.distributed.train_loop import run_worker
     from noisyseg.metrics import REPORT_CANDIDATE_THRESHOLD
     from noisyseg.storage.store import VolumeStore
 
