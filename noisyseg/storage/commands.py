@@ -1,4 +1,4 @@
-"""Storage verbs of the ``noisyseg`` CLI: ``synth``, ``ingest``, ``corrupt``, ``info``.
+"""Storage verbs of the ``noisyseg`` CLI: ``synth``, ``ingest``, ``corrupt``, ``info``, ``verify``.
 
 Heavy modules (phantom generators, Dask jobs) are imported inside the verbs.
 """
@@ -300,6 +300,35 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# verify
+# --------------------------------------------------------------------------------------------
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    # heavy (zarr, pandas, dask): imported when the verb runs, so `noisyseg --help` stays fast
+    from noisyseg.storage.verify import verify_store
+
+    report = verify_store(
+        args.store,
+        repair_from=args.repair_from,
+        scheduler=args.scheduler,
+        num_workers=args.workers,
+    )
+    for problem in report.problems:
+        print(f"store: {problem}")
+    for case in report.cases:
+        if not case.ok or case.repaired or args.all:
+            print(case.line())
+        for problem in case.problems:
+            print(f"  {problem}")
+        if args.all:
+            for note in case.notes:
+                print(f"  note: {note}")
+    print(report.summary())
+    return 0 if report.ok else 2
+
+
+# --------------------------------------------------------------------------------------------
 # registration
 # --------------------------------------------------------------------------------------------
 
@@ -454,3 +483,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=50, help="cases shown (0: all)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of tables")
     p.set_defaults(func=_cmd_info)
+
+    p = subparsers.add_parser(
+        "verify",
+        help="check every chunk of a store against its integrity manifests (exit 2 on damage)",
+    )
+    p.add_argument("store")
+    p.add_argument(
+        "--repair-from",
+        default=None,
+        metavar="SRC",
+        help="copy of the store: put back missing/damaged chunks whose copy has the recorded hash",
+    )
+    p.add_argument("--scheduler", default="threads", help="Dask scheduler: threads | processes")
+    p.add_argument("--workers", type=int, default=None, help="Dask workers (default: Dask's)")
+    p.add_argument("--all", action="store_true", help="print every case, not only damaged ones")
+    p.set_defaults(func=_cmd_verify)

@@ -210,11 +210,14 @@ class RegionReader:
     def _read_object(self, key: str) -> bytes | None:
         """The stored object of chunk ``key`` (None: absent), checked against the manifest."""
         plan = self._plan
+        stat = None
         try:
             with open(os.path.join(plan.base, key), "rb") as fh:
+                if plan.manifest is not None:
+                    stat = os.fstat(fh.fileno())
                 data = fh.read()
         except FileNotFoundError:
             data = None
         if plan.manifest is not None:
-            plan.manifest.check(key, data, plan.context)
+            plan.manifest.check_file(key, data, stat, plan.context)
         return data
