@@ -19,6 +19,7 @@ import sys
 import traceback
 
 from noisyseg.errors import NoisysegInputError
+from noisyseg.storage.filesystems import describe_failure
 
 #: Environment variable that turns on ``--debug`` (tracebacks for input errors).
 DEBUG_ENV = "NOISYSEG_DEBUG"
@@ -27,7 +28,8 @@ DEBUG_ENV = "NOISYSEG_DEBUG"
 _COMMAND_MODULES: list[str] = [
     "noisyseg.storage.commands",  # synth, ingest, corrupt, info
     "noisyseg.distributed.commands",  # train
-    "noisyseg.distributed.inference_commands",  # evaluate, predict
+    "noisyseg.distributed.inference_commands",  # evaluate
+    "noisyseg.distributed.predict_commands",  # predict, register
     "noisyseg.audit.commands",  # audit
     "noisyseg.tuning.commands",  # tune
     "noisyseg.benchmarking.commands",  # benchmark, demo
@@ -68,13 +70,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except NoisysegInputError as error:
-        if args.debug:
-            traceback.print_exc()
-        print(f"noisyseg {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return _input_error(args, str(error))
+    except Exception as error:
+        # A storage failure the user can fix (disk full, no credentials, endpoint down) that no
+        # inner layer named: still one line, naming the path it concerns when there is one.
+        rule = describe_failure(error)
+        if rule is None:
+            raise
+        return _input_error(args, f"{_failure_place(args, error)}{rule}")
     except KeyboardInterrupt:
         print(f"noisyseg {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _input_error(args: argparse.Namespace, line: str) -> int:
+    """Print the one line of an input error (and the traceback with ``--debug``): status 2."""
+    if args.debug:
+        traceback.print_exc()
+    print(f"noisyseg {args.command}: error: {line}", file=sys.stderr)
+    return 2
+
+
+def _failure_place(args: argparse.Namespace, error: BaseException) -> str:
+    """``"<path>: "`` of a storage failure: the file it names, else the command's store."""
+    place = getattr(error, "filename", None)
+    for name in ("store", "destination", "output", "dest"):
+        place = place or getattr(args, name, None)
+    return f"{place}: " if place else ""
 
 
 if __name__ == "__main__":
