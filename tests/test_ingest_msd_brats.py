@@ -560,3 +560,39 @@ def test_overwrite_rebuilds_beside_the_old_store_and_refuses_a_foreign_folder(tm
     with pytest.raises(NoisysegInputError, match="is not a noisyseg store"):
         ingest_folder(src, str(foreign), progress=False, overwrite=True, val_fraction=0.0)
     assert (foreign / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.integration
+def test_ray_scheduler_writes_the_same_store(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    src = tmp_path / "Dataset007"
+    make_nnunet(src, ["a", "b", "c"])
+    _break_nnunet(src, "unlisted_value")
+    ref = ingest_folder(src, str(tmp_path / "t.zarr"), progress=False, val_fraction=0.0)
+    with pytest.raises(NoisysegInputError, match="needs a Ray connection"):
+        ingest_folder(src, str(tmp_path / "r.zarr"), progress=False, scheduler="ray")
+    assert not (tmp_path / "r.zarr").exists()  # refused before any work
+    ray.init(
+        address="local",
+        num_cpus=2,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+        log_to_driver=False,
+    )
+    try:
+        got = ingest_folder(
+            src, str(tmp_path / "r.zarr"), progress=False, val_fraction=0.0, scheduler="ray"
+        )
+    finally:
+        ray.shutdown()
+    assert [f.line() for f in got.failed] == [f.line() for f in ref.failed] and len(got.failed) == 1
+    a, b = VolumeStore.open(str(tmp_path / "t.zarr")), VolumeStore.open(str(tmp_path / "r.zarr"))
+    assert a.case_ids() == b.case_ids() == ["a", "b", "c"]
+    for cid in a.case_ids():
+        np.testing.assert_array_equal(a.image(cid)[:], b.image(cid)[:])
+        np.testing.assert_array_equal(
+            a.labels(cid, SOURCE_LABELS)[:], b.labels(cid, SOURCE_LABELS)[:]
+        )

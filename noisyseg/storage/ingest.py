@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import fsspec
 import nibabel as nib
 import numpy as np
 from dask.callbacks import Callback
@@ -44,6 +43,7 @@ from noisyseg.storage.case_readers import (
     parse_foreground,
 )
 from noisyseg.storage.corrupt import SCHEDULERS, run_tasks
+from noisyseg.storage.filesystems import open_filesystem
 from noisyseg.storage.layouts import LAYOUT_2D, CaseSpec, Layout, discover
 from noisyseg.storage.store import TRUTH, VolumeStore
 
@@ -219,7 +219,7 @@ def _existing_store(url: str, storage_options: dict[str, Any] | None) -> bool:
         return True
     except NoisysegInputError:
         pass
-    fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+    fs, root = open_filesystem(str(url), storage_options)
     if fs.exists(root) and (not fs.isdir(root) or fs.ls(root, detail=False)):
         raise NoisysegInputError(
             "path exists and is not a noisyseg store (refusing to overwrite)", path=str(url)
@@ -337,6 +337,8 @@ def ingest_folder(
         raise NoisysegInputError(
             f"unknown scheduler {scheduler!r} (choose from {', '.join(SCHEDULERS)})"
         )
+    if scheduler == "ray":
+        _require_ray()
     layout = discover(src)
     rule = _label_rule(layout, foreground)
     target = _target_spacing(target_spacing, layout)
@@ -381,6 +383,17 @@ def ingest_folder(
         _write_store(job, str(store_url), report, fail, overwrite, storage_options)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _require_ray() -> None:
+    """Refuse ``--scheduler ray`` before any work when there is no Ray to connect to."""
+    import ray  # heavy optional import: only the ray scheduler needs it
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        raise NoisysegInputError(
+            "scheduler 'ray' needs a Ray connection: call ray.init(...) first, set "
+            "RAY_ADDRESS, or run under `ray job submit`"
+        )
 
 
 def _target_spacing(target_spacing: Sequence[float] | None, layout: Layout) -> Any:
