@@ -189,7 +189,10 @@ def test_write_and_read_prediction(store_url):
     assert path == "cases/case3/predictions/unit/0"
     np.testing.assert_array_equal(read_prediction(store, "case3", "unit"), first)
     second = first[::-1].copy()
-    write_prediction(store, "case3", "unit", second)  # re-running replaces the map
+    with pytest.raises(NoisysegInputError, match="prediction 'unit' already exists"):
+        write_prediction(store, "case3", "unit", second)  # an existing name is refused...
+    np.testing.assert_array_equal(read_prediction(store, "case3", "unit"), first)
+    write_prediction(store, "case3", "unit", second, overwrite=True)  # ...unless overwritten
     np.testing.assert_array_equal(read_prediction(store, "case3", "unit"), second)
     import zarr
 

@@ -302,13 +302,29 @@ def check_channels(store: Any, spec: UNetSpec, *, store_path: str | None = None)
         )
 
 
-def write_prediction(store: Any, case_id: str, name: str, probabilities: np.ndarray) -> str:
+def write_prediction(
+    store: Any,
+    case_id: str,
+    name: str,
+    probabilities: np.ndarray,
+    *,
+    overwrite: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> str:
     """Write a ``(*S)`` probability map into an ``"r+"`` store
     (:meth:`~noisyseg.storage.store.VolumeStore.write_prediction`: ``cases/<id>/predictions/
-    <name>``, OME-Zarr 0.5 multiscales, atomic on local stores). Returns the array's path."""
+    <name>``, OME-Zarr 0.5 multiscales, atomic on local stores; an existing name is refused
+    unless ``overwrite``; ``metadata`` — model, run id, threshold — is kept with the map).
+    Returns the array's path."""
     if getattr(store, "mode", "r+") != "r+":
         raise NoisysegInputError("store is opened read-only (mode 'r')", path=store.url)
-    return store.write_prediction(case_id, name, np.asarray(probabilities, dtype=np.float32))
+    return store.write_prediction(
+        case_id,
+        name,
+        np.asarray(probabilities, dtype=np.float32),
+        overwrite=overwrite,
+        metadata=metadata,
+    )
 
 
 def read_prediction(store: Any, case_id: str, name: str) -> np.ndarray:
@@ -524,6 +540,8 @@ class CasePredictor:
         nifti_dir: str | None = None,
         num_threads: int | None = None,
         write: bool = True,
+        overwrite: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         import torch
 
@@ -534,6 +552,8 @@ class CasePredictor:
         self.settings = settings
         self.name = name
         self.nifti_dir = nifti_dir
+        self.overwrite = overwrite
+        self.metadata = metadata
         self.store = _open_store(store_url, mode="r+" if write and not nifti_dir else "r")
 
     def probability(self, case_id: str) -> tuple[str, np.ndarray]:
@@ -558,7 +578,14 @@ class CasePredictor:
                 )
             )
         else:
-            output = write_prediction(self.store, case_id, self.name, probability)
+            output = write_prediction(
+                self.store,
+                case_id,
+                self.name,
+                probability,
+                overwrite=self.overwrite,
+                metadata=self.metadata,
+            )
         return {
             "case_id": case_id,
             "shape": list(probability.shape),
@@ -676,6 +703,8 @@ def predict_cases(
     workers: int = 1,
     use_ray: bool | None = None,
     progress: Callable[[dict[str, Any], int, int], None] | None = None,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Predict ``case_ids`` and write their probability maps (store or NIfTI).
 
@@ -689,6 +718,8 @@ def predict_cases(
         workers: parallel workers (Ray actors, one model each).
         use_ray: force Ray on/off; default: Ray when ``workers > 1`` or ``RAY_ADDRESS`` is set.
         progress: called as ``progress(record, done, total)`` after each case.
+        overwrite: replace maps of that name already in the store (else refused).
+        metadata: kept with each map in the store (model, run id, threshold).
 
     Returns:
         One record per case (``case_id``, ``shape``, ``output``, ``seconds``), in input order.
@@ -705,6 +736,8 @@ def predict_cases(
         use_ray=use_ray,
         name=name,
         nifti_dir=nifti_dir,
+        overwrite=overwrite,
+        metadata=metadata,
     )
     for index, record in enumerate(results):
         records[record["case_id"]] = record

@@ -1,12 +1,10 @@
-"""``noisyseg evaluate`` and ``noisyseg predict``.
+"""``noisyseg evaluate`` (``predict`` and ``register``: :mod:`.predict_commands`).
 
 ``evaluate``: sliding-window inference of a trained model over a split of the store, lesion
 metrics against a label set, a table in the terminal, and (with ``--run-id``) metrics
 ``eval_<split>_*``, ``evaluation/<split>/metrics.json`` and ``evaluation/<split>/pr_curve.png``
 logged to the MLflow run.
 
-``predict``: probability maps for cases, written into the store (``predictions/<name>``) or as
-NIfTI files, in parallel over cases on Ray (``--workers N``; one model per worker).
 """
 
 from __future__ import annotations
@@ -58,7 +56,7 @@ def _add_model_args(parser: argparse.ArgumentParser, *, run_required: bool = Fal
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``evaluate`` and ``predict`` verbs."""
+    """Add the ``evaluate`` verb."""
     evaluate = subparsers.add_parser(
         "evaluate",
         help="lesion metrics of a trained model on a split of the store",
@@ -93,31 +91,6 @@ def register(subparsers: Any) -> None:
     )
     evaluate.add_argument("--ray", action="store_true", help="predict on Ray even with 1 worker")
     evaluate.set_defaults(func=run_evaluate)
-
-    predict = subparsers.add_parser(
-        "predict",
-        help="write probability maps into the store (or NIfTI files), parallel on Ray",
-        description="Probability maps of a trained model for cases of the store, written to "
-        "cases/<id>/predictions/<name> or to <nifti-dir>/<id>_<name>.nii.gz.",
-    )
-    _add_model_args(predict)
-    predict.add_argument("--cases", nargs="+", metavar="ID", help="cases to predict")
-    predict.add_argument(
-        "--split",
-        default="test",
-        help="predict this split when --cases is not given (default: test)",
-    )
-    predict.add_argument("--name", default="prediction", help="name of the probability maps")
-    predict.add_argument("--nifti-dir", help="write NIfTI files here instead of into the store")
-    predict.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="parallel Ray workers (one model each); 1 runs in-process "
-        "unless RAY_ADDRESS is set or --ray is given",
-    )
-    predict.add_argument("--ray", action="store_true", help="run on Ray even with one worker")
-    predict.set_defaults(func=run_predict)
 
 
 # ---------------------------------------------------------------------------------- shared
@@ -410,61 +383,4 @@ def run_evaluate(args: argparse.Namespace) -> int:
         split = "cases" if args.cases else args.split
         uri = log_evaluation(args.run_id, split, report, step=report["step"])
         out.print(f"logged eval_{split}_* to MLflow run {args.run_id} ({uri})")
-    return 0
-
-
-# ---------------------------------------------------------------------------------- predict
-def run_predict(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from noisyseg.distributed.inference import check_channels, predict_cases
-    from noisyseg.storage.store import VolumeStore
-    from noisyseg.storage.validate import check_label_set_name
-
-    console = Console(stderr=True)
-    if args.workers < 1:
-        raise NoisysegInputError(f"--workers must be >= 1, got {args.workers}")
-    check_label_set_name(args.name)
-    store = VolumeStore.open(args.store, mode="r" if args.nifti_dir else "r+")
-    cases = _select_cases(store, args)
-    checkpoint, _, spec = _load(args)
-    check_channels(store, spec, store_path=store.url)
-    settings = _settings(args, checkpoint, spec)
-    if args.nifti_dir:
-        nifti_dir = Path(args.nifti_dir)
-        if nifti_dir.exists() and not nifti_dir.is_dir():
-            raise NoisysegInputError("--nifti-dir is not a directory", path=str(nifti_dir))
-        nifti_dir.mkdir(parents=True, exist_ok=True)
-
-    use_ray = bool(args.ray) or args.workers > 1 or bool(os.environ.get("RAY_ADDRESS"))
-    with _progress(console, len(cases), "predict") as progress:
-        task = progress.add_task("", total=len(cases))
-        records = predict_cases(
-            checkpoint,
-            store.url,
-            cases,
-            settings,
-            name=args.name,
-            nifti_dir=str(args.nifti_dir) if args.nifti_dir else None,
-            workers=args.workers,
-            use_ray=use_ray,
-            progress=lambda record, done, total: progress.update(
-                task, completed=done, description=record["case_id"]
-            ),
-        )
-    table = Table(
-        title=f"noisyseg predict: {len(records)} cases "
-        f"({'Ray, ' + str(args.workers) + ' workers' if use_ray else 'in-process'})"
-    )
-    for column in ("case", "shape", "written to", "seconds"):
-        table.add_column(column)
-    for record in records:
-        table.add_row(
-            record["case_id"],
-            "x".join(map(str, record["shape"])),
-            record["output"],
-            f"{record['seconds']:.2f}",
-        )
-    Console().print(table)
     return 0
