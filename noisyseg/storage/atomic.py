@@ -27,6 +27,8 @@ from contextlib import contextmanager
 
 import fsspec
 
+from noisyseg.storage.filesystems import open_filesystem
+
 #: Prefix of a directory moved aside by :func:`publish_dir` until the new one is in place.
 OLD_PREFIX = ".old-"
 #: Prefix of temporary files and staged directories.
@@ -81,7 +83,7 @@ def recover_dir(final: str) -> None:
     parent, base = os.path.split(final.rstrip("/"))
     try:
         names = os.listdir(parent)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return
     olds = sorted(n for n in names if n.startswith(f"{OLD_PREFIX}{base}-"))
     if olds:
@@ -134,7 +136,7 @@ def replace_store(
     Local stores only: an object store has no rename of a prefix, so replacing one in a single
     step is impossible (``NotImplementedError``; write to a new URL instead).
     """
-    fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+    fs, root = open_filesystem(str(url), storage_options)
     if not is_local(fs):
         raise NotImplementedError(
             "replacing a store atomically needs a local file system (object stores have no "

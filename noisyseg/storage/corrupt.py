@@ -29,9 +29,12 @@ Lesion table of the new set (``VolumeStore.register_label_set``):
   separated: a grown lesion may have merged several), ``dice`` against their union,
   ``voxels_added`` and ``voxels_removed``.
 
-The set becomes visible (index + lesion table) only after every case has been written: a
-failure midway leaves no registered half set, and a re-run with the same name overwrites the
-orphaned per-case arrays. ``truth`` is never written.
+The set is written as a new internal version (``labels/<name>~<version>`` in each case, beside
+any version readers use now) and becomes the set only when every case has been written: one
+atomic write of its registry entry (``index/labelsets/<name>.json``, which names the version, its
+lesion table and per-case counts) switches masks, lesion table and counts together; the replaced
+version is removed after. A kill at any moment leaves the complete old set (or no set) or the
+complete new one, never a mix; the next run removes the leftovers. ``truth`` is never written.
 
 Schedulers: ``threads`` (default), ``processes``, ``synchronous`` (debugging) and ``ray`` (Ray's
 Dask scheduler, :func:`ray.util.dask.ray_dask_get`, on the cluster Ray is connected to).
@@ -245,10 +248,12 @@ def _censor_case(
     case_id: str,
     source: str,
     name: str,
+    version: str | None,
     rows: pd.DataFrame,
     remove_ids: list[int],
 ) -> dict:
-    """Read ``source`` of one case, delete the lesions ``remove_ids``, write set ``name``.
+    """Read ``source`` of one case, delete the lesions ``remove_ids``, write set ``name`` (as
+    internal ``version``).
 
     ``rows`` are the case's lesion-table rows of the source set (present lesions).
     """
@@ -274,7 +279,7 @@ def _censor_case(
         }
         for r in rows
     ]
-    store.write_label_set(case_id, name, out, records=records, overwrite=True)
+    store.write_label_set(case_id, name, out, records=records, version=version)
     return {
         "case_id": case_id,
         "records": records,
@@ -290,13 +295,15 @@ def _boundary_case(
     case_id: str,
     source: str,
     name: str,
+    version: str | None,
     mode: str,
     level: str | None,
     params: Mapping[str, Any] | None,
     rate: float,
     seed: int,
 ) -> dict:
-    """Boundary noise ``mode`` on one case's ``source`` labels; writes set ``name``."""
+    """Boundary noise ``mode`` on one case's ``source`` labels; writes set ``name`` (as internal
+    ``version``)."""
     mask = np.asarray(store.labels(case_id, source)[...])
     spacing = tuple(store.spacing(case_id))
     noisy, _changes = noise.corrupt_boundaries(
@@ -331,7 +338,7 @@ def _boundary_case(
         rec["voxels_added"] = n_comp - both
         rec["voxels_removed"] = n_region - both
         changed += 0 if identical else 1
-    store.write_label_set(case_id, name, out, records=records, overwrite=True)
+    store.write_label_set(case_id, name, out, records=records, version=version)
     return {
         "case_id": case_id,
         "records": records,
@@ -387,50 +394,14 @@ def corrupt_store(
         NoisysegInputError: bad mode/rate/level/scope/scheduler, missing store or source set,
             name ``truth`` or already registered without ``overwrite``, no cases in the split.
     """
-    if mode not in MODES:
-        raise NoisysegInputError(
-            f"unknown corruption mode {mode!r} (choose from {', '.join(MODES)})"
-        )
-    if scheduler not in SCHEDULERS:
-        raise NoisysegInputError(
-            f"unknown scheduler {scheduler!r} (choose from {', '.join(SCHEDULERS)})"
-        )
-    if scope not in noise.SCOPES:
-        raise NoisysegInputError(f"scope must be 'dataset' or 'case', got {scope!r}")
-    if mode in CENSOR_MODES:
-        if rate is None:
-            raise NoisysegInputError(f"mode {mode!r} needs a rate in [0, 1] (--rate)")
-        rate = noise.check_rate(rate)
-    else:
-        rate = noise.check_rate(1.0 if rate is None else rate)
-        resolved = noise.resolve_boundary_params(
-            mode, level, params
-        )  # validates level/params up front
-        if params is None:
-            level = level or "moderate"
-    if split is not None:
-        check_split(split)
+    rate, level, resolved = _check_arguments(mode, rate, level, params, scope, scheduler, split)
     if name is None:
         name = default_name(mode, rate=rate, level=level, params=params, scope=scope, seed=seed)
     check_label_set_name(name)
     if name == "truth":
         raise NoisysegInputError("the label set 'truth' is never overwritten; choose another name")
-
     store = VolumeStore.open(store_url, mode="r+")
-    sets = store.label_sets()
-    if source not in sets:
-        raise NoisysegInputError(
-            f"label set {source!r} not found (available: {', '.join(sets)})", path=str(store_url)
-        )
-    if name in sets and not overwrite:
-        raise NoisysegInputError(
-            f"label set {name!r} already exists (pass overwrite / --overwrite to replace it)",
-            path=str(store_url),
-        )
-    case_ids = list(store.case_ids(split=split))
-    if not case_ids:
-        raise NoisysegInputError(f"no cases in split {split!r}", path=str(store_url))
-
+    case_ids = _target_cases(store, source, name, overwrite, split)
     info: dict[str, Any] = {
         "source": source,
         "mode": mode,
@@ -439,38 +410,24 @@ def corrupt_store(
         "split": split,
     }
     t0 = time.perf_counter()
+    store.cleanup_label_versions(name)  # leftovers of an interrupted run of this set
+    version = store.new_label_version()
     if mode in CENSOR_MODES:
         info["scope"] = scope
-        table = present_lesions(store.lesion_table(source), case_ids)
-        chosen = select_censored(
-            table, rate, case_order=case_ids, mode=mode, seed=seed, scope=scope
-        )
-        # per-case frames (not one dict per row: the table may hold 10^6 lesions)
-        empty = table.iloc[:0]
-        groups = dict(iter(table.groupby("case_id", sort=False)))
-        rows_by_case = {cid: groups.get(cid, empty) for cid in case_ids}
-        remove_by_case: dict[str, list[int]] = {cid: [] for cid in case_ids}
-        for cid, lid in zip(chosen["case_id"], chosen["lesion_id"]):
-            remove_by_case[cid].append(int(lid))
-        tasks = [
-            dask.delayed(_censor_case, pure=False)(
-                store, cid, source, name, rows_by_case[cid], remove_by_case[cid]
-            )
-            for cid in case_ids
-        ]
+        tasks = _censor_tasks(store, case_ids, source, name, version, rate, mode, seed, scope)
     else:
         info.update(level=level, params=dict(resolved), scope="case")
         tasks = [
             dask.delayed(_boundary_case, pure=False)(
-                store, cid, source, name, mode, level, params, rate, seed
+                store, cid, source, name, version, mode, level, params, rate, seed
             )
             for cid in case_ids
         ]
-
     results = run_tasks(tasks, scheduler=scheduler, progress=progress, num_workers=num_workers)
     records_by_case = {r["case_id"]: r["records"] for r in results}
-    # Commit point: only now does the set appear in the index and the lesion table.
-    store.register_label_set(name, records_by_case, info)
+    # Commit point: one atomic write of the set's registry entry switches readers to the new
+    # version (masks, lesion table and counts together); the replaced version is removed after.
+    store.register_label_set(name, records_by_case, info, version=version)
     return CorruptReport(
         name=name,
         source=source,
@@ -484,6 +441,86 @@ def corrupt_store(
         seconds=time.perf_counter() - t0,
         records_by_case=records_by_case,
     )
+
+
+def _check_arguments(
+    mode: str,
+    rate: float | None,
+    level: str | None,
+    params: Mapping[str, Any] | None,
+    scope: str,
+    scheduler: str,
+    split: str | None,
+) -> tuple[float, str | None, dict[str, Any]]:
+    """Validated ``(rate, level, resolved boundary parameters)`` of a corruption request."""
+    if mode not in MODES:
+        raise NoisysegInputError(
+            f"unknown corruption mode {mode!r} (choose from {', '.join(MODES)})"
+        )
+    if scheduler not in SCHEDULERS:
+        raise NoisysegInputError(
+            f"unknown scheduler {scheduler!r} (choose from {', '.join(SCHEDULERS)})"
+        )
+    if scope not in noise.SCOPES:
+        raise NoisysegInputError(f"scope must be 'dataset' or 'case', got {scope!r}")
+    if split is not None:
+        check_split(split)
+    if mode in CENSOR_MODES:
+        if rate is None:
+            raise NoisysegInputError(f"mode {mode!r} needs a rate in [0, 1] (--rate)")
+        return noise.check_rate(rate), level, {}
+    rate = noise.check_rate(1.0 if rate is None else rate)
+    resolved = noise.resolve_boundary_params(mode, level, params)  # validates level/params
+    return rate, (level or "moderate") if params is None else level, resolved
+
+
+def _target_cases(
+    store: VolumeStore, source: str, name: str, overwrite: bool, split: str | None
+) -> list[str]:
+    """The cases to write; refuses a missing source set, an existing ``name`` without
+    ``overwrite`` and an empty split."""
+    sets = store.label_sets()
+    if source not in sets:
+        raise NoisysegInputError(
+            f"label set {source!r} not found (available: {', '.join(sets)})", path=store.url
+        )
+    if name in sets and not overwrite:
+        raise NoisysegInputError(
+            f"label set {name!r} already exists (pass overwrite / --overwrite to replace it)",
+            path=store.url,
+        )
+    case_ids = list(store.case_ids(split=split))
+    if not case_ids:
+        raise NoisysegInputError(f"no cases in split {split!r}", path=store.url)
+    return case_ids
+
+
+def _censor_tasks(
+    store: VolumeStore,
+    case_ids: list[str],
+    source: str,
+    name: str,
+    version: str,
+    rate: float,
+    mode: str,
+    seed: int,
+    scope: str,
+) -> list:
+    """One Dask task per case deleting the lesions :func:`select_censored` chose."""
+    table = present_lesions(store.lesion_table(source), case_ids)
+    chosen = select_censored(table, rate, case_order=case_ids, mode=mode, seed=seed, scope=scope)
+    # per-case frames (not one dict per row: the table may hold 10^6 lesions)
+    empty = table.iloc[:0]
+    groups = dict(iter(table.groupby("case_id", sort=False)))
+    remove_by_case: dict[str, list[int]] = {cid: [] for cid in case_ids}
+    for cid, lid in zip(chosen["case_id"], chosen["lesion_id"]):
+        remove_by_case[cid].append(int(lid))
+    return [
+        dask.delayed(_censor_case, pure=False)(
+            store, cid, source, name, version, groups.get(cid, empty), remove_by_case[cid]
+        )
+        for cid in case_ids
+    ]
 
 
 def present_lesions(table: pd.DataFrame, case_ids: Sequence[str]) -> pd.DataFrame:

@@ -42,6 +42,7 @@ from noisyseg.storage.layout import (
     lesions_rel,
 )
 from noisyseg.storage.store import VolumeStore
+from noisyseg.storage.writer import case_dirs
 
 SCHEDULERS = ("threads", "processes", "synchronous")
 
@@ -113,7 +114,7 @@ def _store_problems(store: VolumeStore) -> tuple[list[str], list[str]]:
             store.files.read_parquet(lesions_rel(name, store.catalog.version(name)))
         except StoreDamageError as exc:
             problems.append(f"label set {name}: {exc.problem}")
-    present = set(store.files.list_names(CASES_DIR))
+    present = set(case_dirs(store))
     problems += [
         f"case {cid}: indexed but its group cases/{cid} is missing"
         for cid in ids

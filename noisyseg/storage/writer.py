@@ -9,6 +9,7 @@ rely on a commit record written last (the case's index entry, the set's registry
 from __future__ import annotations
 
 import os
+import posixpath
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ import zarr
 from noisyseg.errors import NoisysegInputError
 from noisyseg.lesions import lesion_table_rows
 from noisyseg.storage import validate as V
-from noisyseg.storage.atomic import TMP_PREFIX, publish_dir, recover_dir, token
+from noisyseg.storage.atomic import OLD_PREFIX, TMP_PREFIX, publish_dir, recover_dir, token
 from noisyseg.storage.integrity import integrity_attrs, write_manifest
 from noisyseg.storage.layout import (
     CASES_DIR,
@@ -242,14 +243,17 @@ def case_entry(
 
 
 def _set_ome_labels(store: VolumeStore, case_id: str, add: str | None, drop: str | None) -> None:
-    """Add/remove a group name in the case's OME ``labels`` list (per-case, task-safe)."""
-    group = zarr.open_group(store=store.zstore, path=f"{CASES_DIR}/{case_id}/labels", mode="r+")
-    ome = dict(group.attrs.get("ome", {"version": OME_VERSION}))
+    """Add/remove a group name in the case's OME ``labels`` list (per-case, task-safe; the
+    group's ``zarr.json`` is replaced atomically, so a kill never truncates it)."""
+    rel = f"{CASES_DIR}/{case_id}/labels/zarr.json"
+    doc = store.files.read_json(rel)
+    ome = dict(doc.get("attributes", {}).get("ome", {"version": OME_VERSION}))
     names = [n for n in ome.get("labels", []) if n != drop]
     if add is not None and add not in names:
         names.append(add)
     ome["labels"] = names
-    group.attrs["ome"] = ome
+    doc.setdefault("attributes", {})["ome"] = ome
+    store.files.write_json(rel, doc)
 
 
 def write_label_version(
@@ -346,28 +350,56 @@ def register_label_set(
 
 def cleanup_label_versions(store: VolumeStore, name: str) -> int:
     """Remove every version of set ``name`` other than the registered one: masks and lesion
-    tables left by a replaced version or an interrupted overwrite (driver-side, no writer of
-    the set running). An unregistered set loses all its versioned groups; unversioned groups
-    (the original layout) are kept. Returns how many case groups were removed."""
+    tables left by a replaced version or an interrupted overwrite, and staging leftovers
+    (driver-side, no writer of the set running). The unversioned group and table (original
+    layout) are removed only once a version is registered. Returns how many case groups were
+    removed."""
     if name == TRUTH:
         return 0
-    current = label_group_name(name, store.catalog.version(name))
+    version = store.catalog.version(name)
+    current = label_group_name(name, version)
     removed = 0
-    for cid in store.files.list_names(CASES_DIR):
-        for group in label_groups_of(store, cid, name):
-            if group != current and VERSION_SEP in group:
+    for cid in case_dirs(store):
+        if store.files.local:  # a publish killed between its renames: put the old group back
+            recover_dir(store.files.path(f"{CASES_DIR}/{cid}/labels/{current}"))
+        for group in label_groups_of(store, cid, name, hidden=True):
+            stale = VERSION_SEP in group or version is not None or group.startswith(".")
+            if group != current and stale:
                 remove_label_group(store, cid, group)
                 removed += 1
     for rel in store.catalog.stale_lesion_tables(name):
-        if VERSION_SEP in rel:
+        if VERSION_SEP in rel or version is not None:
             store.files.remove(rel)
     return removed
 
 
-def label_groups_of(store: VolumeStore, case_id: str, name: str) -> list[str]:
-    """Groups of set ``name`` (any version) present in a case's ``labels`` folder."""
-    found = store.files.list_names(f"{CASES_DIR}/{case_id}/labels")
-    return [g for g in found if g == name or g.startswith(f"{name}{VERSION_SEP}")]
+def case_dirs(store: VolumeStore) -> list[str]:
+    """Case groups present under ``cases/`` (indexed or not)."""
+    return [n for n in store.files.list_names(CASES_DIR) if n != "zarr.json"]
+
+
+def _group_of(name: str, group: str) -> bool:
+    return group == name or group.startswith(f"{name}{VERSION_SEP}")
+
+
+def label_groups_of(store: VolumeStore, case_id: str, name: str, hidden: bool = False) -> list[str]:
+    """Groups of set ``name`` (any version) in a case's ``labels`` folder; with ``hidden``
+    also staging leftovers (``.tmp-<group>-<token>``, ``.old-<group>-<token>``)."""
+    rel = f"{CASES_DIR}/{case_id}/labels"
+    if not hidden:
+        return [g for g in store.files.list_names(rel) if _group_of(name, g)]
+    try:
+        entries = store.fs.ls(store.files.path(rel), detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for g in sorted(posixpath.basename(str(e).rstrip("/")) for e in entries):
+        if g.startswith((TMP_PREFIX, OLD_PREFIX)):
+            if _group_of(name, g.split("-", 1)[1].rsplit("-", 1)[0]):
+                out.append(g)
+        elif _group_of(name, g):
+            out.append(g)
+    return out
 
 
 def remove_label_group(store: VolumeStore, case_id: str, group: str) -> None:
