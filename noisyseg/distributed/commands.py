@@ -7,6 +7,7 @@ import signal
 from typing import Any
 
 from noisyseg.distributed.config import add_config_arguments, check_against_store, config_from_args
+from noisyseg.errors import NoisysegInputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +38,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="show Ray's and MLflow's own output on the terminal",
     )
+    parser.add_argument(
+        "--register",
+        metavar="NAME",
+        default=None,
+        help="register the final model in the MLflow Model Registry as a new version of NAME "
+        "(see `noisyseg register`)",
+    )
+    parser.add_argument(
+        "--alias", default=None, help="with --register: point this alias (e.g. champion) at it"
+    )
     parser.set_defaults(func=_train)
 
 
@@ -55,6 +66,17 @@ def _train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     info = check_against_store(config)  # bad input fails here, before any Ray work
+    if args.register:
+        from noisyseg.distributed.registry import check_registry_names, register_run
+
+        check_registry_names(args.register, args.alias)
+    elif args.alias:
+        raise NoisysegInputError("--alias needs --register NAME")
     _stop_on_sigterm()
-    run_training(config, store_info=info, force_new=args.force_new, verbose=args.verbose)
+    outcome = run_training(config, store_info=info, force_new=args.force_new, verbose=args.verbose)
+    if args.register:
+        done = register_run(
+            outcome.run_id, args.register, alias=args.alias, tracking_uri=outcome.tracking_uri
+        )
+        print(f"[noisyseg train] registered as {done.uri} (version {done.version})")
     return 0

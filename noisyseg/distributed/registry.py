@@ -269,9 +269,7 @@ def register_run(
         NoisysegInputError: unknown run, a run without ``checkpoint/final.pt``, a bad name.
     """
 
-    _check_name(name, "model name")
-    if alias is not None:
-        _check_name(alias, "alias")
+    check_registry_names(name, alias)
     uri = tracking_uri or resolve_tracking_uri()
     model_uri = log_pyfunc(run_id, uri, threshold=threshold)
     mlflow.set_tracking_uri(uri)
@@ -283,15 +281,23 @@ def register_run(
     return Registration(name, str(version.version), alias, run_id, model_uri)
 
 
-def _check_name(value: str, what: str) -> None:
+def check_registry_names(name: str, alias: str | None = None) -> None:
+    """A registered model name and alias the registry accepts (checked before any work).
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value or ""):
-        raise NoisysegInputError(
-            f"{what} {value!r} must be letters, digits, '.', '_', '-' (starting with a letter or "
-            "digit)"
-        )
-    if what == "alias" and re.fullmatch(r"[vV]\d+|latest", value):
-        raise NoisysegInputError(f"alias {value!r} is reserved by MLflow (v<number>, latest)")
+    Raises:
+        NoisysegInputError: other characters than letters, digits, ``.``, ``_``, ``-``, or an
+            alias MLflow reserves (``latest``, ``v<number>``).
+    """
+    for value, what in ((name, "model name"), (alias, "alias")):
+        if value is None and what == "alias":
+            continue
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value or ""):
+            raise NoisysegInputError(
+                f"{what} {value!r} must be letters, digits, '.', '_', '-' (starting with a "
+                "letter or digit)"
+            )
+    if alias is not None and re.fullmatch(r"[vV]\d+|latest", alias):
+        raise NoisysegInputError(f"alias {alias!r} is reserved by MLflow (v<number>, latest)")
 
 
 # ----------------------------------------------------------------------------------------------

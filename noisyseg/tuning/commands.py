@@ -55,6 +55,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="print the best config of a finished sweep as YAML for `noisyseg train --config`",
     )
     group.add_argument(
+        "--register",
+        metavar="NAME",
+        default=None,
+        help="with --best: register the best trial's model in the MLflow Model Registry as a "
+        "new version of NAME (instead of printing its config)",
+    )
+    group.add_argument(
+        "--alias", default=None, help="with --register: point this alias (e.g. champion) at it"
+    )
+    group.add_argument(
         "--space",
         action="append",
         default=[],
@@ -146,6 +156,10 @@ def _tune(args: argparse.Namespace) -> int:
     # Ray Tune and MLflow load only when the verb runs (keeps `noisyseg --help` fast).
     from noisyseg.tuning.sweep import best_yaml_of, run_sweep
 
+    if args.register or args.alias:
+        if not args.best or not args.register:
+            raise NoisysegInputError("--register NAME [--alias A] goes with --best SWEEP")
+        return _register_best(args)
     if args.best:
         print(best_yaml_of(args.best, getattr(args, "storage_path", None)), end="")
         return 0
@@ -158,3 +172,33 @@ def _tune(args: argparse.Namespace) -> int:
             f"`noisyseg tune --best {outcome.sweep_dir}` prints its config"
         )
     return 1 if any(r["status"] == "error" for r in outcome.rows) else 0
+
+
+def _register_best(args: argparse.Namespace) -> int:
+    """Register the best trial of a finished sweep (the parent run's ``best_run_id`` tag) on the
+    sweep's tracking server: ``MLFLOW_TRACKING_URI``, else the sweep's own server, restarted on
+    its database for the call."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from noisyseg.distributed.registry import check_registry_names, register_run
+    from noisyseg.tuning.sweep import STATE_FILE, find_sweep_dir, resolve_sweep_tracking
+
+    check_registry_names(args.register, args.alias)
+    sweep_dir = find_sweep_dir(args.best, getattr(args, "storage_path", None))
+    state = json.loads((sweep_dir / STATE_FILE).read_text())
+    uri, server = resolve_sweep_tracking(sweep_dir, 1)
+    try:
+        parent = MlflowClient(uri).get_run(state["parent_run_id"])
+        run_id = parent.data.tags.get("best_run_id")
+        if not run_id:
+            raise NoisysegInputError(
+                f"sweep {args.best!r} has no best trial yet (unfinished?)", path=str(sweep_dir)
+            )
+        done = register_run(run_id, args.register, alias=args.alias, tracking_uri=uri)
+    finally:
+        if server is not None:
+            server.stop()
+    print(f"[noisyseg tune] best run {run_id} registered as {done.uri} (version {done.version})")
+    return 0
