@@ -111,6 +111,11 @@ def canonical(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(img.dataobj), img.affine
 
 
+def canonical_of(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    return np.asarray(img.dataobj), img.affine
+
+
 @pytest.fixture(scope="module")
 def msd(tmp_path_factory):
     root = tmp_path_factory.mktemp("msd") / "Task01_BrainTumour"
@@ -280,9 +285,19 @@ def test_msd_foreground_by_name_and_target_spacing(tmp_path):
         ext_dst = np.asarray(geo.stored.shape) * 2.0
         assert np.all(np.abs(ext_src - ext_dst) <= 1.0 + 1e-6), cid2
         assert store.image(cid2).shape[1:] == geo.stored.shape[::-1]
-        # the way back lands on the source grid (shape and the source's own label values)
+        # the way back lands on the source grid; where a stored voxel centre sits on a source
+        # voxel centre (every 2nd canonical voxel of the 1 mm cases) the values are the source's
         back = to_original(store.labels(cid2, SOURCE_LABELS)[:], geo)
         assert back.shape == shape
+        if MSD_CASES[cid2][1] == (1.0, 1.0, 1.0):
+            src_aff = nib.load(str(files[cid2][1])).affine
+            back_canon, _ = canonical_of(back, src_aff)
+            want_lab, _ = canonical(files[cid2][1])
+            np.testing.assert_array_equal(back_canon[sub], want_lab[sub])
+            prob = to_original(store.image(cid2)[1], geo, order=1)
+            prob_canon, _ = canonical_of(prob, src_aff)
+            want_img, _ = canonical(files[cid2][0])
+            np.testing.assert_allclose(prob_canon[sub], want_img[..., 1][sub], rtol=1e-5)
     # a resumed ingest with another foreground is refused (the truth would mix two rules)
     with pytest.raises(NoisysegInputError, match="ingested with foreground"):
         ingest_folder(root, url2, progress=False, target_spacing=(2.0, 2.0, 2.0), foreground="2")

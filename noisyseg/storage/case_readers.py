@@ -48,7 +48,7 @@ class LabelRule:
 
     def truth(self, label: np.ndarray, *, case: str, path: Path) -> np.ndarray:
         """Binary ``(*S)`` uint8 lesion mask of an integer label map; checks listed values."""
-        values = np.unique(label)
+        values = present_values(label)
         if self.names:
             unlisted = [int(v) for v in values if int(v) not in self.names]
             if unlisted:
@@ -257,8 +257,13 @@ def load_nifti_case(spec: CaseSpec, options: NiftiOptions) -> dict[str, Any]:
     return out
 
 
+def present_values(label: np.ndarray) -> np.ndarray:
+    """Sorted values present in a uint8/uint16 label map (a histogram: faster than a sort)."""
+    return np.flatnonzero(np.bincount(label.ravel(), minlength=1))
+
+
 def _class_names(label: np.ndarray, rule: LabelRule) -> dict[int, str]:
-    return {int(v): rule.names.get(int(v), f"label {int(v)}") for v in np.unique(label)}
+    return {int(v): rule.names.get(int(v), f"label {int(v)}") for v in present_values(label)}
 
 
 # --------------------------------------------------------------------------------------------

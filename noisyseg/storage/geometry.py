@@ -204,11 +204,11 @@ def to_original(volume_zyx: np.ndarray, geometry: Geometry, *, order: int = 0) -
     if tuple(data.shape) != stored.shape:
         raise ValueError(f"volume shape {data.shape[::-1]} is not the stored shape")
     ornt = canonical_transform(geometry.original.affine)
-    canon_shape = tuple(
-        int(geometry.original.shape[int(np.flatnonzero(ornt[:, 0] == a)[0])]) for a in range(3)
-    )
+    src_axis = [int(np.flatnonzero(ornt[:, 0] == a)[0]) for a in range(3)]
+    canon_shape = tuple(int(geometry.original.shape[i]) for i in src_axis)
+    canon_spacing = tuple(float(geometry.original.spacing[i]) for i in src_axis)
     canon_affine = geometry.original.affine @ ornt_mod.inv_ornt_aff(ornt, geometry.original.shape)
-    canon = make_grid(canon_shape, canon_affine, stored.spacing)
+    canon = make_grid(canon_shape, canon_affine, canon_spacing)
     if canon.shape != stored.shape or not np.allclose(canon.affine, stored.affine, atol=1e-6):
         data = resample(data, stored, canon, order=order)
     back = ornt_mod.apply_orientation(

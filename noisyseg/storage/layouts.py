@@ -486,11 +486,8 @@ def discover(src: str | os.PathLike) -> Layout:
         raise NoisysegInputError("source folder does not exist or is not a folder", path=str(root))
     if not visible_files(root):
         raise NoisysegInputError("empty folder (no files to ingest)", path=str(root))
-    if (
-        (root / "imagesTr").is_dir()
-        or (root / "dataset.json").exists()
-        and not is_brats_folder(root)
-    ):
+    nnunet = (root / "imagesTr").is_dir()
+    if nnunet or ((root / "dataset.json").exists() and not is_brats_folder(root)):
         layout = discover_nnunet(root)
     elif is_brats_folder(root):
         layout = discover_brats(root)
