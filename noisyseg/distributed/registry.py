@@ -48,7 +48,7 @@ from noisyseg.distributed.inference import (
     model_from_checkpoint,
     roi_from_config,
 )
-from noisyseg.distributed.scan_inputs import Preprocessing
+from noisyseg.distributed.scan_inputs import CANONICAL, Preprocessing
 from noisyseg.distributed.scan_prediction import predict_raw_volume
 from noisyseg.distributed.tracking import resolve_tracking_uri
 from noisyseg.errors import NoisysegInputError
@@ -69,24 +69,24 @@ STEP_TAG = "noisyseg.step"
 
 
 def _store_geometry(store_url: str | None) -> dict[str, Any]:
-    """Channel names, canonical orientation and target spacing recorded by the training store
-    (empty when the store cannot be opened: the model then carries what the checkpoint knows)."""
+    """Channel names, canonical orientation and target spacing of the training store, from
+    what ingest recorded with its ``truth`` set (``source`` ``ingest``, ``layout`` nnunet/brats:
+    NIfTI cases reoriented to RAS; ``target_spacing``). Empty when the store cannot be opened:
+    the model then carries what the checkpoint knows."""
     if not store_url:
         return {}
-
     try:
         store = VolumeStore.open(store_url)
+        params = dict(store.label_set_info("truth").get("params") or {})
     except (NoisysegInputError, OSError, ValueError):
         return {}
-    meta = dict(getattr(store, "metadata", None) or getattr(store, "_meta", {}) or {})
-    out: dict[str, Any] = {"channel_names": list(store.channel_names)}
-    orientation = meta.get("orientation") or meta.get("canonical_orientation")
-    if isinstance(orientation, (list, tuple)):
-        orientation = "".join(str(c) for c in orientation)
-    out["orientation"] = orientation or None
-    spacing = meta.get("target_spacing")
-    out["target_spacing"] = tuple(float(s) for s in spacing) if spacing else None
-    return out
+    nifti = params.get("source") == "ingest" and params.get("layout") in ("nnunet", "brats")
+    spacing = params.get("target_spacing")
+    return {
+        "channel_names": list(store.channel_names),
+        "orientation": CANONICAL if nifti else None,
+        "target_spacing": tuple(float(s) for s in spacing) if spacing else None,
+    }
 
 
 def preprocessing_for(checkpoint: dict[str, Any], *, threshold: float = 0.5) -> Preprocessing:
