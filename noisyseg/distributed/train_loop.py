@@ -52,6 +52,7 @@ from noisyseg.distributed.tracking import (
     RankZeroLogger,
     finish_run,
     pr_curve_figure,
+    run_status,
     scalar_metrics,
     validation_slice_figure,
 )
@@ -402,7 +403,16 @@ class MetricLog:
             self.logger.log_metrics(fresh, step)
 
     def close(self, tracking_uri: str, run_id: str, status: str, reason: str) -> None:
-        """End the run with ``status`` and the tag ``noisyseg.end_reason`` = ``reason``."""
+        """End the run with ``status`` and the tag ``noisyseg.end_reason`` = ``reason``.
+
+        A run the launcher already ended (Ctrl-C: KILLED, "interrupted") keeps its verdict when
+        the workers stop because the launcher is gone: the launcher knew why.
+        """
+        if status == "KILLED":
+            current = run_status(tracking_uri, run_id)
+            if current != "RUNNING":
+                self.logger.close(current)
+                return
         self.logger.close(status)
         finish_run(tracking_uri, run_id, status, reason=reason)
 
