@@ -19,7 +19,6 @@ path) moves it back.
 from __future__ import annotations
 
 import os
-import posixpath
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -131,7 +130,8 @@ def replace_store(
     ``<parent>/.tmp-<name>-<token>``) and returns anything (passed back). Then the old store is
     renamed aside, the new one renamed to ``url`` and the old one removed (:func:`publish_dir`).
     A kill during ``build`` leaves the old store untouched (the staging copy is an orphan that
-    the next replacement does not reuse); a failure removes the staging copy.
+    the next replacement removes first, :func:`remove_staging_leftovers`); a failure removes the
+    staging copy.
 
     Local stores only: an object store has no rename of a prefix, so replacing one in a single
     step is impossible (``NotImplementedError``; write to a new URL instead).
@@ -145,19 +145,25 @@ def replace_store(
     final = os.path.abspath(root.rstrip("/") or "/")
     os.makedirs(os.path.dirname(final), exist_ok=True)
     recover_dir(final)
+    remove_staging_leftovers(final)
     with staged_dir(final) as staged:
         result = build(staged)
     return result
 
 
-def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """Remove ``path`` (a folder or a prefix) if it exists."""
+def remove_staging_leftovers(final: str) -> int:
+    """Remove staging copies of ``final`` left by killed builds (``.tmp-<name>-<token>``
+    siblings; local paths). Returns how many were removed."""
+    parent, base = os.path.split(final.rstrip("/"))
     try:
-        fs.rm(path.rstrip("/"), recursive=True)
-    except FileNotFoundError:
-        pass
-
-
-def join(root: str, rel: str) -> str:
-    """``root/rel`` with POSIX separators (fsspec paths)."""
-    return posixpath.join(root, rel) if rel else root
+        names = os.listdir(parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    stale = [n for n in names if n.startswith(f"{TMP_PREFIX}{base}-")]
+    for name in stale:
+        path = os.path.join(parent, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+    return len(stale)

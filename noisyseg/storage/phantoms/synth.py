@@ -9,6 +9,7 @@ import numpy as np
 
 from noisyseg.errors import NoisysegInputError
 from noisyseg.storage import validate as V
+from noisyseg.storage.atomic import replace_store
 from noisyseg.storage.ingest import progress_bar
 from noisyseg.storage.layout import TRUTH
 from noisyseg.storage.phantoms.brain import brain_mets_case
@@ -93,6 +94,9 @@ def synth_store(
     ``label`` (*S) uint8, ``spacing`` (mm), ``channel_names``, ``affine``. Re-running with the
     same parameters resumes (cases already in the store are skipped); other parameters on an
     existing store need ``overwrite``.
+    existing store need ``overwrite``, which builds the new store beside the old one and swaps
+    it in at the end (:func:`noisyseg.storage.atomic.replace_store`; a kill leaves the complete
+    old store).
     """
     if kind not in SYNTH_KINDS:
         raise NoisysegInputError(f"--kind must be one of {', '.join(SYNTH_KINDS)}, got {kind!r}")
@@ -104,12 +108,6 @@ def synth_store(
         clean_fraction=clean_fraction,
     )
     opts = dict(generator_opts or {})
-    if generator is None:
-        fn = brain_mets_case if kind == "brain-mets" else skin_case
-
-        def generator(case_seed: int) -> Any:
-            return fn(case_seed, **opts)
-
     params = {
         "kind": kind,
         "cases": int(cases),
@@ -119,57 +117,100 @@ def synth_store(
         "clean_fraction": float(clean_fraction),
         "generator_opts": opts,
     }
-    store = None
-    if not overwrite:
-        try:
-            store = VolumeStore.open(store_url, "r+")
-        except NoisysegInputError:
-            store = None
-    if store is not None:
-        try:
-            old = store.files.read_json(SYNTH_META)
-        except FileNotFoundError:
-            old = None
-        if old != params:
-            raise NoisysegInputError(
-                "store exists with other contents or synth parameters (pass --overwrite to replace it)",
-                path=str(store_url),
-            )
-        store.cleanup_staging()
-    done = set(store.case_ids()) if store is not None else set()
-    written = []
-    bar = progress_bar("synth", enabled=progress)
-    with bar:
-        task = bar.add_task(kind, total=cases)
-        for i in range(cases):
-            cid = f"{kind}-{i:05d}"
-            if cid in done:
+    job = _SynthJob(params, splits, clean, generator or _default_generator(kind, opts), progress)
+    if overwrite and _is_local_store(store_url):
+        return replace_store(store_url, lambda staged: job.run(staged, None))
+    return job.run(store_url, None if overwrite else _resumable(store_url, params))
+
+
+def _default_generator(kind: str, opts: dict[str, Any]) -> Callable[[int], Any]:
+    fn = brain_mets_case if kind == "brain-mets" else skin_case
+    return lambda case_seed: fn(case_seed, **opts)
+
+
+def _is_local_store(url: str) -> bool:
+    """True when ``url`` is an existing local noisyseg store (replaced atomically)."""
+    try:
+        store = VolumeStore.open(url)
+    except NoisysegInputError:
+        return False
+    return store.files.local
+
+
+def _resumable(store_url: str, params: dict[str, Any]) -> VolumeStore | None:
+    """The existing store at ``store_url`` when it was made with the same ``params`` (None when
+    there is none); other contents or parameters raise."""
+    try:
+        store = VolumeStore.open(store_url, "r+")
+    except NoisysegInputError:
+        return None
+    try:
+        old = store.files.read_json(SYNTH_META)
+    except FileNotFoundError:
+        old = None
+    if old != params:
+        raise NoisysegInputError(
+            "store exists with other contents or synth parameters (pass --overwrite to replace it)",
+            path=str(store_url),
+        )
+    store.cleanup_staging()
+    return store
+
+
+class _SynthJob:
+    """The cases of one ``synth`` run (seeds, splits, clean flags), written into a store."""
+
+    def __init__(
+        self,
+        params: dict[str, Any],
+        splits: list[str],
+        clean: list[bool],
+        generator: Callable[[int], Any],
+        progress: bool,
+    ) -> None:
+        self.params, self.splits, self.clean = params, splits, clean
+        self.generator, self.progress = generator, progress
+        self.kind, self.seed = params["kind"], int(params["seed"])
+
+    def run(self, store_url: str, store: VolumeStore | None) -> list[str]:
+        """Write the cases not yet in ``store`` (None: create the store at ``store_url``,
+        replacing one there) and compact; returns the ids written."""
+        done = set(store.case_ids()) if store is not None else set()
+        written = []
+        with progress_bar("synth", enabled=self.progress) as bar:
+            task = bar.add_task(self.kind, total=len(self.splits))
+            for i in range(len(self.splits)):
+                cid = f"{self.kind}-{i:05d}"
+                if cid not in done:
+                    store = self._write(store_url, store, i, cid)
+                    written.append(cid)
                 bar.advance(task)
-                continue
-            case = generator(seed * SEED_STRIDE + i)
-            image = np.asarray(case.image, dtype=np.float32)
-            if store is None:
-                store = VolumeStore.create(
-                    store_url,
-                    spatial_dims=image.ndim - 1,
-                    channel_names=list(case.channel_names),
-                    overwrite=overwrite,
-                    attrs={"synth": params},
-                    truth_params={"source": "synth", "kind": kind, "seed": int(seed)},
-                )
-                store.files.write_json(SYNTH_META, params)
-            store.write_case(
-                cid,
-                image,
-                {TRUTH: np.asarray(case.label)},
-                spacing=tuple(case.spacing),
-                affine=_zyx_affine_to_xyz(getattr(case, "affine", None)),
-                split=splits[i],
-                clean=clean[i],
-                source=f"synth:{kind}:seed={seed * SEED_STRIDE + i}",
+        assert store is not None
+        store.compact()
+        return written
+
+    def _write(self, store_url: str, store: VolumeStore | None, i: int, cid: str) -> VolumeStore:
+        case_seed = self.seed * SEED_STRIDE + i
+        case = self.generator(case_seed)
+        image = np.asarray(case.image, dtype=np.float32)
+        if store is None:
+            store = VolumeStore.create(
+                store_url,
+                spatial_dims=image.ndim - 1,
+                channel_names=list(case.channel_names),
+                overwrite=True,
+                attrs={"synth": self.params},
+                truth_params={"source": "synth", "kind": self.kind, "seed": self.seed},
             )
-            written.append(cid)
-            bar.advance(task)
-    assert store is not None
-    store.compact()
-    return written
+            store.files.write_json(SYNTH_META, self.params)
+        store.write_case(
+            cid,
+            image,
+            {TRUTH: np.asarray(case.label)},
+            spacing=tuple(case.spacing),
+            affine=_zyx_affine_to_xyz(getattr(case, "affine", None)),
+            split=self.splits[i],
+            clean=self.clean[i],
+            source=f"synth:{self.kind}:seed={case_seed}",
+        )
+        return store
