@@ -40,9 +40,16 @@ from noisyseg.storage.normalise import channel_stats
 if TYPE_CHECKING:
     from noisyseg.storage.store import VolumeStore
 
-#: Test hook: seconds :meth:`VolumeStore.write_case` sleeps between writing the arrays and
-#: committing the case, so a test can kill a writer in the middle of a case.
+#: Test hook: seconds a case or label-set writer sleeps between writing its arrays and
+#: publishing them, so a test can kill a writer in the middle of a case.
 PAUSE_ENV = "NOISYSEG_TEST_PAUSE_BEFORE_COMMIT"
+
+
+def _test_pause() -> None:
+    """Sleep :data:`PAUSE_ENV` seconds when set (tests only)."""
+    pause = os.environ.get(PAUSE_ENV)
+    if pause:
+        time.sleep(float(pause))
 
 
 def write_array(
@@ -206,9 +213,7 @@ def stage_case(store: VolumeStore, case_id: str) -> str:
 def publish_case(store: VolumeStore, staged_rel: str, case_id: str) -> None:
     """Move a staged case group to ``cases/<id>`` (local; replaces an unindexed leftover or the
     case being overwritten). The test hook :data:`PAUSE_ENV` sleeps first."""
-    pause = os.environ.get(PAUSE_ENV)
-    if pause:  # test hook: lets a test kill the writer with the arrays written, uncommitted
-        time.sleep(float(pause))
+    _test_pause()
     final = f"{CASES_DIR}/{case_id}"
     if store.files.local and staged_rel != final:
         publish_dir(store.files.path(staged_rel), store.files.path(final))
@@ -275,6 +280,7 @@ def write_label_version(
         write_label_group(
             store, labels_rel, staged, label, display_name=name, spacing=spacing, affine=affine
         )
+        _test_pause()
         publish_dir(store.files.path(f"{labels_rel}/{staged}"), final)
     else:
         write_label_group(
