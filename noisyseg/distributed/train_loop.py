@@ -22,7 +22,6 @@ KILLED with a ``noisyseg.end_reason`` tag, and all ranks return.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -31,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -45,22 +43,21 @@ from noisyseg.distributed.checkpoints import (
 )
 from noisyseg.distributed.config import StoreInfo, TrainConfig
 from noisyseg.distributed.contexts import LocalContext, RayContext, WorkerContext
-from noisyseg.distributed.inference import evaluate_cases
 from noisyseg.distributed.progress import ProgressRecord, ProgressSender
 from noisyseg.distributed.resume import logged_high_water
-from noisyseg.distributed.tracking import (
-    RankZeroLogger,
-    finish_run,
-    pr_curve_figure,
-    run_status,
-    scalar_metrics,
-    validation_slice_figure,
+from noisyseg.distributed.tracking import RankZeroLogger, finish_run, run_status
+from noisyseg.distributed.training_step import (
+    StepOutput,
+    continue_schedule,
+    lr_factor,
+    make_optimizer,
+    make_scheduler,
+    make_step_loss,
+    train_step,
 )
-from noisyseg.losses import make_loss
-from noisyseg.models import UNetSpec, autocast, build_unet, init_output_bias, unwrap_model
-from noisyseg.reweight import meta_reweighted_step
+from noisyseg.distributed.validation import validate
+from noisyseg.models import UNetSpec, build_unet, init_output_bias
 from noisyseg.storage.patches import make_train_loaders
-from noisyseg.storage.store import VolumeStore
 
 __all__ = [
     "LocalContext",
@@ -74,114 +71,6 @@ __all__ = [
     "train_loop_per_worker",
     "train_step",
 ]
-
-
-# ---------------------------------------------------------------------------------- building blocks
-def make_optimizer(config: TrainConfig, parameters: Any) -> torch.optim.Optimizer:
-    """nnU-Net's SGD (Nesterov, momentum 0.99, wd 3e-5) or AdamW, at ``config.lr``."""
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            parameters,
-            lr=config.lr,
-            momentum=config.momentum,
-            nesterov=config.nesterov and config.momentum > 0,
-            weight_decay=config.weight_decay,
-        )
-    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def lr_factor(config: TrainConfig, step: int) -> float:
-    """Multiplier of the initial LR after ``step`` completed steps.
-
-    poly: ``(1 - step/steps) ** poly_exponent`` (nnU-Net); cosine: ``(1 + cos(pi step/steps))/2``;
-    constant: 1.
-    """
-    fraction = min(max(step / config.steps, 0.0), 1.0)
-    if config.lr_schedule == "poly":
-        return (1.0 - fraction) ** config.poly_exponent
-    if config.lr_schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * fraction))
-    return 1.0
-
-
-def make_scheduler(
-    config: TrainConfig, optimizer: torch.optim.Optimizer
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` of :func:`lr_factor`, stepped once per optimiser step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
-
-
-def make_step_loss(config: TrainConfig) -> nn.Module:
-    """The configured loss with ``reduction="mean"`` (per-voxel form used by reweighting)."""
-    return make_loss(
-        config.loss,
-        entropy_weight=config.entropy_weight,
-        beta=config.beta,
-        mode=config.mode,
-        reduction="mean",
-    )
-
-
-@dataclass
-class StepOutput:
-    """What one optimiser step reports. Losses in nats per voxel."""
-
-    loss: float
-    extra: dict[str, float]
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    config: TrainConfig,
-    clean: tuple[torch.Tensor, torch.Tensor] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> StepOutput:
-    """One optimiser step on a batch (``images (B, C, *P)``, ``labels (B, 1, *P)``).
-
-    Standard losses: mean loss over every voxel of this rank's batch, backward (DDP averages the
-    gradients over ranks, so the update equals one step on the concatenated batch), step.
-    ``reweight=meta|meta-head``: :func:`noisyseg.reweight.meta_reweighted_step` with the clean
-    batch ``clean = (images, labels)``.
-    """
-    if config.reweight != "none":
-        if clean is None:
-            raise ValueError("meta reweighting needs a clean batch")
-        result = meta_reweighted_step(
-            model,
-            optimizer,
-            images,
-            labels,
-            clean[0],
-            clean[1],
-            loss=loss_fn,
-            inner_lr=config.inner_lr,
-            method="head" if config.reweight == "meta-head" else "fast",
-        )
-        return StepOutput(
-            result.loss,
-            {
-                "train/unweighted_loss": result.unweighted_loss,
-                "train/clean_loss": result.clean_loss,
-                "train/positive_weight_fraction": result.positive_fraction,
-            },
-        )
-    optimizer.zero_grad(set_to_none=True)
-    with autocast(images.device, config.amp):
-        logits = model(images)
-    loss = loss_fn(logits.float(), labels)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    return StepOutput(float(loss.detach()), {})
 
 
 # ---------------------------------------------------------------------------------- the job
@@ -281,23 +170,6 @@ def find_restore(context: WorkerContext, run_dir: Path | None) -> tuple[dict, st
     if not candidates:
         return None
     return max(candidates, key=lambda item: int(item[0]["step"]))
-
-
-def continue_schedule(
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    config: TrainConfig,
-    step: int,
-) -> None:
-    """Make the restored LR schedule follow the *current* config from ``step`` on.
-
-    ``steps`` may have been raised to continue a run: the saved optimiser LR belongs to the old
-    schedule, so the base LR and the current LR are set from ``config`` (``lr * lr_factor``).
-    """
-    scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["initial_lr"] = config.lr
-        group["lr"] = config.lr * lr_factor(config, step)
 
 
 def restore_state(state: TrainingState, payload: dict[str, Any], config: TrainConfig) -> None:
@@ -488,62 +360,23 @@ class StepLog:
 
 
 # ---------------------------------------------------------------------------------- validation
-def validate(
+def validate_and_log(
     model: nn.Module,
     job: WorkerJob,
     device: torch.device,
     metric_log: MetricLog | None,
     step: int,
 ) -> dict[str, float]:
-    """Sliding-window validation on a few cases (rank 0); logs metrics and the two figures."""
-    config, info = job.config, job.info
-    store = VolumeStore.open(config.store)
-    net = unwrap_model(model)
-    was_training = net.training
-    net.eval()
-    try:
-        result = evaluate_cases(
-            net,
-            store,
-            info.val_case_ids,
-            label_set=config.val_labels,
-            roi_size=tuple(info.patch_shape),
-            overlap=config.val_overlap,
-            sw_batch_size=config.val_sw_batch_size,
-            device=str(device),
-            amp=config.amp,
-            keep_probabilities=metric_log is not None,
-        )
-    finally:
-        net.train(was_training)
-    metrics = scalar_metrics(result.metrics, "val/")
+    """Rank 0's validation (:func:`~noisyseg.distributed.validation.validate`); metrics and
+    figures logged to MLflow when there is a run."""
+    metrics, figures = validate(
+        model, job.config, job.info, device, step=step, figures=metric_log is not None
+    )
     if metric_log is not None:
         metric_log.log(metrics, step)
-        _log_validation_figures(metric_log.logger, store, config, result, step)
+        for figure, artifact in figures:
+            metric_log.logger.log_figure(figure, artifact)
     return metrics
-
-
-def _log_validation_figures(
-    logger: RankZeroLogger, store: Any, config: TrainConfig, result: Any, step: int
-) -> None:
-    """The slice with most lesion of the most lesioned case, and the lesion PR curve."""
-    probabilities = result.probabilities or {}
-    if probabilities:
-        truths = {c: np.asarray(store.labels(c, config.val_labels)[...]) for c in probabilities}
-        case = max(truths, key=lambda c: int(truths[c].sum()))
-        noisy = None
-        if config.labels != config.val_labels and config.labels in store.case_label_sets(case):
-            noisy = np.asarray(store.labels(case, config.labels)[...])
-        figure = validation_slice_figure(
-            np.asarray(store.image(case)[...]),
-            truths[case],
-            probabilities[case],
-            noisy=noisy,
-            title=f"{case} step {step}",
-        )
-        logger.log_figure(figure, "figures/validation_slice.png")
-    figure = pr_curve_figure(result.metrics.get("pr_curve"), title=f"lesion PR, step {step}")
-    logger.log_figure(figure, "figures/pr_curve.png")
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -665,7 +498,7 @@ def end_of_step(
             progress.reason = stop_for_lost_launcher(state, job, rank, step)
             return False
     if rank == 0 and config.val_cases > 0 and _due(step, config.val_interval, config.steps):
-        val = validate(state.model, job, context.device(), metric_log, step)
+        val = validate_and_log(state.model, job, context.device(), metric_log, step)
         progress.metrics.update(val)
         log.note(step, f"step {step} validation { {k: round(v, 4) for k, v in val.items()} }")
     if step == config.steps and metric_log is not None:
