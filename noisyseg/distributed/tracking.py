@@ -348,10 +348,11 @@ class RankZeroLogger:
         import monai
         import torch
 
+        from noisyseg.distributed.checkpoints import FINAL_ARTIFACT_DIR, save_final_model
+
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "final.pt"
-            torch.save(payload, path)
-            self._mlflow.log_artifact(str(path), artifact_path="checkpoint")
+            path = save_final_model(tmp, payload)
+            self._mlflow.log_artifact(str(path), artifact_path=FINAL_ARTIFACT_DIR)
         # "pickle" needs no input example (the "pt2" default traces the graph); explicit
         # requirements skip MLflow's slow import-capturing subprocess.
         mlflow.pytorch.log_model(
