@@ -5,11 +5,15 @@ work starts:
 
 1. field by field and across fields by pydantic (:meth:`TrainConfig.model_validate`), e.g. rates
    in ``[0, 1]``, ``clean_fraction`` xor ``clean_count`` when ``reweight != "none"``, AMP only on GPU;
+   local paths (``store``, ``storage_path``) become absolute where they are typed (Ray Train V2
+   runs workers in the run folder);
 2. against the store (:func:`check_against_store`): the store opens, the label set and the
    validation split exist, the clean subset fits, the patch matches the store's dimensionality and
-   the network's downsampling.
+   the network's downsampling and is no larger than the smallest training volume (refused, not
+   clamped: the error names the largest patch that fits).
 
-Every failure is a :class:`~noisyseg.errors.NoisysegInputError` (one line).
+Every failure is a :class:`~noisyseg.errors.NoisysegInputError` (one line). The launcher
+(:mod:`.trainer`) and the workers trust a config that passed both.
 
 Command line: :func:`add_config_arguments` derives a flag from every field (``entropy_weight`` ->
 ``--entropy-weight``, booleans ``--gpu/--no-gpu``, tuples take several values); flags given on
@@ -80,6 +84,23 @@ class TrainConfig(BaseModel):
         "(clean_fraction/clean_count), e.g. the clean-only baseline",
     )
     inner_lr: float = Field(1.0, gt=0.0, description="virtual-step learning rate (alpha)")
+    # the clean stream (defaults = noisyseg.storage.patches.DEFAULT_CLEAN_*, test_patches checks)
+    clean_min_cases: int = Field(
+        3, ge=1, description="fewest clean cases a clean_fraction subset gets (when flagged)"
+    )
+    clean_batch_size: int | None = Field(
+        None, ge=1, description="clean patches per worker per step (default, minimum: batch_size)"
+    )
+    clean_foreground_fraction: float = Field(
+        2 / 3, ge=0.0, le=1.0, description="fraction of clean patches centred on a lesion"
+    )
+    clean_foreground_sampling: Literal["lesion", "voxel"] = Field(
+        "voxel", description="clean lesion-centred patches: by lesion or by lesion voxel"
+    )
+    class_balanced_clean: bool = Field(
+        False,
+        description="deviation from the papers: class-balanced clean BCE instead of mean BCE",
+    )
 
     # --- network (spatial_dims and in_channels come from the store)
     channels: tuple[int, ...] = Field((16, 32, 64, 128), description="feature maps per level")
@@ -187,6 +208,16 @@ class TrainConfig(BaseModel):
             )
         if self.clean_fraction is not None and self.clean_count is not None:
             raise ValueError("clean_fraction and clean_count are mutually exclusive; give one")
+        if self.reweight != "none" and self.loss == "dicebce":
+            raise ValueError(
+                f"reweight={self.reweight} needs a voxel-separable loss (bce, bootstrap or "
+                "lopsided): dicebce spreads a per-sample Dice term over the voxels"
+            )
+        if self.clean_batch_size is not None and self.clean_batch_size < self.batch_size:
+            raise ValueError(
+                f"clean_batch_size ({self.clean_batch_size}) must be >= batch_size "
+                f"({self.batch_size})"
+            )
         uses_clean_subset = self.reweight != "none" or self.train_subset == "clean"
         if not uses_clean_subset and (
             self.clean_fraction is not None or self.clean_count is not None
@@ -451,6 +482,7 @@ def check_against_store(config: TrainConfig) -> StoreInfo:
             count=config.clean_count,
             seed=config.seed,
             split="train",
+            min_count=config.clean_min_cases,
         )
         if config.reweight != "none" and len(clean) >= len(train_ids):
             raise NoisysegInputError(
