@@ -264,6 +264,16 @@ class CaseIndex:
         entry = self.registry_entry(name)
         return (entry or {}).get("version") or None
 
+    def set_names(self, groups: Sequence[str]) -> list[str]:
+        """Set names of label groups (``<name>`` or ``<name>~<version>``) that are what readers
+        use: unversioned groups of unversioned sets, the registered version of the others."""
+        out: list[str] = []
+        for group in groups:
+            name, _, version = group.partition(VERSION_SEP)
+            if (self.version(name) or "") == version and name not in out:
+                out.append(name)
+        return out
+
     def write_registry_entry(self, name: str, doc: Mapping[str, Any]) -> None:
         self.files.write_json(f"{LABELSETS_DIR}/{name}.json", dict(doc))
 

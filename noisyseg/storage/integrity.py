@@ -279,17 +279,29 @@ class VerifiedStore(WrapperStore):
         rest = key[len(self._prefix) :]
         return None if rest in NOT_CHUNKS else rest
 
-    async def get(
-        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
-    ) -> Buffer | None:
-        buf = await self._store.get(key, prototype, byte_range)
+    def _checked(self, key: str, buf: Buffer | None, byte_range: ByteRequest | None) -> None:
         chunk = self._chunk_key(key)
         if chunk is None:
-            return buf
+            return
         if buf is None:
             self._manifest.check(chunk, None, self._ctx)
         elif byte_range is None:
             self._manifest.check(chunk, buf.to_bytes(), self._ctx)
         elif chunk not in self._manifest.chunks:
             raise self._ctx.damage(chunk, "is not in the array's manifest")
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        buf = await self._store.get(key, prototype, byte_range)
+        self._checked(key, buf, byte_range)
         return buf
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        key_ranges = list(key_ranges)
+        bufs = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, byte_range), buf in zip(key_ranges, bufs, strict=True):
+            self._checked(key, buf, byte_range)
+        return bufs

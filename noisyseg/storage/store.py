@@ -30,7 +30,6 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import zarr
@@ -41,6 +40,7 @@ from noisyseg.storage import validate as V
 from noisyseg.storage import writer as W
 from noisyseg.storage.atomic import is_local, token
 from noisyseg.storage.files import StoreFiles
+from noisyseg.storage.filesystems import open_filesystem
 from noisyseg.storage.index import CaseIndex, lesion_columns
 from noisyseg.storage.integrity import ArrayContext, open_verified_array
 from noisyseg.storage.layout import (
@@ -117,7 +117,7 @@ class VolumeStore:
         self.catalog = CaseIndex(self.files, self.spatial_dims)
 
     def _connect(self) -> None:
-        self.fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.fs, root = open_filesystem(self.url, self.storage_options)
         self.root = root.rstrip("/") or "/"
         self.files = StoreFiles(self.fs, self.root, self.url)
         read_only = self.mode == "r"
@@ -186,54 +186,18 @@ class VolumeStore:
         names = [str(c) for c in channel_names]
         if not names:
             raise NoisysegInputError("a store needs at least one channel name", path=str(url))
-        fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+        fs, root = open_filesystem(str(url), storage_options)
         root = root.rstrip("/") or "/"
-        cls._clear_for_create(fs, root, str(url), overwrite, storage_options)
-        meta = root_metadata(spatial_dims, names, chunk_bytes, shard_threshold_bytes, attrs)
-        if is_local(fs):
-            fs.makedirs(root, exist_ok=True)
-            zstore = zarr.storage.LocalStore(root)
-        else:
-            zstore = zarr.storage.FsspecStore.from_url(
-                str(url), storage_options=dict(storage_options or {}) or None
-            )
-        group = zarr.open_group(
-            store=zstore, mode="w", zarr_format=3, attributes={"noisyseg": meta}
+        W.clear_for_create(
+            fs, root, str(url), overwrite, lambda: cls(str(url), "r", storage_options)
         )
-        group.create_group(CASES_DIR)
+        meta = root_metadata(spatial_dims, names, chunk_bytes, shard_threshold_bytes, attrs)
+        W.create_root(fs, root, str(url), meta, storage_options)
         store = cls(str(url), "r+", storage_options)
         store.catalog.write_registry_entry(
             TRUTH, {"name": TRUTH, "params": dict(truth_params or {"source": "annotation"})}
         )
         return store
-
-    @classmethod
-    def _clear_for_create(
-        cls,
-        fs: fsspec.AbstractFileSystem,
-        root: str,
-        url: str,
-        overwrite: bool,
-        storage_options: Mapping[str, Any] | None,
-    ) -> None:
-        """Refuse a non-store or (without ``overwrite``) an existing store at ``root``;
-        remove an existing store when ``overwrite``."""
-        if not fs.exists(root):
-            return
-        existing = fs.ls(root, detail=False) if fs.isdir(root) else [root]
-        if not existing:
-            return
-        try:
-            cls(url, "r", storage_options)
-        except NoisysegInputError:
-            raise NoisysegInputError(
-                "path exists and is not a noisyseg store (refusing to overwrite)", path=url
-            ) from None
-        if not overwrite:
-            raise NoisysegInputError(
-                "store already exists (pass overwrite to replace it)", path=url
-            )
-        fs.rm(root, recursive=True)
 
     @classmethod
     def open(
@@ -359,17 +323,10 @@ class VolumeStore:
         self.catalog.write_entry(W.case_entry(cid, img, sp, split, clean, source, lesions))
 
     def cleanup_staging(self) -> int:
-        """Remove leftovers of interrupted writes under ``.staging`` (driver-side, no writer
-        running). Returns how many entries were removed."""
+        """Remove leftovers of interrupted case writes under ``.staging`` (driver-side, no
+        writer running). Returns how many entries were removed."""
         self._require_writable()
-        try:
-            entries = self.fs.ls(self.files.path(STAGING_DIR), detail=False)
-        except FileNotFoundError:
-            return 0
-        leftovers = [e for e in entries if str(e).rstrip("/").rsplit("/", 1)[-1] != "zarr.json"]
-        for e in leftovers:
-            self.fs.rm(e, recursive=True)
-        return len(leftovers)
+        return W.remove_staging(self)
 
     # ---- label sets ---------------------------------------------------------------------------
 
@@ -525,12 +482,7 @@ class VolumeStore:
             doc = self.files.read_json(f"{CASES_DIR}/{case_id}/labels/zarr.json")
         except FileNotFoundError:
             raise NoisysegInputError("case not in store", case=case_id, path=self.url) from None
-        out = []
-        for group in doc["attributes"]["ome"]["labels"]:
-            name, _, version = group.partition(VERSION_SEP)
-            if (self.catalog.version(name) or "") == version and name not in out:
-                out.append(name)
-        return out
+        return self.catalog.set_names(doc["attributes"]["ome"]["labels"])
 
     def spacing(self, case_id: str) -> tuple[float, ...]:
         """Voxel spacing in mm, store axis order (z, y, x) or (y, x)."""

@@ -11,16 +11,24 @@ from __future__ import annotations
 import os
 import posixpath
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import fsspec
 import numpy as np
 import zarr
 
 from noisyseg.errors import NoisysegInputError
 from noisyseg.lesions import lesion_table_rows
 from noisyseg.storage import validate as V
-from noisyseg.storage.atomic import OLD_PREFIX, TMP_PREFIX, publish_dir, recover_dir, token
+from noisyseg.storage.atomic import (
+    OLD_PREFIX,
+    TMP_PREFIX,
+    is_local,
+    publish_dir,
+    recover_dir,
+    token,
+)
 from noisyseg.storage.integrity import integrity_attrs, write_manifest
 from noisyseg.storage.layout import (
     CASES_DIR,
@@ -101,6 +109,68 @@ def write_label_group(
         overwrite=True,
     )
     write_array(store, f"{parent_rel}/{group_name}", label, channel_axis=False)
+
+
+# ---- the store root ------------------------------------------------------------------------
+
+
+def clear_for_create(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    url: str,
+    overwrite: bool,
+    open_existing: Callable[[], object],
+) -> None:
+    """Make way for a new store at ``root``: refuse a location that holds something other than
+    a noisyseg store (``open_existing`` raises there; never deleted, even with ``overwrite``),
+    refuse an existing store without ``overwrite``, remove it with ``overwrite``."""
+    if not fs.exists(root):
+        return
+    existing = fs.ls(root, detail=False) if fs.isdir(root) else [root]
+    if not existing:
+        return
+    try:
+        open_existing()
+    except NoisysegInputError:
+        raise NoisysegInputError(
+            "path exists and is not a noisyseg store (refusing to overwrite)", path=url
+        ) from None
+    if not overwrite:
+        raise NoisysegInputError("store already exists (pass overwrite to replace it)", path=url)
+    fs.rm(root, recursive=True)
+
+
+def create_root(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    url: str,
+    meta: Mapping[str, Any],
+    storage_options: Mapping[str, Any] | None,
+) -> None:
+    """Write the root group (``attributes["noisyseg"] = meta``) and the empty ``cases`` group."""
+    if is_local(fs):
+        fs.makedirs(root, exist_ok=True)
+        zstore = zarr.storage.LocalStore(root)
+    else:
+        zstore = zarr.storage.FsspecStore.from_url(
+            url, storage_options=dict(storage_options or {}) or None
+        )
+    group = zarr.open_group(
+        store=zstore, mode="w", zarr_format=3, attributes={"noisyseg": dict(meta)}
+    )
+    group.create_group(CASES_DIR)
+
+
+def remove_staging(store: VolumeStore) -> int:
+    """Remove every entry under ``.staging`` (leftovers of interrupted case writes)."""
+    try:
+        entries = store.fs.ls(store.files.path(STAGING_DIR), detail=False)
+    except FileNotFoundError:
+        return 0
+    leftovers = [e for e in entries if posixpath.basename(str(e).rstrip("/")) != "zarr.json"]
+    for e in leftovers:
+        store.fs.rm(e, recursive=True)
+    return len(leftovers)
 
 
 # ---- cases ---------------------------------------------------------------------------------
