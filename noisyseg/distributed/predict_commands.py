@@ -107,8 +107,15 @@ def _add_register(subparsers: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------- register
+def _quiet_mlflow() -> None:
+    """No MLflow download progress bars on the terminal (issue 13: quiet by default)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def run_register(args: argparse.Namespace) -> int:
     from noisyseg.distributed.registry import register_run
+
+    _quiet_mlflow()
 
     registration = register_run(args.run_id, args.name, alias=args.alias)
     print(
@@ -199,6 +206,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     _check_ranges(args)
     check_label_set_name(args.name)
+    _quiet_mlflow()
     kind, source = _input_kind(args)
     reference = _model_reference(args)
     if kind == "store" and not args.output:
