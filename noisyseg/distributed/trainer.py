@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -247,23 +248,33 @@ def make_trainer(
     )
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+
+
 @contextmanager
 def quiet_logs(path: Path, *, verbose: bool) -> Iterator[Callable[[], None]]:
     """Send the records of :data:`QUIET_LOGGERS` to ``path`` (unless ``verbose``); restore after.
 
     Yields a function that re-applies the redirection (``ray.init`` re-configures Ray's logger).
+    Logging is process-wide: when runs overlap (the benchmark trains in parallel threads) the
+    first run's file takes the records of all until it ends.
     """
-    if verbose:
+    global _quiet_depth
+    with _quiet_lock:
+        outermost = _quiet_depth == 0 and not verbose
+        _quiet_depth += 1 if outermost else 0
+    if not outermost:
         yield lambda: None
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    saved = {name: logging.getLogger(name) for name in QUIET_LOGGERS}
-    before = {name: (lg.handlers[:], lg.propagate) for name, lg in saved.items()}
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    before = [(lg.handlers[:], lg.propagate) for lg in loggers]
 
     def redirect() -> None:
-        for logger in saved.values():
+        for logger in loggers:
             logger.handlers = [handler]
             logger.propagate = False
 
@@ -273,9 +284,11 @@ def quiet_logs(path: Path, *, verbose: bool) -> Iterator[Callable[[], None]]:
         yield redirect
     finally:
         logging.captureWarnings(False)
-        for name, logger in saved.items():
-            logger.handlers, logger.propagate = before[name]
+        for logger, (handlers, propagate) in zip(loggers, before):
+            logger.handlers, logger.propagate = handlers, propagate
         handler.close()
+        with _quiet_lock:
+            _quiet_depth -= 1
 
 
 def fit(trainer: TorchTrainer, handle: RunHandle) -> Any:
