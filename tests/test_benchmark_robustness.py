@@ -17,6 +17,7 @@ from scipy import stats
 from noisyseg.benchmarking.report import (
     Interval,
     format_cell,
+    operating_point_note,
     summarize,
     t_interval,
 )
@@ -176,6 +177,22 @@ def test_cells_show_mean_and_half_width() -> None:
     assert format_cell(None, "f3") == "n/a"
 
 
+def test_every_table_names_its_operating_points() -> None:
+    evaluation = {
+        "threshold": 0.5,
+        "candidate_threshold": 0.05,
+        "min_iou": 0.1,
+        "froc_fp_rates": [1.0, 2.0, 4.0, 8.0],
+    }
+    note = operating_point_note(evaluation, [0, 1, 2])
+    assert "components of p >= 0.05" in note and "IoU >= 0.1" in note
+    assert "neither TP nor FP" in note
+    assert "at 1/2/4/8 FP/case" in note and "threshold t = 0.5" in note
+    assert "95% t-interval over 3 seeds (t(0.975, 2)" in note and "seeds 0, 1, 2" in note
+    one = operating_point_note({**evaluation, "min_iou": 0.0}, [4])
+    assert "shares a voxel" in one and "one seed, no interval" in one
+
+
 def test_summary_over_seeds_takes_each_seeds_own_baseline() -> None:
     # three seeds; the relative figure is taken per seed (0.4/0.8, 0.5/0.5, 0.2/0.4), then averaged
     rows = []
@@ -329,10 +346,28 @@ def test_from_json_merges_per_seed_results(tmp_path: Path, capsys) -> None:
     assert censored["half_width"] == pytest.approx(3.17655, abs=1e-4)
     assert censored["n"] == 2
     assert "75% ± 318%" in capsys.readouterr().out
-    assert (
-        cli_main(["benchmark", "robustness", "--from-json", paths[0], "--from-json", paths[0]]) == 2
+    # a row found twice (the baseline every --only run trains again) is kept from the first file
+    again = tmp_path / "again.json"
+    rows = [_row("truth_bce", 0.1, seed=1), _row("censor-random-0.50-s1_lopsided", 0.5, seed=1)]
+    again.write_text(
+        json.dumps({"kind": "brain-mets", "size": "default", "rows": [asdict(r) for r in rows]})
     )
-    assert "appears in more than one result" in capsys.readouterr().err
+    assert cli_main([*args, "--from-json", str(again), "--output", str(merged_path)]) == 0
+    merged = json.loads(merged_path.read_text())
+    assert [(r["seed"], r["key"]) for r in merged["rows"]] == [
+        (0, "truth_bce"),
+        (0, "censor-random-0.50-s0_bce"),
+        (1, "truth_bce"),
+        (1, "censor-random-0.50-s1_bce"),
+        (1, "censor-random-0.50-s1_lopsided"),
+    ]
+    lopsided = merged["summary"][2]["metrics"]["relative_max_sensitivity"]
+    assert (lopsided["mean"], lopsided["n"]) == (1.0, 1)  # 0.5 over seed 1's first baseline, 0.5
+    assert "kept the first file's copy" in capsys.readouterr().out
+    skin = tmp_path / "skin.json"
+    skin.write_text(json.dumps({"kind": "skin", "size": "default", "rows": []}))
+    assert cli_main([*args, "--from-json", str(skin)]) == 2
+    assert "different settings" in capsys.readouterr().err
 
 
 @pytest.mark.integration
@@ -360,7 +395,7 @@ def test_quick_brain_benchmark_end_to_end(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,  # five models incl. meta; the 2-core machine is often shared
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     document = json.loads(output.read_text())

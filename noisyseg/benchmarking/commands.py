@@ -90,10 +90,14 @@ def _merge_results(paths: list[str], output: str | None) -> dict:
                 f"cannot read results JSON ({error.__class__.__name__})", path=path
             ) from None
     try:
-        rows = rows_from_documents(documents)
+        rows, dropped = rows_from_documents(documents)
         relative_to_baseline(rows, "truth_bce")
     except (ValueError, KeyError, TypeError) as error:
         raise NoisysegInputError(f"--from-json: {error}") from None
+    for row in dropped:
+        print(
+            f"[benchmark] seed {row.seed} {row.key}: kept the first file's copy, not run {row.run_id}"
+        )
     seeds = sorted({row.seed for row in rows})
     evaluation = next((r.operating_point for r in rows if r.operating_point), {})
     note = operating_point_note(evaluation, seeds)

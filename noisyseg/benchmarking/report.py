@@ -111,8 +111,8 @@ class BenchmarkRow:
     row_key: str = ""  # the key without the seed ("" -> key)
     froc: list[list[float]] = field(default_factory=list)  # [[fp_per_case, sensitivity], ...]
     clean_cases: int | None = None  # size of the clean subset the run used, when it used one
-    #: threshold, candidate_threshold, min_iou of the evaluation
-    operating_point: dict[str, float] = field(default_factory=dict)
+    #: threshold, candidate_threshold, min_iou, froc_fp_rates of the evaluation
+    operating_point: dict[str, Any] = field(default_factory=dict)
 
     @property
     def table_key(self) -> str:
@@ -187,22 +187,30 @@ def summarize(rows: Sequence[BenchmarkRow]) -> list[RowSummary]:
     return summaries
 
 
-def rows_from_documents(documents: Sequence[dict[str, Any]]) -> list[BenchmarkRow]:
-    """The rows of several results JSONs of one setting (e.g. one run per seed), in order.
+def rows_from_documents(
+    documents: Sequence[dict[str, Any]],
+) -> tuple[list[BenchmarkRow], list[BenchmarkRow]]:
+    """The rows of several results JSONs of one setting (one run per seed, or per row group).
+
+    A (seed, row) pair found in more than one document is kept from the first (e.g. the
+    baseline, which every ``--only`` run trains again); the later copies are returned apart.
+
+    Returns:
+        ``(rows, dropped)``.
 
     Raises:
-        ValueError: the documents are of different settings (kind, size) or repeat a seed.
+        ValueError: the documents are of different settings (kind, size).
     """
     settings = {(d.get("kind"), d.get("size")) for d in documents}
     if len(settings) != 1:
         raise ValueError(f"results of different settings cannot be merged: {sorted(settings)}")
-    rows = [BenchmarkRow(**row) for d in documents for row in d["rows"]]
+    rows: list[BenchmarkRow] = []
+    dropped: list[BenchmarkRow] = []
     seen: set[tuple[int, str]] = set()
-    for row in rows:
-        if (row.seed, row.key) in seen:
-            raise ValueError(f"seed {row.seed} row {row.key} appears in more than one result")
+    for row in (BenchmarkRow(**r) for d in documents for r in d["rows"]):
+        (dropped if (row.seed, row.key) in seen else rows).append(row)
         seen.add((row.seed, row.key))
-    return rows
+    return rows, dropped
 
 
 # ---------------------------------------------------------------------------------- the tables
@@ -237,7 +245,10 @@ def format_cell(interval: Interval | None, style: str) -> str:
 
 def _summary_cells(summary: RowSummary) -> list[str]:
     """One table row as text, in :data:`HEADERS` order (shared by Markdown and terminal)."""
-    cells = [summary.labels, summary.first.method, str(len(summary.seeds))]
+    method = summary.first.method
+    if summary.first.clean_cases is not None:
+        method += f" [{summary.first.clean_cases} clean cases]"
+    cells = [summary.labels, method, str(len(summary.seeds))]
     cells += [format_cell(summary.stats.get(stat), style) for _, stat, style in TABLE_COLUMNS]
     return cells
 
@@ -252,7 +263,8 @@ def format_table(rows: Sequence[BenchmarkRow]) -> str:
 def operating_point_note(evaluation: dict[str, Any], seeds: Sequence[int]) -> str:
     """The operating points and the interval the table's cells use, in one paragraph.
 
-    ``evaluation``: ``threshold``, ``candidate_threshold`` and ``min_iou`` of the evaluation.
+    ``evaluation``: ``threshold``, ``candidate_threshold``, ``min_iou`` and ``froc_fp_rates`` of
+    the evaluation (:attr:`BenchmarkRow.operating_point`).
     """
     t = evaluation.get("threshold", 0.5)
     low = evaluation.get("candidate_threshold", t)
@@ -262,6 +274,8 @@ def operating_point_note(evaluation: dict[str, Any], seeds: Sequence[int]) -> st
         if iou
         else "a candidate detects a truth lesion when it shares a voxel with it"
     )
+    froc = evaluation.get("froc_fp_rates")
+    rates = "/".join(f"{r:g}" for r in froc) if froc else "the FROC points'"
     n = len(seeds)
     interval = (
         f"mean ± half-width of the 95% t-interval over {n} seeds (t(0.975, {n - 1}) · s / √{n})"
@@ -272,7 +286,7 @@ def operating_point_note(evaluation: dict[str, Any], seeds: Sequence[int]) -> st
         f"Operating points: candidates are the connected components of p >= {low:g}, each scored "
         f"by its max p; {rule}, further fragments of a detected lesion are neither TP nor FP. "
         f"'max sens.' and 'FP/case @max sens.' accept every candidate (p >= {low:g}); FROC mean "
-        f"is the mean sensitivity at the FROC points; sens. @80% prec. and AP come from the same "
+        f"is the mean sensitivity at {rates} FP/case; sens. @80% prec. and AP come from the same "
         f"candidate ranking; 'FP/case @t', Dice and Jaccard are at threshold t = {t:g}. "
         f"Relative max sens. = max sens. / the same seed's truth-trained BCE baseline. "
         f"Cells: {interval}; seeds {', '.join(str(s) for s in seeds)}."

@@ -73,7 +73,7 @@ from noisyseg.distributed.tracking import resolve_tracking_uri
 from noisyseg.distributed.trainer import run_training
 from noisyseg.metrics import REPORT_CANDIDATE_THRESHOLD
 from noisyseg.storage.corrupt import corrupt_store
-from noisyseg.storage.patches import select_clean_cases
+from noisyseg.storage.patches import DEFAULT_CLEAN_MIN_CASES, select_clean_cases
 from noisyseg.storage.phantoms import synth_store
 from noisyseg.storage.store import VolumeStore
 
@@ -215,10 +215,18 @@ class RobustnessBenchmark:
         """Truth labels on the reference clean subset, the noisy set elsewhere (clean+noisy BCE).
 
         The subset is the one the clean-only and the meta runs at ``meta_clean_fraction`` draw
-        (same fraction, same seed), so the three baselines see the same clean cases.
+        (same fraction, same seed, the default minimum case count), so the three baselines see
+        the same clean cases.
         """
         store = VolumeStore.open(url, "r+")
-        clean = set(select_clean_cases(store, fraction=s.meta_clean_fraction, seed=s.seed))
+        clean = set(
+            select_clean_cases(
+                store,
+                fraction=s.meta_clean_fraction,
+                seed=s.seed,
+                min_count=DEFAULT_CLEAN_MIN_CASES,
+            )
+        )
         records: dict[str, list[dict]] = {}
         for case_id in store.case_ids(split="train"):
             source = "truth" if case_id in clean else noisy
@@ -310,13 +318,17 @@ class RobustnessBenchmark:
             fraction=config.clean_fraction,
             count=config.clean_count,
             seed=config.seed,
+            min_count=config.clean_min_cases,
         )
         return len(chosen)
 
     @staticmethod
-    def _operating_point(metrics: dict[str, Any]) -> dict[str, float]:
+    def _operating_point(metrics: dict[str, Any]) -> dict[str, Any]:
+        """Threshold, candidate threshold, minimum IoU and FROC rates of the evaluation."""
         names = ("threshold", "candidate_threshold", "min_iou")
-        return {k: float(metrics[k]) for k in names if metrics.get(k) is not None}
+        point: dict[str, Any] = {k: float(metrics[k]) for k in names if metrics.get(k) is not None}
+        point["froc_fp_rates"] = [float(rate) for rate, _ in metrics.get("froc") or []]
+        return point
 
     def _log_eval(self, run_id: str, metrics: dict[str, float]) -> None:
         client = MlflowClient(self.tracking_uri)
