@@ -60,9 +60,12 @@ def write_task01(root: Path, n_cases: int, shape: tuple[int, int, int], seed: in
         nib.save(nib.Nifti1Image(lab, affine), str(root / "labelsTr" / f"BRATS_{i:03d}.nii.gz"))
 
 
-def run_once(src: Path, url: str, scheduler: str, workers: int) -> float:
-    """Ingest ``src`` into a fresh store; returns cases per second (wall clock)."""
+def run_once(src: Path, url: str, scheduler: str, workers: int) -> tuple[float, float]:
+    """Ingest ``src`` into a fresh store; returns (cases per second of wall clock, CPU seconds
+    of this process per wall second: near the worker count when the threads run in parallel,
+    lower when the GIL or other load holds them back; not meaningful for ``processes``)."""
     shutil.rmtree(url, ignore_errors=True)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     report = ingest_folder(
         src,
@@ -74,9 +77,10 @@ def run_once(src: Path, url: str, scheduler: str, workers: int) -> float:
         test_fraction=0.0,
     )
     dt = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     if not report.ok:
         raise SystemExit(f"ingest failed: {[f.line() for f in report.failed]}")
-    return len(report.written) / dt
+    return len(report.written) / dt, cpu / dt
 
 
 def same_stores(a: str, b: str) -> bool:
@@ -108,10 +112,15 @@ def main() -> None:
         src = tmp / "Task01_BrainTumour"
         write_task01(src, args.cases, shape)  # type: ignore[arg-type]
         rates: dict[tuple[str, int], list[float]] = {s: [] for s in settings}
+        cpu: dict[tuple[str, int], list[float]] = {s: [] for s in settings}
+        load = []
         for r in range(args.rounds):
             order = settings if r % 2 == 0 else settings[::-1]
             for sched, n in order:
-                rates[(sched, n)].append(run_once(src, str(tmp / f"{sched}-{n}.zarr"), sched, n))
+                rate, busy = run_once(src, str(tmp / f"{sched}-{n}.zarr"), sched, n)
+                rates[(sched, n)].append(rate)
+                cpu[(sched, n)].append(busy)
+                load.append(os.getloadavg()[0])
         ok = all(
             same_stores(str(tmp / "threads-1.zarr"), str(tmp / f"{s}-{n}.zarr"))
             for s, n in settings[1:]
@@ -120,14 +129,16 @@ def main() -> None:
         print(
             f"ingest benchmark: {args.cases} cases of 4x{'x'.join(map(str, shape))} (int16 "
             f"NIfTI, LPS -> RAS, labels 0-3; {gb:.2f} GB float32 written per run), "
-            f"{args.rounds} rounds, {platform.python_version()}, {os.cpu_count()} CPUs"
+            f"{args.rounds} rounds, {platform.python_version()}, {os.cpu_count()} CPUs, "
+            f"1-min load average {min(load):.1f}-{max(load):.1f} during the runs"
         )
         base = statistics.median(rates[("threads", 1)])
         for (sched, n), vals in rates.items():
             med = statistics.median(vals)
             print(
                 f"  {sched:9s} workers={n}: {med:6.2f} cases/s (median; rounds "
-                f"{', '.join(f'{v:.2f}' for v in vals)})  x{med / base:.2f} vs 1 worker"
+                f"{', '.join(f'{v:.2f}' for v in vals)})  x{med / base:.2f} vs 1 worker; "
+                f"CPU/wall {statistics.median(cpu[(sched, n)]):.2f}"
             )
         print(f"  stores identical across settings: {ok}")
     finally:
