@@ -50,6 +50,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
+    # heavy (zarr, pandas, dask, rich): imported when the verb runs, keeping --help fast
     from noisyseg.storage.ingest import ingest_folder
 
     def on_error(failure: Any) -> None:
@@ -93,6 +94,7 @@ def _floats(text: str | None, flag: str, n: int) -> tuple[float, ...] | None:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
+    # heavy (zarr, pandas, dask, rich): imported when the verb runs, keeping --help fast
     from noisyseg.storage.splits import resplit_store
     from noisyseg.storage.store import VolumeStore
 
@@ -133,6 +135,7 @@ def _parse_params(items: Sequence[str] | None) -> dict[str, Any] | None:
 
 
 def _cmd_corrupt(args: argparse.Namespace) -> int:
+    # heavy (zarr, pandas, dask, rich): imported when the verb runs, keeping --help fast
     from noisyseg.storage.store import TRUTH, VolumeStore
 
     # Validate before any work (DESIGN.md, "Bad input"); corrupt_store re-checks its own rules.
@@ -154,6 +157,7 @@ def _cmd_corrupt(args: argparse.Namespace) -> int:
                 path=args.store,
             )
     split = None if args.split == "all" else args.split
+    # heavy (zarr, pandas, dask, rich): imported when the verb runs, keeping --help fast
     from noisyseg.storage.corrupt import corrupt_store
 
     kwargs: dict[str, Any] = {
@@ -220,7 +224,11 @@ def store_summary(store: Any) -> dict[str, Any]:
         "spatial_dims": store.spatial_dims,
         "channel_names": store.channel_names,
         "cases": len(index),
-        "splits": {s: int((index["split"] == s).sum()) for s in V.SPLITS},
+        "splits": {
+            s: int((index["split"] == s).sum())
+            for s in (*V.SPLITS, V.UNLABELED)
+            if s in V.SPLITS or (index["split"] == s).any()  # unlabeled shown when present
+        },
         "clean": int(index["clean"].sum()) if len(index) else 0,
         "label_sets": sets,
     }
@@ -233,6 +241,7 @@ def _fmt_q(values: list[float]) -> str:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    # heavy (zarr, pandas, dask, rich): imported when the verb runs, keeping --help fast
     from noisyseg.storage.store import VolumeStore
 
     store = VolumeStore.open(args.store, "r")
@@ -240,6 +249,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, default=str))
         return 0
+    # heavy (zarr, pandas, dask, rich): imported when the verb runs, keeping --help fast
     import pandas as pd
     from rich.console import Console
     from rich.table import Table
@@ -365,8 +375,8 @@ def _add_split_arguments(
     )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``synth``, ``ingest``, ``split``, ``corrupt`` and ``info`` verbs."""
+def _add_synth(subparsers: argparse._SubParsersAction) -> None:
+    """The ``synth`` verb."""
     p = subparsers.add_parser("synth", help="write a store of phantom cases (no scans needed)")
     p.add_argument("store", help="store path or URL (file://, s3://, gs://)")
     p.add_argument("--kind", required=True, choices=SYNTH_KINDS)
@@ -384,6 +394,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_synth)
 
+
+def _add_ingest(subparsers: argparse._SubParsersAction) -> None:
+    """The ``ingest`` verb."""
     p = subparsers.add_parser(
         "ingest",
         help="turn a folder of scans (nnU-Net v2/MSD, BraTS, 2D images+masks) into a store",
@@ -415,6 +428,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_split_arguments(p, val_default=None, test_default=None)
     p.set_defaults(func=_cmd_ingest)
 
+
+def _add_split(subparsers: argparse._SubParsersAction) -> None:
+    """The ``split`` verb."""
     p = subparsers.add_parser(
         "split", help="re-assign train/val/test (and the clean flag) of a store's labelled cases"
     )
@@ -422,6 +438,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_split_arguments(p, val_default=None, test_default=None)
     p.set_defaults(func=_cmd_split)
 
+
+def _add_corrupt(subparsers: argparse._SubParsersAction) -> None:
+    """The ``corrupt`` verb."""
     p = subparsers.add_parser(
         "corrupt", help="derive a noisy label set with Dask (truth is never touched)"
     )
@@ -476,6 +495,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_corrupt)
 
+
+def _add_info(subparsers: argparse._SubParsersAction) -> None:
+    """The ``info`` verb."""
     p = subparsers.add_parser(
         "info", help="print a store's index, label sets and lesion statistics"
     )
@@ -484,6 +506,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of tables")
     p.set_defaults(func=_cmd_info)
 
+
+def _add_verify(subparsers: argparse._SubParsersAction) -> None:
+    """The ``verify`` verb."""
     p = subparsers.add_parser(
         "verify",
         help="check every chunk of a store against its integrity manifests (exit 2 on damage)",
@@ -499,3 +524,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="Dask workers (default: Dask's)")
     p.add_argument("--all", action="store_true", help="print every case, not only damaged ones")
     p.set_defaults(func=_cmd_verify)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the storage verbs: ``synth``, ``ingest``, ``split``, ``corrupt``, ``info``, ``verify``."""
+    _add_synth(subparsers)
+    _add_ingest(subparsers)
+    _add_split(subparsers)
+    _add_corrupt(subparsers)
+    _add_info(subparsers)
+    _add_verify(subparsers)

@@ -54,6 +54,7 @@ import dask
 import numpy as np
 import pandas as pd
 import scipy.ndimage as ndi
+from dask.diagnostics import ProgressBar
 
 from noisyseg import noise
 from noisyseg.errors import NoisysegInputError
@@ -550,6 +551,7 @@ def run_tasks(
     kwargs: dict[str, Any] = {}
     bar: Any = contextlib.nullcontext()
     if scheduler == "ray":
+        # optional and heavy: Ray is only needed for this scheduler
         import ray
         from ray.util.dask import ray_dask_get
 
@@ -571,8 +573,6 @@ def run_tasks(
         if num_workers is not None and scheduler != "synchronous":
             kwargs["num_workers"] = num_workers
         if progress:
-            from dask.diagnostics import ProgressBar
-
             bar = ProgressBar()
     with bar:
         return list(dask.compute(*tasks, **kwargs))

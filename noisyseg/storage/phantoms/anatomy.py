@@ -31,6 +31,7 @@ def _mni_1mm() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarr
         t1 (0..255), gm and wm probabilities (0..1), brain mask (float 0/1), all float32
         ``(197, 233, 189)``; and the 4x4 voxel->RAS affine.
     """
+    # nibabel is only needed for the template, once per process (keeps generators light)
     import nibabel as nib
 
     t1_img = nib.load(_template_path("t1"))
