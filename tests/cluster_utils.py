@@ -131,13 +131,16 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_ray_head(num_cpus: int = 4, *, timeout: float = 90.0) -> RayHead:
+def start_ray_head(
+    num_cpus: int = 4, *, timeout: float = 180.0, env: dict[str, str] | None = None
+) -> RayHead:
     """``ray start --head --block`` on 127.0.0.1 with the dashboard (job server) on 127.0.0.1.
 
     Every port is a free one (GCS, dashboard, dashboard agent HTTP/gRPC, runtime-env agent,
     metrics, Ray client server): Ray's fixed defaults (agent 52365, client 10001) collide when two
     heads run on one machine and the job API then answers "No available agent". The temp dir is
     short (``/tmp/rt-XXXX``: Ray's socket paths must stay under 108 bytes) and unique.
+    ``env``: extra environment for the head, and so for every worker and actor it starts.
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     port, dash_port = free_port(), free_port()
@@ -175,7 +178,7 @@ def start_ray_head(num_cpus: int = 4, *, timeout: float = 90.0) -> RayHead:
     with open(temp_dir / "ray-start.log", "wb") as log:
         process = subprocess.Popen(
             command,
-            env=ray_env(),
+            env=ray_env(**(env or {})),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -209,7 +212,7 @@ def stop_process_group(process: subprocess.Popen) -> None:
 MlflowServer = LocalMlflowServer
 
 
-def start_mlflow_server(root: str | Path, *, timeout: float = 90.0) -> LocalMlflowServer:
+def start_mlflow_server(root: str | Path, *, timeout: float = 180.0) -> LocalMlflowServer:
     """``mlflow server --backend-store-uri sqlite:///<root>/mlflow.db`` on a free loopback port.
 
     Artifacts are proxied by the server (``mlflow-artifacts:``) into ``<root>/mlartifacts``.

@@ -3,7 +3,8 @@
 Each service fixture is module-scoped (one per test module that asks for it: Ray and MLflow take
 several seconds to start on this machine) and is stopped through the handle that started it
 (see :mod:`cluster_utils`). A module sets ``RAY_HEAD_CPUS = n`` to size its Ray head (default 4
-logical CPUs). Fixtures of the same name defined in a test module take precedence.
+logical CPUs) and ``RAY_HEAD_ENV = {...}`` to give the head (and every worker it starts) extra
+environment variables. Fixtures of the same name defined in a test module take precedence.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMlf
 @pytest.fixture(scope="module")
 def ray_head(request: pytest.FixtureRequest) -> Iterator[RayHead]:
     """A real ``ray start --head`` (dashboard and job server on 127.0.0.1) with the module's
-    ``RAY_HEAD_CPUS`` logical CPUs."""
-    head = start_ray_head(num_cpus=getattr(request.module, "RAY_HEAD_CPUS", DEFAULT_RAY_HEAD_CPUS))
+    ``RAY_HEAD_CPUS`` logical CPUs and ``RAY_HEAD_ENV``."""
+    head = start_ray_head(
+        num_cpus=getattr(request.module, "RAY_HEAD_CPUS", DEFAULT_RAY_HEAD_CPUS),
+        env=getattr(request.module, "RAY_HEAD_ENV", None),
+    )
     try:
         yield head
     finally:

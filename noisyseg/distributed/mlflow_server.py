@@ -122,7 +122,7 @@ class LocalMlflowServer:
         self.root = root
 
     @classmethod
-    def start(cls, root: str | Path, *, timeout: float = 90.0) -> LocalMlflowServer:
+    def start(cls, root: str | Path, *, timeout: float = 180.0) -> LocalMlflowServer:
         """Start ``mlflow server`` on SQLite ``<root>/mlflow.db``; return once ``/health`` answers.
 
         A server a killed process left on the same root is stopped first (one writer per
