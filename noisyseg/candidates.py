@@ -331,7 +331,7 @@ class HiddenLesion:
         voxels: voxel count.
         volume_mm3: physical volume (mm³; mm² in 2D).
         diameter_mm: diameter of the sphere (3D) or disc (2D) of that volume.
-        hit_by: ids of the given candidates that hit it (share a voxel, IoU ≥ ``min_iou``).
+        hit_by: ids of the given candidates that hit it (see :func:`hidden_lesions`).
     """
 
     case_id: str
@@ -351,18 +351,24 @@ def hidden_lesions(
     spacing: Sequence[float] | None = None,
     connectivity: int | None = None,
     min_iou: float = 0.1,
+    min_inside: float | None = 0.5,
 ) -> list[HiddenLesion]:
     """The truth lesions of one case that ``labels`` leaves out, with the candidates hitting them.
 
     A truth lesion (connected component of ``truth``) is *hidden* when it shares no voxel with
-    ``labels``. A candidate hits it when they share a voxel and their IoU is ``≥ min_iou`` (the
-    detection rule of :mod:`noisyseg.metrics`).
+    ``labels``. A candidate hits it when they share a voxel and either their IoU is
+    ``≥ min_iou`` (the detection rule of :mod:`noisyseg.metrics`) or at least ``min_inside`` of
+    the candidate's voxels lie in the lesion. The second rule is the reviewer's view: a candidate
+    lying mostly inside a lesion shows that lesion in its picture, even when it is a small
+    fragment of a large lesion (IoU far below 0.1); a diffuse blob spread over several lesions
+    still hits none of them. ``min_inside=None`` keeps the IoU rule alone.
 
     Args:
         truth, labels: ``(*S)`` masks (non-zero = lesion).
         candidates: this case's candidates (e.g. the suspected ones).
         case_id, spacing, connectivity: as in :func:`extract_candidates`.
         min_iou: minimum intersection over union for a hit.
+        min_inside: minimum share of the candidate inside the lesion for a hit (or ``None``).
     """
     truth = np.asarray(truth) != 0
     labelled = np.asarray(labels) != 0
@@ -384,7 +390,8 @@ def hidden_lesions(
         numbers, overlap = np.unique(inside[inside > 0], return_counts=True)
         for number, inter in zip(numbers.tolist(), overlap.tolist(), strict=True):
             iou = inter / (candidate.voxels + counts[number] - inter)
-            if iou >= min_iou:
+            inside_share = inter / candidate.voxels
+            if iou >= min_iou or (min_inside is not None and inside_share >= min_inside):
                 hits.setdefault(number, []).append(candidate.candidate_id)
     return [
         HiddenLesion(

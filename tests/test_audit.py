@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from cluster_utils import make_ball_store
 
-from noisyseg.audit.figures import save_candidate_figure
+from noisyseg.audit.figures import display_channel, save_candidate_figure
 from noisyseg.audit.run import (
     candidates_table,
     check_new_set,
@@ -97,6 +97,12 @@ def test_candidate_picture_outlines_candidate_and_labels(tmp_path: Path) -> None
     )
     bare_red, bare_green = _colour_pixels(bare)
     assert red > bare_red + 20 and green > bare_green + 20
+
+
+def test_pictures_show_the_contrast_enhanced_t1_when_there_is_one() -> None:
+    assert display_channel(["t1", "t1c", "t2", "flair"]) == 1
+    assert display_channel(["FLAIR", "T1Gd"]) == 1
+    assert display_channel(["red", "green", "blue"]) == 0
 
 
 def test_parse_ids_accepts_lists_and_refuses_bad_or_repeated_ids() -> None:

@@ -91,6 +91,7 @@ def _row(mode: str, loss: str, found_target: int, n_target: int = 10) -> AuditRo
         found_2n=9,
         n_censored_target=n_target,
         found_2n_target=found_target,
+        found_2n_target_iou=found_target - 1,
         by_size=[{"bin_mm": "[0, 4)", "count": 2, "found_n": 0, "found_2n": 1}],
         curve=list(range(13)),
         curve_target=list(range(11)) + [10, 10],
@@ -112,9 +113,9 @@ def test_table_and_curve(tmp_path: Path) -> None:
     table = format_table(rows)
     assert table.count("\n") == 4  # header, rule, three rows
     assert (
-        "| censor-random-0.50-s0 | lopsided | 12 | 30 | 6/12 (50%) | 9/12 (75%) | 8/10 (80%)"
-        in (table)
-    )
+        "| censor-random-0.50-s0 | lopsided | 12 | 30 | 6/12 (50%) | 9/12 (75%) | 8/10 (80%) "
+        "| 7/10 (70%) |"
+    ) in table
     path = plot_found_curves(rows, tmp_path / "curve.png")
     assert path.stat().st_size > 10_000
 
@@ -160,6 +161,7 @@ def test_quick_audit_benchmark_end_to_end(tmp_path: Path) -> None:
         assert curve[0] == 0 and all(b >= a for a, b in zip(curve, curve[1:]))
         assert curve[row["n_censored"]] == row["found_n"]
         assert curve[2 * row["n_censored"]] == row["found_2n"]
+        assert row["found_2n_target_iou"] <= row["found_2n_target"]  # the IoU rule is stricter
         assert row["found_2n_target"] <= row["n_censored_target"] <= row["n_censored"]
         audit = client.get_run(row["audit_run_id"])
         assert audit.data.tags["noisyseg.model_run_id"] == row["run_id"]

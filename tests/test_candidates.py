@@ -239,3 +239,21 @@ def test_hidden_lesions_and_the_rank_at_which_each_is_found() -> None:
     # with any overlap counting, the wide candidate also finds lesion 4
     loose = hidden_lesions(truth, labels, candidates, case_id="c", min_iou=0.0)
     np.testing.assert_array_equal(found_ranks(loose, ranked), [3, 2, 2])
+
+
+def test_a_fragment_inside_a_large_hidden_lesion_finds_it_unless_iou_alone() -> None:
+    truth = np.zeros((12, 12, 12), np.uint8)
+    truth[1:11, 1:11, 1:11] = 1  # 1000 voxels, hidden (the labels are empty)
+    probability = np.zeros(truth.shape, np.float32)
+    probability[5:7, 5:7, 5] = 0.9  # 4 voxels, all inside: IoU 0.004, inside share 1
+    probability[1, 1, 0:2] = 0.8  # 2 voxels, 1 inside (x = 1): share 1/2 -> hit
+    candidates = extract_candidates(probability, np.zeros_like(truth), case_id="c")
+    assert sorted(c.voxels for c in candidates) == [2, 4]
+    (lesion,) = hidden_lesions(truth, np.zeros_like(truth), candidates, case_id="c")
+    assert sorted(lesion.hit_by) == sorted(c.candidate_id for c in candidates)
+    (strict,) = hidden_lesions(
+        truth, np.zeros_like(truth), candidates, case_id="c", min_inside=None
+    )
+    assert strict.hit_by == ()
+    (half,) = hidden_lesions(truth, np.zeros_like(truth), candidates, case_id="c", min_inside=0.6)
+    assert half.hit_by == tuple(c.candidate_id for c in candidates if c.voxels == 4)

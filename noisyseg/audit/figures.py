@@ -1,6 +1,7 @@
 """The review picture of one suspected missed lesion: orthogonal slices through its centroid.
 
-Image (first channel, grey, 1st–99th percentile window), the candidate outlined in red, the
+Image (one channel, grey, 1st–99th percentile window: the contrast-enhanced T1 when the store
+has one, since metastases enhance there, else the first channel), the candidate outlined in red, the
 labelled lesions of the audited set in green, and a yellow ring at the centroid so that a
 candidate of a few voxels is found at a glance. 3D cases show the axial (``z``), coronal (``y``)
 and sagittal (``x``) slices with the voxel spacing as aspect ratio; 2D cases show the image.
@@ -23,6 +24,17 @@ from matplotlib.lines import Line2D  # noqa: E402
 CANDIDATE_COLOUR = "red"
 LABEL_COLOUR = "lime"
 MARKER_COLOUR = "yellow"
+#: Channel names shown by preference (lower case): contrast-enhanced T1.
+PREFERRED_CHANNELS: tuple[str, ...] = ("t1c", "t1ce", "t1gd", "t1-gd", "t1_gd")
+
+
+def display_channel(channel_names: Sequence[str]) -> int:
+    """Index of the channel to show: the first of :data:`PREFERRED_CHANNELS` present, else 0."""
+    lowered = [str(name).lower() for name in channel_names]
+    for name in PREFERRED_CHANNELS:
+        if name in lowered:
+            return lowered.index(name)
+    return 0
 
 
 def _views(shape: Sequence[int], centre: Sequence[int], spacing: Sequence[float]) -> list[dict]:
@@ -79,21 +91,23 @@ def candidate_figure(
     spacing: Sequence[float],
     *,
     title: str = "",
+    channel: int = 0,
 ):
     """A matplotlib figure of one candidate.
 
     Args:
-        image: ``(C, *S)`` the case's image (channel 0 is shown).
+        image: ``(C, *S)`` the case's image (channel ``channel`` is shown).
         labels: ``(*S)`` the audited label set (non-zero = labelled lesion).
         candidate: ``(*S)`` bool, the candidate's voxels.
         centroid: the candidate's centroid, voxel coordinates in store order.
         spacing: voxel spacing in mm, store order.
         title: figure title (e.g. rank, id, score, volume).
+        channel: the image channel shown (see :func:`display_channel`).
 
     Returns:
         the figure (close it with ``plt.close`` after saving).
     """
-    volume = np.asarray(image)[0].astype(np.float32, copy=False)
+    volume = np.asarray(image)[channel].astype(np.float32, copy=False)
     labels = np.asarray(labels) != 0
     candidate = np.asarray(candidate, dtype=bool)
     centre = [int(np.clip(round(c), 0, n - 1)) for c, n in zip(centroid, volume.shape)]

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from noisyseg.audit.figures import save_candidate_figure
+from noisyseg.audit.figures import display_channel, save_candidate_figure
 from noisyseg.candidates import (
     Candidate,
     add_candidates,
@@ -175,6 +175,7 @@ def write_figures(
     """One PNG per candidate of ``ranked`` (``<rank>_<case>_<number>.png``); each case's image and
     labels are read once."""
     paths: list[Path] = []
+    channel = display_channel(store.channel_names)
     cached: tuple[str, np.ndarray, np.ndarray] | None = None
     order = sorted(range(len(ranked)), key=lambda i: (ranked[i].case_id, i))
     for i in order:
@@ -193,6 +194,7 @@ def write_figures(
             candidate.centroid_voxel,
             store.spacing(candidate.case_id),
             title=figure_title(i + 1, candidate),
+            channel=channel,
         )
         paths.append(path)
     return sorted(paths)
