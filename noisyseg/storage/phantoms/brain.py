@@ -161,6 +161,38 @@ def brain_mets_case(
         :class:`PhantomCase` with image float32 ``(4, Z, Y, X)`` (:data:`BRAIN_CHANNELS`), label
         uint8 ``(Z, Y, X)``, spacing ``(s, s, s)`` mm, RAS affine, the lesion list and the tissue map.
     """
+    shape = _check_arguments(shape, spacing_mm, n_lesions)
+    rng = np.random.default_rng(seed)
+    s = float(spacing_mm)
+    tpl = template_on_grid(shape, s)
+    anat = _warped_anatomy(rng, shape, s, tpl)
+    n_draw = int(rng.integers(n_lesions[0], n_lesions[1] + 1))
+    diameters = np.sort(
+        _sample_diameters(rng, n_draw, median_diameter_vox, diameter_log_sigma, *diameter_vox)
+    )[::-1]
+    # Tissue intensities of this case (scanner / subject variation).
+    inten = _TISSUE_INTENSITY * np.exp(rng.normal(0.0, 0.04, size=_TISSUE_INTENSITY.shape)).astype(
+        np.float32
+    )
+    les = _Lesions(shape)
+    for d_vox in diameters:
+        _place_lesion(rng, les, anat, float(d_vox), s, inten, min_gap_vox, tpl["affine"])
+    image = _contrasts(rng, anat, les, inten, s, noise, bias, vessels, psf_vox)
+    return PhantomCase(
+        image=image,
+        label=les.label,
+        spacing=(s, s, s),
+        channel_names=list(BRAIN_CHANNELS),
+        affine=tpl["affine"].copy(),
+        lesions=les.records,
+        tissue=anat.tissue,
+    )
+
+
+def _check_arguments(
+    shape: tuple[int, int, int] | None, spacing_mm: float, n_lesions: tuple[int, int]
+) -> tuple[int, int, int]:
+    """The grid shape (default :func:`default_brain_shape`), or ValueError for bad arguments."""
     if not spacing_mm > 0:
         raise ValueError(f"spacing_mm must be > 0, got {spacing_mm}")
     if shape is None:
@@ -170,11 +202,32 @@ def brain_mets_case(
         raise ValueError(f"shape must be 3 ints >= 8, got {shape}")
     if n_lesions[0] < 0 or n_lesions[1] < n_lesions[0]:
         raise ValueError(f"n_lesions must be a range (lo <= hi), got {n_lesions}")
-    rng = np.random.default_rng(seed)
-    s = float(spacing_mm)
-    tpl = template_on_grid(shape, s)  # type: ignore[arg-type]
+    return shape  # type: ignore[return-value]
 
-    # --- anatomy: warp the template -----------------------------------------------------------
+
+@dataclass
+class _Anatomy:
+    """Tissue fractions of one warped brain, all ``(Z, Y, X)``: ``brain``, ``gm``, ``wm``,
+    ``par`` (parenchyma), ``csf``; ``brain_mask`` (bool), ``tissue`` (uint8 classes), ``resid``
+    (T1 residual not explained by the classes), and the lesion-placement fields ``weight`` and
+    ``depth`` (mm from the brain surface), flattened."""
+
+    brain: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+    par: np.ndarray
+    csf: np.ndarray
+    brain_mask: np.ndarray
+    tissue: np.ndarray
+    resid: np.ndarray
+    weight: np.ndarray
+    depth: np.ndarray
+
+
+def _warped_anatomy(
+    rng: np.random.Generator, shape: tuple[int, int, int], s: float, tpl: dict[str, np.ndarray]
+) -> _Anatomy:
+    """Warp the template (small affine + elastic field) and derive the tissue maps."""
     coords = warp_coords(
         rng, shape, s, rotate_deg=5.0, scale_range=0.05, shift_mm=3.0, elastic_mm=2.5
     )
@@ -198,128 +251,192 @@ def brain_mets_case(
     )
     resid = np.where(brain > 0.5, warped["t1"] - t1_cls, 0.0).astype(np.float32)
     resid = np.clip(resid, -0.25, 0.25)
-    del warped
-
-    # --- lesions ------------------------------------------------------------------------------
     depth_mm = ndimage.distance_transform_edt(brain_mask) * s
     junction = ndimage.gaussian_filter(4.0 * gm * wm, 1.0)  # 1 where GM and WM meet 50/50
     weight = np.where(par > 0.5, 0.15 + junction, 0.0).ravel()
-    depth_flat = depth_mm.ravel()
+    return _Anatomy(brain, gm, wm, par, csf, brain_mask, tissue, resid, weight, depth_mm.ravel())
 
-    n_draw = int(rng.integers(n_lesions[0], n_lesions[1] + 1))
-    diameters = np.sort(
-        _sample_diameters(rng, n_draw, median_diameter_vox, diameter_log_sigma, *diameter_vox)
-    )[::-1]
-    # Tissue intensities of this case (scanner / subject variation).
-    inten = _TISSUE_INTENSITY * np.exp(rng.normal(0.0, 0.04, size=_TISSUE_INTENSITY.shape)).astype(
-        np.float32
+
+class _Lesions:
+    """The lesions placed so far: ``label`` (uint8), ``frac`` (partial-volume fraction),
+    ``sums`` ``(4, Z, Y, X)`` (fraction × intensity, summed over lesions), ``oedema`` fraction,
+    and one record per lesion."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.shape = np.array(shape)
+        self.label = np.zeros(shape, dtype=np.uint8)
+        self.frac = np.zeros(shape, dtype=np.float32)
+        self.sums = np.zeros((4,) + shape, dtype=np.float32)
+        self.oedema = np.zeros(shape, dtype=np.float32)
+        self.records: list[dict] = []
+
+
+def _lesion_look(
+    rng: np.random.Generator, d_vox: float, s: float, inten: np.ndarray
+) -> tuple[bool, float, float, float, np.ndarray]:
+    """Draw a lesion's appearance: ``(ring, core_ratio, oedema_mm, enhancement, intensities)``;
+    enhancement relative to the case's T1c white matter, intensities ``(channel, [enhancing,
+    necrotic])``."""
+    radius_mm = d_vox * s / 2.0
+    # Necrotic core (ring enhancement) in lesions >= 1 cm, near-certain from ~3 cm.
+    ring = bool(
+        d_vox * s >= 10.0 and rng.random() < 0.5 + 0.5 * min((d_vox * s - 10.0) / 20.0, 1.0)
     )
+    core_ratio = float(rng.uniform(0.35, 0.7)) if ring else 0.0
+    p_oed = 0.25 + 0.7 * min(d_vox / 10.0, 1.0)
+    oedema_mm = float(min(radius_mm * rng.uniform(0.6, 2.0), 25.0)) if rng.random() < p_oed else 0.0
+    # Enhancement relative to WM: 1.45 x exp(N(0, 0.15)), kept in [1.2, 1.9] x WM.
+    enh = float(inten[1, 2] * np.clip(1.45 * np.exp(rng.normal(0.0, 0.15)), 1.2, 1.9))
+    les_int = np.array(
+        [
+            [inten[0, 3] * np.exp(rng.normal(0, 0.05)), inten[0, 4]],
+            [enh, inten[1, 4]],
+            [inten[2, 3] * np.exp(rng.normal(0, 0.1)), inten[2, 4]],
+            [inten[3, 3] * np.exp(rng.normal(0, 0.08)), inten[3, 4]],
+        ],
+        dtype=np.float32,
+    )
+    return ring, core_ratio, oedema_mm, float(enh / inten[1, 2]), les_int
 
-    label = np.zeros(shape, dtype=np.uint8)
-    frac_les = np.zeros(shape, dtype=np.float32)  # lesion partial-volume fraction
-    les_sum = np.zeros((4,) + shape, dtype=np.float32)  # sum over lesions of fraction x intensity
-    oedema = np.zeros(shape, dtype=np.float32)
-    lesions: list[dict] = []
-    shape_arr = np.array(shape)
+
+def _place_lesion(
+    rng: np.random.Generator,
+    les: _Lesions,
+    anat: _Anatomy,
+    d_vox: float,
+    s: float,
+    inten: np.ndarray,
+    min_gap_vox: int,
+    affine: np.ndarray,
+) -> None:
+    """Draw one lesion of nominal diameter ``d_vox`` and place it (up to 40 tries; none when no
+    room is found)."""
+    radius_mm = d_vox * s / 2.0
+    look = _lesion_look(rng, d_vox, s, inten)
+    ss = 3 if d_vox < 4 else 2 if d_vox < 20 else 1  # sub-voxel samples per axis
+    cand = np.flatnonzero(anat.weight * (anat.depth >= radius_mm + s))
+    if cand.size == 0:
+        return
+    p = anat.weight[cand] / anat.weight[cand].sum()
+    for _attempt in range(40):
+        centre_vox = np.array(
+            np.unravel_index(rng.choice(cand, p=p), tuple(les.shape)), dtype=np.float64
+        )
+        centre_vox += rng.uniform(-0.5, 0.5, size=3)
+        shape = _LesionShape.random(rng, centre_vox * s, radius_mm, float(d_vox))
+        if _try_lesion(rng, les, anat, shape, centre_vox, d_vox, s, ss, look, min_gap_vox, affine):
+            return
+
+
+def _try_lesion(
+    rng: np.random.Generator,
+    les: _Lesions,
+    anat: _Anatomy,
+    shape: _LesionShape,
+    centre_vox: np.ndarray,
+    d_vox: float,
+    s: float,
+    ss: int,
+    look: tuple[bool, float, float, float, np.ndarray],
+    min_gap_vox: int,
+    affine: np.ndarray,
+) -> bool:
+    """Rasterise a candidate lesion; add it when it lies in parenchyma with a gap to the others."""
+    ring, core_ratio, oedema_mm, enh, les_int = look
+    radius_mm = d_vox * s / 2.0
+    r_vox = shape.max_radius_mm / s
+    lo = np.maximum(np.floor(centre_vox - r_vox).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(centre_vox + r_vox).astype(int) + 2, les.shape)
+    pts, box = box_points(lo, hi, s, ss)
+    nr = shape.normalised_radius(pts)
+    f_in = partial_volume((nr <= 1.0).astype(np.float32), box, ss)
+    if f_in.max() <= 0:
+        return False
+    mask = f_in >= 0.5
+    if not mask.any():
+        mask = f_in == f_in.max()
+    comp, n_comp = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if n_comp > 1:
+        mask = comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    if not _room_for(les, anat, mask, f_in, lo, hi, sl, min_gap_vox):
+        return False
+    if ring:  # an irregular, slightly off-centre necrotic core: the rim's thickness varies
+        off = rng.normal(0.0, 0.12 * core_ratio * radius_mm, size=3)
+        core = _LesionShape.random(rng, shape.centre_mm + off, core_ratio * radius_mm, float(d_vox))
+        in_core = (core.normalised_radius(pts) <= 1.0) & (nr <= 0.8)
+        f_core = partial_volume(in_core.astype(np.float32), box, ss)
+    else:
+        f_core = 0.0
+    les.frac[sl] += f_in
+    les.sums[(slice(None),) + sl] += (f_in - f_core) * les_int[:, 0, None, None, None]
+    if ring:
+        les.sums[(slice(None),) + sl] += f_core * les_int[:, 1, None, None, None]
+    les.label[sl][mask] = 1
+    if oedema_mm > 0:
+        _add_oedema(shape, oedema_mm, s, les.shape, centre_vox, anat.wm, anat.par, les.oedema, rng)
+    cz, cy, cx = centre_vox
+    les.records.append(
+        {
+            "id": len(les.records) + 1,
+            "center": [float(cz), float(cy), float(cx)],
+            "center_mm": [float(v) for v in (affine @ np.r_[centre_vox, 1.0])[:3]],
+            "radius_mm": float(radius_mm),
+            "diameter_vox": float(d_vox),
+            "voxels": int(mask.sum()),
+            "ring": ring,
+            "oedema_mm": float(oedema_mm),
+            "enhancement": enh,
+            "tissue": TISSUE_CLASSES[int(anat.tissue[tuple(np.round(centre_vox).astype(int))])],
+        }
+    )
+    return True
+
+
+def _room_for(
+    les: _Lesions,
+    anat: _Anatomy,
+    mask: np.ndarray,
+    f_in: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    sl: tuple[slice, ...],
+    min_gap_vox: int,
+) -> bool:
+    """All label voxels in the brain, mostly in parenchyma; a gap to every other lesion; no
+    partial-volume tail on other lesions' voxels."""
+    if not anat.brain_mask[sl][mask].all() or (anat.par[sl][mask] > 0.5).mean() < 0.85:
+        return False
     gap_struct = np.ones((2 * min_gap_vox + 1,) * 3, dtype=bool)
-    for d_vox in diameters:
-        radius_mm = d_vox * s / 2.0
-        # Necrotic core (ring enhancement) in lesions >= 1 cm, near-certain from ~3 cm.
-        ring = bool(
-            d_vox * s >= 10.0 and rng.random() < 0.5 + 0.5 * min((d_vox * s - 10.0) / 20.0, 1.0)
-        )
-        core_ratio = float(rng.uniform(0.35, 0.7)) if ring else 0.0
-        p_oed = 0.25 + 0.7 * min(d_vox / 10.0, 1.0)
-        oedema_mm = (
-            float(min(radius_mm * rng.uniform(0.6, 2.0), 25.0)) if rng.random() < p_oed else 0.0
-        )
-        # Enhancement relative to WM: 1.45 x exp(N(0, 0.15)), kept in [1.2, 1.9] x WM.
-        enh = float(inten[1, 2] * np.clip(1.45 * np.exp(rng.normal(0.0, 0.15)), 1.2, 1.9))
-        les_int = np.array(
-            [
-                [inten[0, 3] * np.exp(rng.normal(0, 0.05)), inten[0, 4]],
-                [enh, inten[1, 4]],
-                [inten[2, 3] * np.exp(rng.normal(0, 0.1)), inten[2, 4]],
-                [inten[3, 3] * np.exp(rng.normal(0, 0.08)), inten[3, 4]],
-            ],
-            dtype=np.float32,
-        )  # (channel, [enhancing, necrotic])
-        ss = 3 if d_vox < 4 else 2 if d_vox < 20 else 1  # sub-voxel samples per axis
-        cand = np.flatnonzero(weight * (depth_flat >= radius_mm + s))
-        if cand.size == 0:
-            continue
-        p = weight[cand] / weight[cand].sum()
-        for _attempt in range(40):
-            centre_vox = np.array(np.unravel_index(rng.choice(cand, p=p), shape), dtype=np.float64)
-            centre_vox += rng.uniform(-0.5, 0.5, size=3)
-            les = _LesionShape.random(rng, centre_vox * s, radius_mm, float(d_vox))
-            r_vox = les.max_radius_mm / s
-            lo = np.maximum(np.floor(centre_vox - r_vox).astype(int) - 1, 0)
-            hi = np.minimum(np.ceil(centre_vox + r_vox).astype(int) + 2, shape_arr)
-            pts, box = box_points(lo, hi, s, ss)
-            nr = les.normalised_radius(pts)
-            f_in = partial_volume((nr <= 1.0).astype(np.float32), box, ss)
-            if f_in.max() <= 0:
-                continue
-            mask = f_in >= 0.5
-            if not mask.any():
-                mask = f_in == f_in.max()
-            comp, n_comp = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-            if n_comp > 1:
-                mask = comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
-            sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-            # All label voxels in the brain, mostly in parenchyma; a gap to every other lesion.
-            if not brain_mask[sl][mask].all() or (par[sl][mask] > 0.5).mean() < 0.85:
-                continue
-            glo = np.maximum(lo - min_gap_vox, 0)
-            ghi = np.minimum(hi + min_gap_vox, shape_arr)
-            gsl = tuple(slice(a, b) for a, b in zip(glo, ghi, strict=True))
-            big = np.zeros(tuple(ghi - glo), dtype=bool)
-            big[tuple(slice(a - g, b - g) for a, b, g in zip(lo, hi, glo, strict=True))] = mask
-            if (ndimage.binary_dilation(big, gap_struct) & (label[gsl] > 0)).any():
-                continue
-            # Also keep partial-volume tails off other lesions' voxels.
-            if (frac_les[sl][f_in > 0] > 0).any():
-                continue
-            if ring:  # an irregular, slightly off-centre necrotic core: the rim's thickness varies
-                off = rng.normal(0.0, 0.12 * core_ratio * radius_mm, size=3)
-                core = _LesionShape.random(
-                    rng, les.centre_mm + off, core_ratio * radius_mm, float(d_vox)
-                )
-                in_core = (core.normalised_radius(pts) <= 1.0) & (nr <= 0.8)
-                f_core = partial_volume(in_core.astype(np.float32), box, ss)
-            else:
-                f_core = 0.0
-            f_enh = f_in - f_core
-            frac_les[sl] += f_in
-            les_sum[(slice(None),) + sl] += f_enh * les_int[:, 0, None, None, None]
-            if ring:
-                les_sum[(slice(None),) + sl] += f_core * les_int[:, 1, None, None, None]
-            label[sl][mask] = 1
-            if oedema_mm > 0:
-                _add_oedema(les, oedema_mm, s, shape_arr, centre_vox, wm, par, oedema, rng)
-            cz, cy, cx = centre_vox
-            lesions.append(
-                {
-                    "id": len(lesions) + 1,
-                    "center": [float(cz), float(cy), float(cx)],
-                    "center_mm": [float(v) for v in (tpl["affine"] @ np.r_[centre_vox, 1.0])[:3]],
-                    "radius_mm": float(radius_mm),
-                    "diameter_vox": float(d_vox),
-                    "voxels": int(mask.sum()),
-                    "ring": ring,
-                    "oedema_mm": float(oedema_mm),
-                    "enhancement": float(enh / inten[1, 2]),
-                    "tissue": TISSUE_CLASSES[int(tissue[tuple(np.round(centre_vox).astype(int))])],
-                }
-            )
-            break
+    glo = np.maximum(lo - min_gap_vox, 0)
+    ghi = np.minimum(hi + min_gap_vox, les.shape)
+    gsl = tuple(slice(a, b) for a, b in zip(glo, ghi, strict=True))
+    big = np.zeros(tuple(ghi - glo), dtype=bool)
+    big[tuple(slice(a - g, b - g) for a, b, g in zip(lo, hi, glo, strict=True))] = mask
+    if (ndimage.binary_dilation(big, gap_struct) & (les.label[gsl] > 0)).any():
+        return False
+    return not (les.frac[sl][f_in > 0] > 0).any()
 
-    # --- contrasts ----------------------------------------------------------------------------
-    oedema = np.minimum(oedema, 1.0) * (1.0 - np.minimum(frac_les, 1.0))
+
+def _contrasts(
+    rng: np.random.Generator,
+    anat: _Anatomy,
+    les: _Lesions,
+    inten: np.ndarray,
+    s: float,
+    noise: tuple[float, float],
+    bias: float,
+    vessels: bool,
+    psf_vox: tuple[float, float],
+) -> np.ndarray:
+    """The 4 sequences ``(4, Z, Y, X)`` float32: tissue mixture, lesions, oedema, vessels (T1c),
+    texture, bias field, point-spread blur, Rician noise, per-case scale; 0 outside the brain."""
+    shape = tuple(int(n) for n in les.shape)
+    frac = np.minimum(les.frac, 1.0)
+    oedema = np.minimum(les.oedema, 1.0) * (1.0 - frac)
     if vessels:
-        vessel = _vessels(rng, shape, s, csf + 0.5 * gm, brain_mask)
-        vessel *= 1.0 - np.minimum(frac_les * 4.0, 1.0)
+        vessel = _vessels(rng, shape, s, anat.csf + 0.5 * anat.gm, anat.brain_mask)
+        vessel *= 1.0 - np.minimum(les.frac * 4.0, 1.0)
     image = np.empty((4,) + shape, dtype=np.float32)
     # Mild smooth heterogeneity of tissue (shared by the sequences: it is the same tissue).
     tissue_texture = 1.0 + smooth_field(rng, shape, tuple(max(4, n // 4) for n in shape), 0.03)
@@ -331,32 +448,27 @@ def brain_mets_case(
     for c in range(4):
         i_csf, i_gm, i_wm, _, _, i_oed = inten[c]
         k_resid = (i_wm - i_gm) / (_TISSUE_INTENSITY[0, 2] - _TISSUE_INTENSITY[0, 1])
-        tissue_par = gm * i_gm + wm * i_wm
-        base = csf * i_csf + (1.0 - oedema) * tissue_par + oedema * par * i_oed + k_resid * resid
+        tissue_par = anat.gm * i_gm + anat.wm * i_wm
+        base = (
+            anat.csf * i_csf
+            + (1.0 - oedema) * tissue_par
+            + oedema * anat.par * i_oed
+            + k_resid * anat.resid
+        )
         if vessels and c == 1:
             base = base + vessel * (inten[1, 3] - i_csf)
-        img = (1.0 - np.minimum(frac_les, 1.0)) * base + les_sum[c] * les_texture
+        img = (1.0 - frac) * base + les.sums[c] * les_texture
         img *= tissue_texture
-        bias_field = np.exp(shared_bias + smooth_field(rng, shape, 3, bias * 0.5))
-        img *= bias_field
+        img *= np.exp(shared_bias + smooth_field(rng, shape, 3, bias * 0.5))
         img = ndimage.gaussian_filter(img, psf_sigma, mode="nearest")
         sigma = float(rng.uniform(*noise)) * float(inten[c, 1:3].mean())
         img = np.sqrt(
             (img + sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2
             + (sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2
         )
-        img[~brain_mask] = 0.0  # skull-stripped, like BraTS-style preprocessing
+        img[~anat.brain_mask] = 0.0  # skull-stripped, like BraTS-style preprocessing
         image[c] = img * np.float32(np.exp(rng.uniform(np.log(300.0), np.log(3000.0))))
-
-    return PhantomCase(
-        image=image,
-        label=label,
-        spacing=(s, s, s),
-        channel_names=list(BRAIN_CHANNELS),
-        affine=tpl["affine"].copy(),
-        lesions=lesions,
-        tissue=tissue,
-    )
+    return image
 
 
 def _add_oedema(
