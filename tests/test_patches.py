@@ -12,6 +12,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from noisyseg.errors import NoisysegInputError
 from noisyseg.storage.patches import (
@@ -196,6 +197,72 @@ def test_foreground_uses_chosen_label_set(store: dict) -> None:
             assert not s["label"].any()
 
 
+def test_voxel_sampling_draws_lesions_by_volume(store: dict) -> None:
+    """foreground_sampling='voxel': the centre's lesion is drawn with probability ∝ its voxel
+    count; 'lesion': uniformly. Lesions labelled here independently (scipy, 26-connectivity)."""
+    truth = store["full"]["c0"]["truth"]
+    labels, n = ndimage.label(truth, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(float)
+    assert n >= 3 and sizes.max() > 2 * sizes.min()  # lesions of clearly different sizes
+    centre = np.asarray(PATCH) // 2
+    draws = 600
+    for how, expected in (("voxel", sizes / sizes.sum()), ("lesion", np.full(n, 1 / n))):
+        ds = PatchDataset(
+            store["url"],
+            ["c0"],
+            patch_size=PATCH,
+            foreground_fraction=1.0,
+            foreground_sampling=how,
+            seed=3,
+        )
+        counts = np.zeros(n)
+        for sample in take(ds, draws):
+            voxel = np.asarray(sample["origin"]) + centre
+            counts[labels[tuple(voxel)] - 1] += 1
+        sigma = np.sqrt(expected * (1 - expected) / draws)
+        assert np.all(np.abs(counts / draws - expected) <= 4 * sigma + 1e-9), (how, counts)
+    with pytest.raises(NoisysegInputError, match="foreground_sampling"):
+        PatchDataset(store["url"], ["c0"], patch_size=PATCH, foreground_sampling="blob")
+
+
+def test_clean_stream_has_its_own_batch_and_foreground_settings(store: dict) -> None:
+    loaders = make_train_loaders(
+        store["url"],
+        label_set="noisy",
+        patch_size=PATCH,
+        batch_size=2,
+        clean_count=2,
+        clean_batch_size=3,
+        clean_foreground_fraction=1.0,
+        foreground_fraction=0.0,
+        seed=1,
+    )
+    centre = tuple(np.asarray(PATCH) // 2)
+    for batch in itertools.islice(loaders.clean, 5):
+        assert batch["label"].shape == (3, 1, *PATCH)
+        # every clean patch is centred on a truth lesion voxel (the clean cases have lesions)
+        assert all(batch["label"][(b, 0, *centre)] == 1 for b in range(3))
+    assert next(iter(loaders.noisy))["label"].shape == (2, 1, *PATCH)
+    with pytest.raises(NoisysegInputError, match="clean_batch_size must be >= batch_size"):
+        make_train_loaders(
+            store["url"],
+            label_set="noisy",
+            patch_size=PATCH,
+            batch_size=2,
+            clean_count=2,
+            clean_batch_size=1,
+        )
+    with pytest.raises(NoisysegInputError, match="foreground_fraction"):
+        make_train_loaders(
+            store["url"],
+            label_set="noisy",
+            patch_size=PATCH,
+            batch_size=2,
+            clean_count=2,
+            clean_foreground_fraction=1.5,
+        )
+
+
 def test_shards_disjoint_and_complete() -> None:
     ids = [f"c{i}" for i in range(11)]
     for world, workers in [(1, 1), (2, 1), (2, 2), (3, 2), (4, 2)]:
@@ -291,7 +358,13 @@ def test_select_clean_cases(store: dict) -> None:
     assert select_clean_cases(url, count=2, seed=4) == two
     # fraction of the training split (6 cases): 0.5 -> 3 cases
     assert len(select_clean_cases(url, fraction=0.5)) == 3
-    assert len(select_clean_cases(VolumeStore.open(url), fraction=0.01)) == 1
+    assert len(select_clean_cases(VolumeStore.open(url), fraction=0.01, min_count=1)) == 1
+    # a fraction-sized subset gets at least min_count cases (default 3) when the data allow:
+    # 3 flagged clean of 6 train cases
+    assert len(select_clean_cases(url, fraction=0.01)) == 3
+    assert len(select_clean_cases(url, fraction=0.01, min_count=2)) == 2
+    assert len(select_clean_cases(url, fraction=0.01, min_count=5)) == 3  # only 3 flagged
+    assert len(select_clean_cases(url, count=1, min_count=3)) == 1  # a count is taken as given
     with pytest.raises(NoisysegInputError, match="clean subset larger than the data"):
         select_clean_cases(url, count=4)
     with pytest.raises(NoisysegInputError, match="clean subset larger than the data"):
@@ -400,3 +473,27 @@ def test_clean_only_subset_and_stream_seed(tmp_path) -> None:
     assert a.clean_case_ids == b.clean_case_ids == expected
     first_a, first_b = next(iter(a.noisy)), next(iter(b.noisy))
     assert not torch.equal(first_a["image"], first_b["image"])
+
+
+def test_train_config_clean_stream_fields() -> None:
+    """The TrainConfig fields default to the loader's defaults and refuse what meta cannot do."""
+    from noisyseg.distributed.config import make_config
+    from noisyseg.storage import patches
+
+    config = make_config({"store": "/s.zarr", "reweight": "meta", "clean_fraction": 0.05})
+    assert config.clean_min_cases == patches.DEFAULT_CLEAN_MIN_CASES
+    assert config.clean_foreground_fraction == patches.DEFAULT_CLEAN_FOREGROUND_FRACTION
+    assert config.clean_foreground_sampling == patches.DEFAULT_CLEAN_FOREGROUND_SAMPLING
+    assert config.clean_batch_size is None and config.class_balanced_clean is False
+    with pytest.raises(NoisysegInputError, match="voxel-separable"):
+        make_config({"store": "/s.zarr", "reweight": "meta", "clean_count": 1, "loss": "dicebce"})
+    with pytest.raises(NoisysegInputError, match="clean_batch_size"):
+        make_config(
+            {
+                "store": "/s.zarr",
+                "reweight": "meta",
+                "clean_count": 1,
+                "batch_size": 4,
+                "clean_batch_size": 2,
+            }
+        )
