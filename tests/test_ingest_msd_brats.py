@@ -577,9 +577,11 @@ def test_overwrite_rebuilds_beside_the_old_store_and_refuses_a_foreign_folder(tm
     assert (foreign / "keep.txt").read_text() == "mine"
 
 
+RAY_HEAD_CPUS = 2
+
+
 @pytest.mark.integration
-def test_ray_scheduler_writes_the_same_store(tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
+def test_ray_scheduler_writes_the_same_store(tmp_path, monkeypatch, request):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     src = tmp_path / "Dataset007"
@@ -589,20 +591,13 @@ def test_ray_scheduler_writes_the_same_store(tmp_path, monkeypatch):
     with pytest.raises(NoisysegInputError, match="needs a Ray connection"):
         ingest_folder(src, str(tmp_path / "r.zarr"), progress=False, scheduler="ray")
     assert not (tmp_path / "r.zarr").exists()  # refused before any work
-    ray.init(
-        address="local",
-        num_cpus=2,
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
-        log_to_driver=False,
+    # a real `ray start --head` (conftest); ingest connects through RAY_ADDRESS, as under
+    # `ray job submit`, and disconnects at the end
+    head = request.getfixturevalue("ray_head")
+    monkeypatch.setenv("RAY_ADDRESS", head.address)
+    got = ingest_folder(
+        src, str(tmp_path / "r.zarr"), progress=False, val_fraction=0.0, scheduler="ray"
     )
-    try:
-        got = ingest_folder(
-            src, str(tmp_path / "r.zarr"), progress=False, val_fraction=0.0, scheduler="ray"
-        )
-    finally:
-        ray.shutdown()
     assert [f.line() for f in got.failed] == [f.line() for f in ref.failed] and len(got.failed) == 1
     a, b = VolumeStore.open(str(tmp_path / "t.zarr")), VolumeStore.open(str(tmp_path / "r.zarr"))
     assert a.case_ids() == b.case_ids() == ["a", "b", "c"]
