@@ -606,3 +606,43 @@ def test_ray_scheduler_writes_the_same_store(tmp_path, monkeypatch, request):
         np.testing.assert_array_equal(
             a.labels(cid, SOURCE_LABELS)[:], b.labels(cid, SOURCE_LABELS)[:]
         )
+
+
+def test_nnunet_dataset_json_listing_files_instead_of_imagesTr(tmp_path):
+    """nnU-Net v2's "dataset" key (its BraTS 2024 conversion links the files in place)."""
+    brats = tmp_path / "raw"
+    cases = make_brats(brats, ["BraTS-GLI-00001-000", "BraTS-GLI-00002-000"], legacy=False)
+    src = tmp_path / "Dataset226_BraTS2024"
+    src.mkdir()
+    listing = {
+        cid: {
+            "images": [str(brats / cid / f"{cid}-{t}.nii.gz") for t in NEW_TAGS],
+            "label": str(brats / cid / f"{cid}-seg.nii.gz"),
+        }
+        for cid in cases
+    }
+    listing["BraTS-GLI-00003-000"] = {"images": ["../raw/nothing-t1n.nii.gz"], "label": "x.nii"}
+    (src / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "T1", "1": "T1C", "2": "T2W", "3": "T2F"},
+                "labels": {"background": 0, "NETC": 1, "SNFH": 2, "ET": 3, "RC": 4},
+                "file_ending": ".nii.gz",
+                "dataset": listing,
+            }
+        )
+    )
+    url = str(tmp_path / "s.zarr")
+    report = ingest_folder(src, url, progress=False, foreground="ET", val_fraction=0.0)
+    assert [f.line() for f in report.failed] == [
+        f"case BraTS-GLI-00003-000: {src / 'x.nii'}: missing label file"
+    ]
+    store = VolumeStore.open(url)
+    assert store.channel_names == ["T1", "T1C", "T2W", "T2F"]
+    for cid, (chans, lab, aff) in cases.items():
+        canon = nib.as_closest_canonical(nib.Nifti1Image(np.stack(chans, -1), aff))
+        np.testing.assert_array_equal(
+            store.image(cid)[:], np.asarray(canon.dataobj).transpose(3, 2, 1, 0)
+        )
+        want = np.asarray(nib.as_closest_canonical(nib.Nifti1Image(lab, aff)).dataobj)
+        np.testing.assert_array_equal(store.labels(cid)[:], (want == 3).transpose(2, 1, 0))

@@ -25,6 +25,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from noisyseg.errors import NoisysegInputError
 from noisyseg.storage import validate as V
@@ -70,6 +71,7 @@ class DatasetInfo:
     regions: dict[str, tuple[int, ...]] = field(default_factory=dict)
     file_ending: str = ".nii.gz"
     path: str | None = None
+    files: dict[str, Any] | None = None  # nnU-Net v2 "dataset": case -> {images, label}
 
 
 @dataclass
@@ -232,6 +234,7 @@ def read_dataset_json(root: Path) -> DatasetInfo:
         regions=regions,
         file_ending=ending if isinstance(ending, str) and ending else ".nii.gz",
         path=str(path),
+        files=doc["dataset"] if isinstance(doc.get("dataset"), dict) else None,
     )
 
 
@@ -322,12 +325,47 @@ def _nnunet_split(
     return specs
 
 
+def _listed_cases(root: Path, info: DatasetInfo) -> list[CaseSpec]:
+    """Training cases that nnU-Net v2's ``dataset.json`` lists under ``"dataset"``
+    (``{case: {"images": [one file per channel], "label": file}}``; relative paths from the
+    dataset folder), instead of ``imagesTr``/``labelsTr``."""
+    specs = []
+    for cid, entry in (info.files or {}).items():
+        images = entry.get("images") if isinstance(entry, dict) else None
+        label = entry.get("label") if isinstance(entry, dict) else None
+        if not isinstance(images, list) or not images or not isinstance(label, str):
+            specs.append(
+                CaseSpec(
+                    str(cid),
+                    [],
+                    None,
+                    problem=NoisysegInputError(
+                        'dataset.json "dataset" entry needs "images" (a list) and "label"',
+                        case=str(cid),
+                        path=info.path,
+                    ),
+                )
+            )
+            continue
+        spec = CaseSpec(str(cid), [root / str(p) for p in images], root / label)
+        if not spec.label.exists():  # type: ignore[union-attr]
+            spec.problem = NoisysegInputError(
+                "missing label file", case=spec.case_id, path=str(spec.label)
+            )
+        specs.append(spec)
+    return specs
+
+
 def discover_nnunet(root: Path) -> Layout:
-    """nnU-Net v2 / MSD folder: ``imagesTr``+``labelsTr`` (train), ``imagesTs`` (+``labelsTs``:
-    test, else unlabeled)."""
+    """nnU-Net v2 / MSD folder: ``imagesTr``+``labelsTr`` (or dataset.json's ``"dataset"``
+    list) as train, ``imagesTs`` (+``labelsTs``: test, else unlabeled)."""
     info = read_dataset_json(root)
     notes: list[str] = []
-    specs = _nnunet_split(root, "imagesTr", "labelsTr", "train", info)
+    if info.files is not None:
+        specs = _listed_cases(root, info)
+        notes.append(f'{len(specs)} training case(s) from dataset.json "dataset"')
+    else:
+        specs = _nnunet_split(root, "imagesTr", "labelsTr", "train", info)
     if (root / "imagesTs").is_dir():
         has_labels = (root / "labelsTs").is_dir()
         test = _nnunet_split(root, "imagesTs", "labelsTs" if has_labels else None, "test", info)
