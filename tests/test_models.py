@@ -10,10 +10,12 @@ from torch import nn
 
 from noisyseg.models import (
     UNetSpec,
+    autocast,
     build_unet,
     count_parameters,
     init_output_bias,
     output_convolution,
+    unwrap_model,
 )
 
 
@@ -90,3 +92,20 @@ def test_init_output_bias_starts_at_the_prior() -> None:
     assert 0.2 < float(torch.sigmoid(untouched(torch.randn(2, 1, 16, 16, 16))).mean()) < 0.8
     with pytest.raises(ValueError, match="prior"):
         init_output_bias(model, 1.0)
+
+
+def test_unwrap_model_returns_the_network_inside_a_wrapper() -> None:
+    net = nn.Conv2d(1, 1, 1)
+    assert unwrap_model(net) is net
+    assert unwrap_model(nn.DataParallel(net)) is net
+
+
+def test_autocast_none_keeps_float32_and_bf16_casts_on_cpu() -> None:
+    conv = nn.Conv2d(1, 1, 3, padding=1)
+    x = torch.randn(1, 1, 8, 8)
+    with autocast("cpu", "none"):
+        assert conv(x).dtype == torch.float32
+    with autocast(torch.device("cpu"), "bf16"):
+        assert conv(x).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="amp"):
+        autocast("cpu", "fp8")  # type: ignore[arg-type]
