@@ -165,9 +165,19 @@ def scan_manifest(fs: fsspec.AbstractFileSystem, array_path: str) -> Manifest:
     return Manifest(chunks=chunks)
 
 
-def write_manifest(files: StoreFiles, array_rel: str) -> Manifest:
-    """Scan the written array ``array_rel`` and record its manifest (atomic write)."""
-    manifest = scan_manifest(files.fs, files.path(array_rel))
+def write_manifest(
+    files: StoreFiles, array_rel: str, recorded: Mapping[str, str] | None = None
+) -> Manifest:
+    """Record the manifest of the written array ``array_rel`` (atomic write).
+
+    ``recorded``: hashes taken while the chunks were written (:class:`RecordingStore`); used
+    when its keys are exactly the chunk objects stored (one listing, no re-read), else every
+    stored object is read and hashed (:func:`scan_manifest`).
+    """
+    if recorded is not None and set(recorded) == stored_keys(files.fs, files.path(array_rel)):
+        manifest = Manifest(chunks=dict(sorted(recorded.items())))
+    else:
+        manifest = scan_manifest(files.fs, files.path(array_rel))
     files.write_json(manifest_rel(array_rel), manifest.to_json())
     return manifest
 
@@ -238,6 +248,42 @@ def open_verified_array(files: StoreFiles, zstore: Any, ctx: ArrayContext) -> An
         raise ctx.damage(
             "zarr.json", f"is invalid ({type(exc).__name__})", kind="metadata"
         ) from None
+
+
+class RecordingStore(WrapperStore):
+    """A zarr store wrapper that hashes every chunk object written under one array as it is
+    written (``recorded``: key relative to the array -> hash), so the manifest needs no
+    re-read of the data (what object stores would have to download again)."""
+
+    def __init__(self, store: Any, array_rel: str) -> None:
+        super().__init__(store)
+        self._prefix = array_rel.rstrip("/") + "/"
+        self.recorded: dict[str, str] = {}
+
+    def _with_store(self, store: Any) -> RecordingStore:
+        return type(self)(store, self._prefix.rstrip("/"))
+
+    def _chunk_key(self, key: str) -> str | None:
+        if not key.startswith(self._prefix):
+            return None
+        rest = key[len(self._prefix) :]
+        return None if rest in NOT_CHUNKS else rest
+
+    async def set(self, key: str, value: Buffer) -> None:
+        await self._store.set(key, value)
+        chunk = self._chunk_key(key)
+        if chunk is not None:
+            self.recorded[chunk] = chunk_hash(value.to_bytes())
+
+    async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
+        for key, value in values:
+            await self.set(key, value)
+
+    async def delete(self, key: str) -> None:
+        await self._store.delete(key)
+        chunk = self._chunk_key(key)
+        if chunk is not None:
+            self.recorded.pop(chunk, None)
 
 
 class VerifiedStore(WrapperStore):

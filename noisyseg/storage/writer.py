@@ -29,7 +29,7 @@ from noisyseg.storage.atomic import (
     recover_dir,
     token,
 )
-from noisyseg.storage.integrity import integrity_attrs, write_manifest
+from noisyseg.storage.integrity import RecordingStore, integrity_attrs, write_manifest
 from noisyseg.storage.layout import (
     CASES_DIR,
     OME_VERSION,
@@ -75,7 +75,7 @@ def write_array(
         layout_itemsize: bytes per voxel for the chunk layout (default ``data``'s itemsize).
     """
     group = zarr.open_group(store=store.zstore, path=group_rel, mode="r+")
-    arr = create_array(
+    create_array(
         group,
         data.shape,
         data.dtype,
@@ -84,8 +84,10 @@ def write_array(
         layout_itemsize=layout_itemsize,
         attributes=integrity_attrs(),
     )
-    arr[...] = data
-    write_manifest(store.files, f"{group_rel}/0")
+    rel = f"{group_rel}/0"
+    recorder = RecordingStore(store.zstore, rel)
+    zarr.open_array(store=recorder, path=rel, mode="r+")[...] = data
+    write_manifest(store.files, rel, recorder.recorded)
 
 
 def write_label_group(
