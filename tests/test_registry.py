@@ -180,3 +180,33 @@ def test_target_spacing_travels_with_the_model(tracking, scan, tmp_path):
     assert not np.allclose(resampled, native, atol=1e-4)  # the spacing parameter acts
     from_cli = _predict_cli("models:/coarse@champion", folder, tmp_path / "cli")
     np.testing.assert_allclose(resampled, from_cli, atol=1e-6)
+
+
+def test_tune_best_register(tracking, tmp_path, capsys):
+    """``noisyseg tune --best SWEEP --register NAME`` registers the run the sweep's parent run
+    names as best (the tag the sweep summary writes)."""
+    import json
+
+    best_id, _ = _training_run(tracking, tmp_path, "trial-best", None)
+    other_id, _ = _training_run(tracking, tmp_path, "trial-other", None)
+    client = mlflow.MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("reg").experiment_id
+    parent = client.create_run(experiment, run_name="sweep", tags={"best_run_id": best_id})
+    sweep_dir = tmp_path / "sweeps" / "s1"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "noisyseg_sweep.json").write_text(
+        json.dumps({"parent_run_id": parent.info.run_id, "tracking_uri": tracking})
+    )
+    argv = ["tune", "--best", str(sweep_dir), "--register", "swept", "--alias", "champion"]
+    assert main(argv) == 0
+    assert "registered as models:/swept@champion" in capsys.readouterr().out
+    version = client.get_model_version_by_alias("swept", "champion")
+    assert version.run_id == best_id != other_id
+    assert main(["tune", "--register", "swept"]) == 2
+    assert "goes with --best SWEEP" in capsys.readouterr().err
+    unfinished = client.create_run(experiment, run_name="sweep2")
+    (sweep_dir / "noisyseg_sweep.json").write_text(
+        json.dumps({"parent_run_id": unfinished.info.run_id, "tracking_uri": tracking})
+    )
+    assert main(argv) == 2
+    assert "has no best trial yet" in capsys.readouterr().err

@@ -187,9 +187,13 @@ def _preprocessing(args: argparse.Namespace, resolved: Any) -> Any:
     return dataclasses.replace(prep, **changes)
 
 
-def _resolve_device(device: str | None, gpu: bool) -> str:
+def _resolve_device(device: str | None, gpu: bool, use_ray: bool = False) -> str:
+    """The torch device of the forward passes. ``--gpu`` on Ray: ``cuda`` in the actors (each
+    reserves one GPU; the driver need not have one); otherwise checked here."""
     import torch
 
+    if gpu and use_ray:
+        return "cuda"
     if gpu or device is None:
         device = "cuda" if (gpu or torch.cuda.is_available()) else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -267,9 +271,9 @@ def _predict_to_files(args: argparse.Namespace, kind: str, source: str, referenc
         cases = [ScanCase(c, [], store_url=store.url) for c in cases_ids]
     else:
         cases = discover_scans(source, in_channels=prep.in_channels)
-    device = _resolve_device(args.device, args.gpu)
-    out = _output_dir(args.output, args.overwrite)
     use_ray = _use_ray(args)
+    device = _resolve_device(args.device, args.gpu, use_ray)
+    out = _output_dir(args.output, args.overwrite)
     start = time.perf_counter()
     with progress_bar(
         f"predict ({args.workers} on Ray)" if use_ray else "predict", enabled=True
@@ -363,7 +367,7 @@ def _predict_into_store(args: argparse.Namespace, source: str, reference: str) -
         roi_size=prep.roi_size,
         overlap=prep.overlap,
         sw_batch_size=prep.sw_batch_size,
-        device=_resolve_device(args.device, args.gpu),
+        device=_resolve_device(args.device, args.gpu, _use_ray(args)),
         amp=args.amp,
     )
     use_ray = _use_ray(args)

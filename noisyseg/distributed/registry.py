@@ -4,15 +4,16 @@
 ``tune --best SWEEP --register NAME``) logs, into the training run, an ``mlflow.pyfunc`` model
 named :data:`PYFUNC_NAME` and registers it:
 
-* the model is :class:`NoisysegPyfuncModel`, whose only artifact is the run's
-  ``checkpoint/final.pt`` (loaded with ``torch.load(weights_only=True)``) plus
+* the model is :class:`NoisysegUNet`, logged as "models from code"
+  (:mod:`noisyseg.distributed.pyfunc_entry`: loading it unpickles no code); its artifacts are
+  the run's ``checkpoint/final.pt`` (loaded with ``torch.load(weights_only=True)``) and
   ``preprocessing.json`` (:class:`~noisyseg.distributed.scan_inputs.Preprocessing`: channels,
   canonical orientation, target spacing, z-score rule, sliding window, threshold), also kept in
-  the model's metadata;
+  the model's metadata (``noisyseg_preprocessing``);
 * its signature: input a float32 tensor ``(C, -1, -1, -1)`` (raw intensities, store axis order
   ``(c, z, y, x)``), output float32 ``(-1, -1, -1)`` probabilities, optional parameter
   ``spacing`` (mm, ``(z, y, x)``: resample to the model's target spacing and back);
-* the registered version is tagged with the run id and training step, and the alias (e.g.
+* the registered version is tagged with the run id, and the alias (e.g.
   ``champion``) is pointed at it (``MlflowClient.set_registered_model_alias``).
 
 So ``mlflow.pyfunc.load_model("models:/NAME@champion").predict(volume)`` segments a raw scan,
@@ -59,9 +60,8 @@ PYFUNC_NAME = "noisyseg_model"
 ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
 CHECKPOINT_KEY = "checkpoint"
 PREPROCESSING_FILE = "preprocessing.json"
-#: Registered version tags.
+#: Tag of a registered version: the training run it came from.
 RUN_TAG = "noisyseg.run_id"
-STEP_TAG = "noisyseg.step"
 
 
 # ----------------------------------------------------------------------------------------------
