@@ -165,6 +165,9 @@ def _nifti_folder(root: Path, bad: bool) -> None:
 
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
+    # labels 0 and 1 listed: bad_case's 3 is a value the dataset does not list (multi-class
+    # labels that dataset.json lists are ingested, issue 14)
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lesion": 1}}))
     rng = np.random.default_rng(0)
     for cid in ("ok_1", "ok_2", "bad_case") if bad else ("ok_1", "ok_2"):
         nib.save(
@@ -181,14 +184,15 @@ def test_cli_ingest_exit_codes_and_error_lines(tmp_path, capsys):
     assert main(["ingest", str(tmp_path / "good"), str(tmp_path / "g.zarr"), "--no-progress"]) == 0
     assert "ingested 2 case(s)" in capsys.readouterr().out
     _nifti_folder(tmp_path / "mixed", bad=True)
-    assert main(["ingest", str(tmp_path / "mixed"), str(tmp_path / "m.zarr"), "--no-progress"]) == 1
+    # a failed case is bad input: exit status 2 (issue 13 item 12), the good cases ingested
+    assert main(["ingest", str(tmp_path / "mixed"), str(tmp_path / "m.zarr"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert (
         err[0].startswith("noisyseg ingest: error: case bad_case: ")
         and "labelsTr/bad_case.nii.gz" in err[0]
     )
-    assert "not binary (values 0, 3)" in err[0]
+    assert "label values 3 not listed in dataset.json labels (0 background, 1 lesion)" in err[0]
     assert VolumeStore.open(str(tmp_path / "m.zarr")).case_ids() == ["ok_1", "ok_2"]
     (tmp_path / "empty").mkdir()
     assert main(["ingest", str(tmp_path / "empty"), str(tmp_path / "e.zarr"), "--no-progress"]) == 2
