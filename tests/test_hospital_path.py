@@ -191,6 +191,7 @@ def assert_outputs_in_input_geometry(out: Path, inputs: dict[str, Path]) -> int:
     return lesions
 
 
+@pytest.mark.timeout(3000)  # ingest, train, register, predict: minutes on a loaded 2-core machine
 def test_hospital_path(ray_head, mlflow_server, tmp_path):
     env = ray_env(MLFLOW_TRACKING_URI=mlflow_server.uri, RAY_ADDRESS=ray_head.address)
     msd_root = tmp_path / "Task01_BrainTumour"
