@@ -350,10 +350,7 @@ def ingest_folder(
         splits_file=splits_file,
         fold=fold,
     )
-    clean_ids: set[str] = set()
-    if clean_cases is not None:
-        clean_ids = set(S.read_case_list(clean_cases))
-        S.check_known(clean_ids, plan, what="clean-case list", path=str(clean_cases))
+    clean_ids = _clean_ids(clean_cases, plan)
     report = IngestReport(str(store_url), layout.kind, notes=list(layout.notes), splits=plan)
 
     def fail(failure: CaseFailure) -> None:
@@ -361,13 +358,7 @@ def ingest_folder(
         if on_error is not None:
             on_error(failure)
 
-    good = []
-    for spec in layout.specs:
-        if spec.problem is not None:
-            fail(CaseFailure(spec.case_id, spec.problem.path, spec.problem.rule))
-        else:
-            spec.split = plan[spec.case_id]
-            good.append(spec)
+    good = _screen(layout, plan, fail)
     job = _Job(
         str(src),
         layout,
@@ -383,6 +374,29 @@ def ingest_folder(
         _write_store(job, str(store_url), report, fail, overwrite, storage_options)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _clean_ids(clean_cases: str | None, plan: dict[str, str]) -> set[str]:
+    """Ids of the clean-case list (empty without one); every id must be a case of the source."""
+    if clean_cases is None:
+        return set()
+    ids = set(S.read_case_list(clean_cases))
+    S.check_known(ids, plan, what="clean-case list", path=str(clean_cases))
+    return ids
+
+
+def _screen(
+    layout: Layout, plan: dict[str, str], fail: Callable[[CaseFailure], None]
+) -> list[CaseSpec]:
+    """Cases without a scanning problem, their split set from ``plan``; the others reported."""
+    good = []
+    for spec in layout.specs:
+        if spec.problem is not None:
+            fail(CaseFailure(spec.case_id, spec.problem.path, spec.problem.rule))
+        else:
+            spec.split = plan[spec.case_id]
+            good.append(spec)
+    return good
 
 
 def _require_ray() -> None:
