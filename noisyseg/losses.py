@@ -22,6 +22,7 @@ Losses:
   labelled background may hide missed lesions and is softened by an entropy term.
 
 :func:`make_loss` builds any of them by name (the names the config, CLI and MLflow use).
+:func:`clean_loss` is meta reweighting's clean objective (mean BCE, optionally class-balanced).
 """
 
 from __future__ import annotations
@@ -108,6 +109,40 @@ class _VoxelwiseLoss(nn.Module):
         """Args: logits ``(N, 1, *spatial)``, labels same shape in ``{0, 1}``. Returns see module."""
         labels = _check_inputs(logits, labels)
         return _reduce(self.per_voxel(logits, labels), self.reduction)
+
+
+# ------------------------------------------------------------------------ clean objective (meta)
+def clean_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, class_balanced: bool = False
+) -> torch.Tensor:
+    """The clean objective ``L_c``: mean BCE over every voxel of the clean batch (nats).
+
+    The objective of meta pixel reweighting (:mod:`noisyseg.reweight`) on its clean batch. Ren et
+    al. (2018) and Mirikharaji et al. (2019) measure the clean set with plain cross-entropy on its
+    clean labels, whatever loss trains the model; so does reweighting, for every training loss.
+
+    Args:
+        logits: ``(M, 1, *S)`` clean-batch logits.
+        labels: ``(M, 1, *S)`` clean labels in ``{0, 1}``.
+        class_balanced: deviation from both papers, off by default: ``½·mean BCE over lesion
+            voxels + ½·mean BCE over background voxels`` (the mean over the present class alone
+            when the batch holds one class), so a lesion-poor clean batch still asks for lesions.
+
+    Returns:
+        A scalar tensor (differentiable).
+    """
+    if labels.shape != logits.shape:
+        raise ValueError(
+            f"clean labels shape {tuple(labels.shape)} differs from logits shape "
+            f"{tuple(logits.shape)}"
+        )
+    labels = labels.to(device=logits.device, dtype=logits.dtype)
+    per_voxel = bce_with_logits(logits, labels)
+    if not class_balanced:
+        return per_voxel.mean()
+    lesion = labels > 0.5
+    terms = [per_voxel[part].mean() for part in (lesion, ~lesion) if part.any()]
+    return torch.stack(terms).mean()
 
 
 # ----------------------------------------------------------------------------------- the losses

@@ -4,13 +4,14 @@ Per training step there is a noisy batch ``(x, y)`` with per-pixel losses ``l_j(
 loss: BCE, Reed bootstrap or the lopsided bootstrap — any voxel-separable loss) and a small clean
 batch with objective ``L_c(θ)``; ``α`` is the inner (virtual) learning rate.
 
-**The clean objective is always mean BCE on the clean labels** (:func:`clean_loss`), whatever the
-training loss, as in Ren et al. and Mirikharaji et al.: the clean set says what "correct" means,
-the training loss only shapes the noisy voxels' gradients. So ``--loss lopsided --reweight meta``
+**The clean objective is always mean BCE on the clean labels**
+(:func:`~noisyseg.losses.clean_loss`), whatever the training loss, as in Ren et al. and
+Mirikharaji et al.: the clean set says what "correct" means, the training loss only shapes the
+noisy voxels' gradients. So ``--loss lopsided --reweight meta``
 is the lopsided loss on the noisy voxels, weighted by clean-BCE meta weights. A loss that is not
 voxel-separable (Dice+BCE: its per-voxel form spreads a per-sample Dice over the voxels) is
 refused (``ValueError``). ``class_balanced_clean=True`` (a deviation from both papers, off by
-default) averages the clean BCE per class instead (:func:`clean_loss`).
+default) averages the clean BCE per class instead (:func:`noisyseg.losses.clean_loss`).
 
 * **reference** (Ren et al.): ``θ'(ε) = θ - α ∇θ Σ_j ε_j l_j(θ)`` with the graph kept, then
   ``g_j = ∂ L_c(θ'(ε)) / ∂ε_j`` at ``ε = 0`` by a double backward.
@@ -67,7 +68,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from noisyseg.losses import bce_with_logits
+from noisyseg.losses import bce_with_logits, clean_loss
 from noisyseg.models import unwrap_model
 
 Method = Literal["fast", "reference", "head"]
@@ -84,37 +85,6 @@ HeadSpec = int | Callable[[str], bool]
 
 
 # ------------------------------------------------------------------------------ clean objective
-def clean_loss(logits: Tensor, labels: Tensor, *, class_balanced: bool = False) -> Tensor:
-    """The clean objective ``L_c``: mean BCE over every voxel of the clean batch (nats).
-
-    Ren et al. (2018) and Mirikharaji et al. (2019) measure the clean set with plain
-    cross-entropy on its clean labels, whatever loss trains the model; so does this function,
-    for every training loss.
-
-    Args:
-        logits: ``(M, 1, *S)`` clean-batch logits.
-        labels: ``(M, 1, *S)`` clean labels in ``{0, 1}``.
-        class_balanced: deviation from both papers, off by default: ``½·mean BCE over lesion
-            voxels + ½·mean BCE over background voxels`` (the mean over the present class alone
-            when the batch holds one class), so a lesion-poor clean batch still asks for lesions.
-
-    Returns:
-        A scalar tensor (differentiable).
-    """
-    if labels.shape != logits.shape:
-        raise ValueError(
-            f"clean labels shape {tuple(labels.shape)} differs from logits shape "
-            f"{tuple(logits.shape)}"
-        )
-    labels = labels.to(device=logits.device, dtype=logits.dtype)
-    per_voxel = bce_with_logits(logits, labels)
-    if not class_balanced:
-        return per_voxel.mean()
-    lesion = labels > 0.5
-    terms = [per_voxel[part].mean() for part in (lesion, ~lesion) if part.any()]
-    return torch.stack(terms).mean()
-
-
 def _clean_objective(class_balanced: bool) -> CleanObjective:
     def objective(logits: Tensor, labels: Tensor) -> Tensor:
         return clean_loss(logits, labels, class_balanced=class_balanced)
@@ -465,13 +435,15 @@ def meta_pixel_weights(
         clean_images, clean_labels: ``(M, C, *S')`` and ``(M, 1, *S')``.
         loss: the training loss on the noisy batch: ``None`` (BCE with logits), a voxel-separable
             :mod:`noisyseg.losses` loss (its per-voxel form), or a callable returning per-pixel
-            loss. The clean batch is always measured with :func:`clean_loss` (mean BCE).
+            loss. The clean batch is always measured with mean BCE
+            (:func:`~noisyseg.losses.clean_loss`).
         inner_lr: ``α > 0`` of the virtual step (a positive scale; the normalised weights do not
             depend on it).
         method: ``"fast"`` (exact, forward mode), ``"reference"`` (virtual step + double
             backward) or ``"head"`` (``fast`` restricted to :func:`head_parameter_names`).
         head: which parameters ``"head"`` differentiates (count of last modules or predicate).
-        class_balanced_clean: class-balanced clean objective (deviation, see :func:`clean_loss`).
+        class_balanced_clean: class-balanced clean objective (a deviation, off by default; see
+            :func:`~noisyseg.losses.clean_loss`).
         sync: all-reduce the clean gradient and ``Σ w̃`` over the ranks of the process group;
             ``None`` → when ``model`` is DDP-wrapped and a process group is initialised.
 
@@ -507,8 +479,8 @@ class MetaStepResult:
         loss: the weighted loss ``Σ_j w_j l_j`` that was minimised (nats; weights sum to 1).
         weights: detached pixel weights of this rank's noisy batch, shaped like its labels.
         unweighted_loss: mean per-pixel training loss of the noisy batch (nats), for logging.
-        clean_loss: the clean objective :func:`clean_loss` before the update (nats; the mean
-            over ranks of each rank's value when syncing).
+        clean_loss: the clean objective (:func:`~noisyseg.losses.clean_loss`) before the update
+            (nats; the mean over ranks of each rank's value when syncing).
         positive_fraction: fraction of noisy pixels with a non-zero weight.
         lesion_weight_share: share of the total weight on voxels labelled lesion in the noisy
             batch, ``Σ_{y=1} w_j / Σ w_j`` (NaN when every weight is 0). Uniform weights give
@@ -596,7 +568,7 @@ def meta_reweighted_step(
 ) -> MetaStepResult:
     """One training step with meta pixel reweighting: weights, then the real weighted update.
 
-    ``fast``/``head``: clean forward + backward of :func:`clean_loss` (``v = ∇L_c`` by
+    ``fast``/``head``: clean forward + backward of the clean objective (``v = ∇L_c`` by
     ``torch.autograd.grad``, so no ``.grad`` is touched and DDP does not all-reduce it; with
     ``sync`` it is averaged over ranks explicitly), then the noisy batch:
 
@@ -690,7 +662,6 @@ __all__ = [
     "DEFAULT_HEAD_MODULES",
     "METHODS",
     "MetaStepResult",
-    "clean_loss",
     "head_parameter_names",
     "head_weight_correlation",
     "meta_pixel_weights",

@@ -18,10 +18,10 @@ from noisyseg.losses import (
     DiceBCELoss,
     LopsidedBootstrapLoss,
     bce_with_logits,
+    clean_loss,
 )
 from noisyseg.models import build_unet
 from noisyseg.reweight import (
-    clean_loss,
     head_parameter_names,
     head_weight_correlation,
     meta_pixel_weights,
