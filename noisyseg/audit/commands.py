@@ -6,8 +6,8 @@
                    [--output DIR] [--threshold T]
     noisyseg audit --model MODEL --store STORE --labels LABEL_SET --accept ID [ID ...] --name NEW
 
-MODEL is what ``noisyseg predict`` loads: an MLflow run id, a ``.pt`` checkpoint or a Ray
-checkpoint directory. The library code lives in :mod:`noisyseg.audit.run`.
+MODEL is what ``noisyseg predict`` loads: ``models:/NAME@ALIAS``, an MLflow run id, a ``.pt``
+checkpoint or a Ray checkpoint directory. The library code lives in :mod:`noisyseg.audit.run`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "picture per top candidate, and log them to MLflow. With --accept IDS --name NEW: "
         "write label set NEW = the audited set plus those candidates.",
     )
-    audit.add_argument("--model", required=True, help="MLflow run id, .pt file or Ray checkpoint")
+    audit.add_argument(
+        "--model",
+        required=True,
+        help="as predict takes it: models:/NAME@ALIAS, an MLflow run id, a .pt file or a Ray "
+        "checkpoint directory",
+    )
     audit.add_argument("--store", required=True, help="the volume store (path or fsspec URL)")
     audit.add_argument("--labels", required=True, help="the label set to audit")
     audit.add_argument("--split", default="train", help="cases to audit (default: train)")

@@ -2,9 +2,8 @@
 
 Steps of ``noisyseg audit`` (each a function here):
 
-1. :func:`load_model` — the checkpoint (MLflow run id, ``.pt`` file or Ray checkpoint directory,
-   as ``noisyseg predict`` takes it, through :func:`noisyseg.distributed.inference.load_checkpoint`)
-   and the MLflow run it came from.
+1. :func:`load_model` — the checkpoint (registered model, MLflow run id, ``.pt`` file or Ray
+   checkpoint directory, as ``noisyseg predict`` takes it) and the MLflow run it came from.
 2. :func:`find_candidates` — sliding-window prediction of every case (in-process, or in parallel
    on Ray through :func:`noisyseg.distributed.inference.map_cases`) and the candidates of each
    case against the audited label set (:func:`noisyseg.candidates.extract_candidates`).
@@ -45,12 +44,8 @@ from noisyseg.candidates import (
     rank_candidates,
     suspected_missed,
 )
-from noisyseg.distributed.inference import (
-    InferenceSettings,
-    case_affine,
-    load_checkpoint,
-    map_cases,
-)
+from noisyseg.distributed.inference import InferenceSettings, case_affine, map_cases
+from noisyseg.distributed.registry import resolve_model
 from noisyseg.distributed.tracking import finish_run, open_run, resolve_tracking_uri
 from noisyseg.errors import NoisysegInputError
 from noisyseg.storage.store import TRUTH, VolumeStore
@@ -70,19 +65,14 @@ class ModelRef:
     run_id: str | None
 
 
-def _is_run_id(text: str) -> bool:
-    return len(text) >= 8 and all(ch in "0123456789abcdef" for ch in text.lower())
-
-
 def load_model(source: str) -> ModelRef:
-    """Load MODEL (run id, ``.pt`` file or Ray checkpoint directory) and name its MLflow run
-    (the run id itself, else the ``mlflow_run_id`` a Ray checkpoint records, else ``None``)."""
-    checkpoint = load_checkpoint(source)
-    if not Path(source).exists() and _is_run_id(str(source)):
-        run_id = str(source)
-    else:
-        run_id = checkpoint.get("mlflow_run_id") or None
-    return ModelRef(str(source), checkpoint, run_id)
+    """Load MODEL as ``noisyseg predict`` does (:func:`noisyseg.distributed.registry.
+    resolve_model`: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/...``, a run
+    id, a ``.pt`` file or a Ray checkpoint directory) and name its MLflow run (the run the
+    reference names, else the ``mlflow_run_id`` a Ray checkpoint records, else ``None``)."""
+    resolved = resolve_model(str(source))
+    run_id = resolved.run_id or resolved.checkpoint.get("mlflow_run_id") or None
+    return ModelRef(str(source), resolved.checkpoint, run_id)
 
 
 # --------------------------------------------------------------------------------- candidates
