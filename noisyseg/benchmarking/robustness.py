@@ -115,6 +115,24 @@ def fp_at_max_sensitivity(metrics: dict[str, Any]) -> float:
     return float(fp[-1]) if len(fp) else 0.0
 
 
+def start_ray(cpus_needed: float, attempts: int = 3) -> bool:
+    """:func:`~noisyseg.distributed.ray_utils.ensure_ray`, tried ``attempts`` times.
+
+    On a loaded machine Ray can miss its fixed 30 s start-up window ("The current node timed out
+    during startup"), also when joining ``RAY_ADDRESS``; a later try usually makes it (seen at
+    load average 30-50 on 2 cores). Returns whether this call connected.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return ensure_ray(cpus_needed)
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception for start-up failures
+            if attempt == attempts:
+                raise
+            ray.shutdown()
+            time.sleep(5.0)
+    return False
+
+
 # ----------------------------------------------------------------------------------- the runner
 class RobustnessBenchmark:
     """Builds the stores, trains every (seed, variant), evaluates on held-out truth, reports.
@@ -367,7 +385,7 @@ class RobustnessBenchmark:
             f"[benchmark] {len(jobs)} models to train ({len(jobs) // len(self.seeds)} per seed, "
             f"seeds {self.seeds}); each evaluated on its seed's held-out test cases against truth"
         )
-        started_ray = ensure_ray(s.workers * s.cpus_per_worker * s.parallel)
+        started_ray = start_ray(s.workers * s.cpus_per_worker * s.parallel)
         try:
             rows = self._run_jobs(jobs, tests)
         finally:
