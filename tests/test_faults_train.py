@@ -28,6 +28,9 @@ from noisyseg.cli import main
 from noisyseg.distributed.checkpoints import latest_checkpoint_state
 from noisyseg.distributed.config import check_against_store, make_config
 from noisyseg.distributed.memory import META_PASSES, estimate_worker_memory
+from noisyseg.distributed.progress import ProgressSender
+from noisyseg.distributed.tracking import open_run
+from noisyseg.distributed.train_loop import LocalContext, run_worker
 from noisyseg.errors import NoisysegInputError
 from noisyseg.models import UNetSpec, build_unet, count_parameters
 
@@ -134,6 +137,54 @@ def test_activation_estimate_matches_the_memory_a_forward_pass_holds(shape) -> N
     assert 0.85 < numbers["held"] / expected < 1.15, numbers
 
 
+# ------------------------------------------------------------------------------ lost launcher
+class LauncherGoneAfter(ProgressSender):
+    """A launcher that answers ``n`` liveness checks, then is gone (what the real sender reports
+    once Ray has removed the inbox of a dead launcher). Records what rank 0 sends."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(None)
+        self.left = n
+        self.records: list = []
+
+    def launcher_alive(self) -> bool:
+        self.left -= 1
+        return self.left >= 0
+
+    def send(self, record) -> None:
+        self.records.append(record)
+
+
+def test_workers_stop_and_save_when_the_launcher_is_gone(store: str, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = make_config({"store": store, "labels": "truth", "loss": "bce", "patch_size": 16,
+                          "batch_size": 1, "channels": [4, 8], "num_res_units": 0,
+                          "val_cases": 0, "steps": 20, "log_interval": 2,
+                          "checkpoint_interval": 10, "run_name": "g", "experiment": "faults"})  # fmt: skip
+    handle = open_run(uri, "faults", "g", config.flat_params())
+    run_dir = tmp_path / "run"
+    loop = {
+        "config": config.model_dump(mode="json"),
+        "store_info": check_against_store(config).model_dump(),
+        "mlflow": {"tracking_uri": uri, "run_id": handle.run_id},
+        "run_dir": str(run_dir),
+    }
+    sender = LauncherGoneAfter(3)  # alive at the flushes of steps 2, 4, 6; gone at step 8
+    context = LocalContext(sender=sender)
+    metrics = run_worker(loop, context)
+
+    assert metrics["step"] == 8 and context.reports == []  # stopped before checkpoint 10
+    assert [r.step for r in sender.records if r.kind == "step"] == [2, 4, 6, 8]
+    assert latest_checkpoint_state(run_dir)[1]["step"] == 8  # saved where it stopped
+    client = MlflowClient(uri)
+    run = client.get_run(handle.run_id)
+    assert run.info.status == "KILLED"
+    assert "stopped at step 8" in run.data.tags["noisyseg.end_reason"]
+    assert sorted(m.step for m in client.get_metric_history(handle.run_id, "train/loss")) == list(
+        range(1, 9)
+    )
+
+
 # ------------------------------------------------------------------------------ integration
 ARGS = ["--labels", "truth", "--loss", "bce", "--patch-size", "16", "--batch-size", "1",
         "--channels", "4", "8", "--num-res-units", "0", "--val-cases", "0", "--workers", "1",
@@ -175,7 +226,7 @@ def _launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2400)
 def test_killed_launcher_stops_its_workers_and_the_relaunch_resumes(
     ray_head, mlflow_server, store: str, workspace: Path
 ) -> None:
@@ -192,7 +243,7 @@ def test_killed_launcher_stops_its_workers_and_the_relaunch_resumes(
             "--storage-path", str(results)]  # fmt: skip
     launcher = _launch(args, env)
     try:
-        _wait(lambda: (results / "d1" / "checkpoint_0000005").is_dir(), 400, "checkpoint 5",
+        _wait(lambda: (results / "d1" / "checkpoint_0000005").is_dir(), 900, "checkpoint 5",
               launcher)  # fmt: skip
         launcher.kill()  # SIGKILL: no chance to clean up
         launcher.wait(timeout=30)
@@ -236,7 +287,7 @@ def test_killed_launcher_stops_its_workers_and_the_relaunch_resumes(
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2400)
 def test_ctrl_c_ends_with_one_line_and_stops_the_workers(
     ray_head, mlflow_server, store: str, workspace: Path
 ) -> None:
@@ -250,7 +301,7 @@ def test_ctrl_c_ends_with_one_line_and_stops_the_workers(
             "--storage-path", str(results)]  # fmt: skip
     launcher = _launch(args, env)
     try:
-        _wait(lambda: (results / "c1" / "checkpoint_0000005").is_dir(), 400, "checkpoint 5",
+        _wait(lambda: (results / "c1" / "checkpoint_0000005").is_dir(), 900, "checkpoint 5",
               launcher)  # fmt: skip
         launcher.send_signal(signal.SIGINT)
         output, _ = launcher.communicate(timeout=120)

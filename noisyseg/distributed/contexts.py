@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from noisyseg.distributed.progress import ProgressSender
+
 
 class WorkerContext:
     """Where the loop runs: rank, device, checkpoint restore and reporting."""
@@ -34,6 +36,10 @@ class WorkerContext:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str) -> None:
         raise NotImplementedError
+
+    def progress_sender(self, inbox: Any | None) -> ProgressSender:
+        """Where rank 0's progress goes: the launcher's inbox, else printed lines (rank 0)."""
+        return ProgressSender(inbox, echo=inbox is None and self.rank == 0)
 
 
 class RayContext(WorkerContext):
@@ -81,7 +87,8 @@ class LocalContext(WorkerContext):
     """A plain process: one rank, no Ray (benchmarks and unit tests).
 
     ``checkpoint_root``: where checkpoints go (``None``: not written); ``restore`` resumes from a
-    checkpoint directory. Reported metrics are kept in :attr:`reports`.
+    checkpoint directory; ``sender``: where progress goes (default: printed lines). Reported
+    metrics are kept in :attr:`reports`.
     """
 
     def __init__(
@@ -89,11 +96,16 @@ class LocalContext(WorkerContext):
         device: str = "cpu",
         checkpoint_root: str | Path | None = None,
         restore: str | Path | None = None,
+        sender: ProgressSender | None = None,
     ) -> None:
         self._device = torch.device(device)
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
         self._restore = Path(restore) if restore else None
+        self._sender = sender
         self.reports: list[dict[str, Any]] = []
+
+    def progress_sender(self, inbox: Any | None) -> ProgressSender:
+        return self._sender or super().progress_sender(inbox)
 
     def device(self) -> torch.device:
         return self._device

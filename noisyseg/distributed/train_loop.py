@@ -245,6 +245,10 @@ def open_batches(
         foreground_fraction=config.foreground_fraction,
         clean_fraction=config.clean_fraction if uses_clean_subset else None,
         clean_count=config.clean_count if uses_clean_subset else None,
+        clean_min_cases=config.clean_min_cases,
+        clean_foreground_fraction=config.clean_foreground_fraction,
+        clean_foreground_sampling=config.clean_foreground_sampling,
+        clean_batch_size=config.clean_batch_size,
         train_subset=config.train_subset,
         rank=rank,
         world_size=world_size,
@@ -319,12 +323,13 @@ class StepLog:
         rank: int,
         world_size: int,
         device: torch.device,
+        sender: ProgressSender,
         *,
         start_step: int = 0,
     ) -> None:
         self.job, self.rank, self.world_size, self.device = job, rank, world_size, device
         self.pending: list[tuple[int, float, float, dict[str, float]]] = []
-        self.sender = ProgressSender(job.inbox, echo=job.inbox is None and rank == 0)
+        self.sender = sender
         self._last = (start_step, time.perf_counter())
 
     def add(self, step: int, out: StepOutput, lr: float) -> None:
@@ -521,7 +526,8 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
     state = build_state(job, context)
     batches = open_batches(config, job.info, context.rank, context.world_size, state.step)
     metric_log = open_metric_log(job, context.rank)
-    log = StepLog(job, context.rank, context.world_size, device, start_step=state.step)
+    sender = context.progress_sender(job.inbox)
+    log = StepLog(job, context.rank, context.world_size, device, sender, start_step=state.step)
     if state.resumed_from is not None:
         log.note(state.step, f"resumed from step {state.step} ({state.resumed_from})")
         if metric_log is not None:
