@@ -149,6 +149,10 @@ def test_meta_reweighting_step_updates_the_model(store: str) -> None:
     out = train_step(model, optimizer, make_step_loss(config), x, y, config=config, clean=(xc, yc))
     assert math.isfinite(out.loss)
     assert 0.0 < out.extra["train/positive_weight_fraction"] <= 1.0
+    assert 0.0 <= out.extra["train/lesion_weight_share"] <= 1.0
+    # the batches' lesion shares, as MLflow gets them every step
+    assert out.extra["train/noisy_lesion_fraction"] == pytest.approx(float(y.mean()))
+    assert out.extra["train/clean_lesion_fraction"] == pytest.approx(float(yc.mean()))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 

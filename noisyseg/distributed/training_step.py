@@ -122,15 +122,13 @@ def train_step(
             loss=loss_fn,
             inner_lr=config.inner_lr,
             method="head" if config.reweight == "meta-head" else "fast",
+            class_balanced_clean=config.class_balanced_clean,
         )
-        return StepOutput(
-            result.loss,
-            {
-                "train/unweighted_loss": result.unweighted_loss,
-                "train/clean_loss": result.clean_loss,
-                "train/positive_weight_fraction": result.positive_fraction,
-            },
-        )
+        # Logged every step: the lesion share of both batches and of the weight, so a
+        # collapse (lesion voxels switched off) is visible while it happens.
+        extra = result.log_metrics()
+        extra["train/positive_weight_fraction"] = extra.pop("train/positive_fraction")
+        return StepOutput(result.loss, extra)
     optimizer.zero_grad(set_to_none=True)
     with autocast(images.device, config.amp):
         logits = model(images)
