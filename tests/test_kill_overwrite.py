@@ -21,6 +21,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from noisyseg import noise
+from noisyseg.errors import NoisysegInputError
 from noisyseg.storage.corrupt import corrupt_store
 from noisyseg.storage.store import VolumeStore
 from noisyseg.storage.verify import verify_store
@@ -134,7 +135,14 @@ def test_sigkill_corrupt_overwrite(tmp_path: Path) -> None:
             ["corrupt", url, "--mode", "random", "--rate", "0.5", "--seed", str(seed), "--name",
              "n", "--split", "all", "--overwrite", "--scheduler", "synchronous", "--no-progress"]
         )  # fmt: skip
-        outcome = _kill_during(proc, started, N_CASES * PAUSE_S + 1.0, rng)
+        if seed == SEEDS[-1]:  # right after the switch, while the old version is removed
+
+            def started(before: str = before) -> bool:
+                return VolumeStore.open(url).label_set_info("n")["version"] != before
+
+            outcome = _kill_during(proc, started, 0.2, rng)
+        else:
+            outcome = _kill_during(proc, started, N_CASES * PAUSE_S + 1.0, rng)
         info = VolumeStore.open(url).label_set_info("n")
         state = "old" if info["version"] == before else "new"
         assert info["params"] == (
@@ -146,6 +154,18 @@ def test_sigkill_corrupt_overwrite(tmp_path: Path) -> None:
         assert report.ok, [report.problems] + [c.problems for c in report.cases]
     print("outcomes (kill, state):", seen)
     assert any(o == "killed" for o, _ in seen), seen
+    assert seen[-1][1] == "new", seen  # the last kill came after the switch
+    # a later overwrite removes whatever the killed runs left behind
+    corrupt_store(
+        url, mode="random", rate=0.5, seed=9, name="n", split=None, overwrite=True, progress=False
+    )
+    v = VolumeStore.open(url).label_set_info("n")["version"]
+    assert sorted(g.name for g in Path(url, "cases", "c00", "labels").iterdir()) == [
+        f"n~{v}",
+        "truth",
+        "zarr.json",
+    ]
+    _check_sets(url)
     done = subprocess.run([str(NOISYSEG), "verify", url], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"verify: {N_CASES} case(s), {N_CASES} ok, 0 damaged; ok" in done.stdout
@@ -197,7 +217,18 @@ def test_sigkill_ingest_overwrite(tmp_path: Path) -> None:
             ["ingest", str(src), url, "--overwrite", "--no-progress", "--workers", "1",
              "--seed", str(seed)]
         )  # fmt: skip
-        outcome = _kill_during(proc, started, len(new_ids) * PAUSE_S + 1.5, rng)
+        if seed == SEEDS[-1]:  # right after the swap, while the old store is removed
+            old_ids = current
+
+            def started(old_ids: list[str] = old_ids) -> bool:
+                try:
+                    return VolumeStore.open(url).case_ids() != old_ids
+                except NoisysegInputError:  # between the two renames
+                    return False
+
+            outcome = _kill_during(proc, started, 0.2, rng)
+        else:
+            outcome = _kill_during(proc, started, len(new_ids) * PAUSE_S + 1.5, rng)
         ids = VolumeStore.open(url).case_ids()
         assert ids in (current, new_ids), ids  # complete old or complete new, nothing between
         seen.append((outcome, "old" if ids == current else "new"))
@@ -206,3 +237,4 @@ def test_sigkill_ingest_overwrite(tmp_path: Path) -> None:
         assert verify_store(url).ok
     print("outcomes (kill, state):", seen)
     assert any(o == "killed" for o, _ in seen), seen
+    assert seen[-1][1] == "new", seen  # the last kill came after the swap

@@ -153,13 +153,17 @@ def replace_store(
 
 def remove_staging_leftovers(final: str) -> int:
     """Remove staging copies of ``final`` left by killed builds (``.tmp-<name>-<token>``
-    siblings; local paths). Returns how many were removed."""
+    siblings) and, when ``final`` exists, replaced copies whose removal was killed
+    (``.old-<name>-<token>``); local paths. Returns how many were removed."""
     parent, base = os.path.split(final.rstrip("/"))
     try:
         names = os.listdir(parent)
     except (FileNotFoundError, NotADirectoryError):
         return 0
-    stale = [n for n in names if n.startswith(f"{TMP_PREFIX}{base}-")]
+    prefixes = (f"{TMP_PREFIX}{base}-",) + (
+        (f"{OLD_PREFIX}{base}-",) if os.path.lexists(final) else ()
+    )
+    stale = [n for n in names if n.startswith(prefixes)]
     for name in stale:
         path = os.path.join(parent, name)
         if os.path.isdir(path):

@@ -38,6 +38,7 @@ from noisyseg.storage.layout import (
     CASES_DIR,
     PREDICTIONS_GROUP,
     TRUTH,
+    VERSION_SEP,
     label_group_name,
     lesions_rel,
 )
@@ -126,13 +127,23 @@ def _store_problems(store: VolumeStore) -> tuple[list[str], list[str]]:
 # ---- case level ----------------------------------------------------------------------------
 
 
-def _case_arrays(store: VolumeStore, case_id: str) -> list[tuple[str, str]]:
-    """``(what, array path)`` of every array of a case: image, label groups, predictions."""
+def _case_arrays(store: VolumeStore, case_id: str, notes: list[str]) -> list[tuple[str, str]]:
+    """``(what, array path)`` of every array of a case: image, label groups that readers use,
+    predictions. Label groups of versions that are not registered (left by an interrupted
+    ``corrupt --overwrite``; no reader uses them) go to ``notes`` instead."""
     base = f"{CASES_DIR}/{case_id}"
     out = [("image", f"{base}/0")]
     for group in store.files.list_names(f"{base}/labels"):
-        if group != "zarr.json":
-            out.append((f"label set {group}", f"{base}/labels/{group}/0"))
+        if group == "zarr.json":
+            continue
+        name, _, version = group.partition(VERSION_SEP)
+        if version and store.catalog.version(name) != version:
+            notes.append(
+                f"leftover label group labels/{group} (unregistered version; the next "
+                f"noisyseg corrupt of set {name} removes it)"
+            )
+            continue
+        out.append((f"label set {group}", f"{base}/labels/{group}/0"))
     for name in store.files.list_names(f"{base}/{PREDICTIONS_GROUP}"):
         if name != "zarr.json":
             out.append((f"prediction {name}", f"{base}/{PREDICTIONS_GROUP}/{name}/0"))
@@ -224,7 +235,7 @@ def check_case(store: VolumeStore, case_id: str, source: VolumeStore | None = No
             report.problems.append(f"{rel} is missing")
         except StoreDamageError as exc:
             report.problems.append(exc.problem)
-    for what, rel in _case_arrays(store, case_id):
+    for what, rel in _case_arrays(store, case_id, report.notes):
         _check_one_array(store, report, what, rel, source)
     try:
         report.problems += _registered_versions_present(store, case_id)

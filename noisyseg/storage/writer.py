@@ -481,8 +481,17 @@ def label_groups_of(store: VolumeStore, case_id: str, name: str, hidden: bool = 
 
 
 def remove_label_group(store: VolumeStore, case_id: str, group: str) -> None:
-    """Delete one label group of a case and its OME ``labels`` entry."""
-    store.files.remove(f"{CASES_DIR}/{case_id}/labels/{group}")
+    """Delete one label group of a case and its OME ``labels`` entry. Locally the group is
+    first renamed to a hidden ``.old-`` name, so a kill during the deletion leaves no
+    half-deleted group under a visible name (the next cleanup removes the hidden one)."""
+    rel = f"{CASES_DIR}/{case_id}/labels/{group}"
+    if store.files.local and not group.startswith("."):
+        hidden = f"{CASES_DIR}/{case_id}/labels/{OLD_PREFIX}{group}-{token()}"
+        os.rename(store.files.path(rel), store.files.path(hidden))
+        _set_ome_labels(store, case_id, add=None, drop=group)
+        store.files.remove(hidden)
+        return
+    store.files.remove(rel)
     _set_ome_labels(store, case_id, add=None, drop=group)
 
 
