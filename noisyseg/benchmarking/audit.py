@@ -149,14 +149,16 @@ def start_ray(cpus_needed: float, attempts: int = 3) -> bool:
     """:func:`noisyseg.distributed.ray_utils.ensure_ray`, tried ``attempts`` times: on a loaded
     machine a local Ray can miss its fixed 30 s start-up window ("The current node timed out
     during startup") or its dashboard fails to come up; a later try usually makes it (measured:
-    both at load average 15-40 on 2 cores). Returns whether this call started Ray."""
+    both at load average 15-40 on 2 cores). Tries after the first start without the dashboard.
+    Returns whether this call started Ray."""
     import ray  # heavy: imported when a benchmark runs only
 
     from noisyseg.distributed.ray_utils import ensure_ray
 
     for attempt in range(1, attempts + 1):
         try:
-            return ensure_ray(cpus_needed)
+            # after a failed start, leave the dashboard out (about ten fewer processes to start)
+            return ensure_ray(cpus_needed, dashboard=attempt == 1)
         except Exception:  # noqa: BLE001 - Ray raises bare Exceptions for start-up failures
             if attempt == attempts:
                 raise
