@@ -176,7 +176,12 @@ def announce(
     """The lines that say where everything is (printed once)."""
     if plan.set_aside_to is not None:
         print_fn(f"{PREFIX} --force-new: the earlier run was moved to {plan.set_aside_to}")
-    verb = f"resuming from step {plan.resume_step}" if plan.prior is not None else "starting"
+    if plan.prior is not None:
+        verb = f"resuming from step {plan.resume_step}"
+    elif plan.local:
+        verb = "starting"
+    else:  # the launcher does not list remote storage; the workers say where they start
+        verb = "starting, or resuming from Ray's latest checkpoint in remote storage"
     print_fn(f"{PREFIX} run {plan.config.run_name!r} {verb}; checkpoints in {plan.run_dir}")
     print_fn(f"{PREFIX} MLflow tracking URI: {handle.tracking_uri}")
     print_fn(f"{PREFIX} MLflow run id: {handle.run_id} (experiment {handle.experiment_id})")
