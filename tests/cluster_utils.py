@@ -2,11 +2,10 @@
 
 Each helper stops exactly the processes it started, through the handle that started them:
 
-* :func:`start_ray_head` runs ``ray start --head --block`` in its own process group (a unique,
-  short ``--temp-dir``, every port a free one). :meth:`RayHead.stop` sends SIGTERM to that
-  ``ray start`` (which tears down the head's GCS, raylet, dashboard and agents), then SIGKILL to
-  whatever is left of its process group — never ``ray stop`` (which stops every Ray on the
-  machine), and no process is looked up by name.
+* :func:`start_ray_head` runs ``ray start --head`` in a new session (a unique, short
+  ``--temp-dir``, every port a free one); the head's GCS, raylet, dashboard and agents stay in
+  that process group. :meth:`RayHead.stop` sends SIGTERM, then SIGKILL, to that group — never
+  ``ray stop`` (which stops every Ray on the machine), and no process is looked up by name.
 * :func:`start_mlflow_server` is :class:`noisyseg.distributed.mlflow_server.LocalMlflowServer`
   (``mlflow server`` in its own process group, stopped through its handle).
 
@@ -91,56 +90,49 @@ def _wait_group_gone(pgid: int, timeout: float) -> bool:
 
 @dataclass
 class RayHead:
-    """A running ``ray start --head --block``; ``address`` is the GCS address,
-    ``dashboard_url`` the job API, ``process`` the ``ray start`` leading its process group."""
+    """A running Ray head started by ``ray start --head``; ``address`` is the GCS address,
+    ``dashboard_url`` the job API, ``pgid`` the process group that holds every head process."""
 
     temp_dir: Path
     address: str
     dashboard_url: str
-    process: subprocess.Popen
+    pgid: int
     _stopped: bool = field(default=False, repr=False)
-
-    @property
-    def pgid(self) -> int:
-        return self.process.pid
 
     def alive(self) -> bool:
         """Whether any process of the head's process group is still alive."""
         return group_alive(self.pgid)
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM ``ray start`` (it stops its own processes), SIGKILL the group's leftovers,
-        remove the temp dir."""
+        """SIGTERM the head's process group, SIGKILL what is left after ``timeout``; remove the
+        temp dir."""
         if self._stopped:
             return
         self._stopped = True
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
             try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        if not _wait_group_gone(self.pgid, 5.0):
-            try:
-                os.killpg(self.pgid, signal.SIGKILL)
+                os.killpg(self.pgid, sig)
             except ProcessLookupError:
-                pass
-            if self.process.poll() is None:
-                self.process.wait(timeout=10)
-            _wait_group_gone(self.pgid, 10.0)
+                break
+            if _wait_group_gone(self.pgid, wait):
+                break
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def start_ray_head(
-    num_cpus: int = 4, *, timeout: float = 180.0, env: dict[str, str] | None = None
+    num_cpus: int = 4, *, timeout: float = 300.0, env: dict[str, str] | None = None
 ) -> RayHead:
-    """``ray start --head --block`` on 127.0.0.1 with the dashboard (job server) on 127.0.0.1.
+    """``ray start --head`` on 127.0.0.1 with the dashboard (job server) on 127.0.0.1.
 
-    Every port is a free one (GCS, dashboard, dashboard agent HTTP/gRPC, runtime-env agent,
-    metrics, Ray client server): Ray's fixed defaults (agent 52365, client 10001) collide when two
-    heads run on one machine and the job API then answers "No available agent". The temp dir is
-    short (``/tmp/rt-XXXX``: Ray's socket paths must stay under 108 bytes) and unique.
-    ``env``: extra environment for the head, and so for every worker and actor it starts.
+    ``ray start`` runs in a new session: the GCS, raylet, dashboard and agents it launches stay in
+    that process group after it returns, which is the handle :meth:`RayHead.stop` uses. (Not
+    ``--block``: that mode tears the whole head down as soon as any one of its processes dies,
+    which happens under heavy load.) Every port is a free one (GCS, dashboard, dashboard agent
+    HTTP/gRPC, runtime-env agent, metrics, Ray client server): Ray's fixed defaults (agent 52365,
+    client 10001) collide when two heads run on one machine and the job API then answers "No
+    available agent". The temp dir is short (``/tmp/rt-XXXX``: Ray's socket paths must stay under
+    108 bytes) and unique. ``env``: extra environment for the head, and so for every worker and
+    actor it starts.
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     port, dash_port = free_port(), free_port()
@@ -148,7 +140,6 @@ def start_ray_head(
         str(VENV_BIN / "ray"),
         "start",
         "--head",
-        "--block",
         "--node-ip-address",
         "127.0.0.1",
         "--port",
@@ -184,9 +175,15 @@ def start_ray_head(
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    head = RayHead(temp_dir, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}", process)
+    head = RayHead(temp_dir, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}", process.pid)
     try:
-        _wait_http(f"{head.dashboard_url}/api/version", timeout, process)
+        if process.wait(timeout=timeout) != 0:
+            raise RuntimeError(f"ray start exited with {process.returncode}")
+        _wait_http(f"{head.dashboard_url}/api/version", timeout)
+    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as error:
+        said = (temp_dir / "ray-start.log").read_text(errors="replace")[-3000:]
+        head.stop()
+        raise RuntimeError(f"{error}; ray start said:\n{said}") from None
     except BaseException:
         head.stop()
         raise
