@@ -42,8 +42,6 @@ Dask scheduler, :func:`ray.util.dask.ray_dask_get`, on the cluster Ray is connec
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -54,19 +52,18 @@ import dask
 import numpy as np
 import pandas as pd
 import scipy.ndimage as ndi
-from dask.diagnostics import ProgressBar
 
 from noisyseg import noise
 from noisyseg.errors import NoisysegInputError
 from noisyseg.lesions import censor_positions, label_lesions, lesion_table_rows
 from noisyseg.storage.index import lesion_columns
 from noisyseg.storage.store import VolumeStore
+from noisyseg.storage.tasks import SCHEDULERS, run_tasks
 from noisyseg.storage.validate import check_label_set_name, check_split
 
 CENSOR_MODES: tuple[str, ...] = noise.CENSOR_MODES
 BOUNDARY_MODES: tuple[str, ...] = noise.BOUNDARY_MODES
 MODES: tuple[str, ...] = noise.NOISE_MODES
-SCHEDULERS = ("threads", "processes", "synchronous", "ray")
 
 
 @dataclass
@@ -530,52 +527,6 @@ def present_lesions(table: pd.DataFrame, case_ids: Sequence[str]) -> pd.DataFram
     if "status" in table.columns:
         table = table[table["status"] != "removed"]
     return table.reset_index(drop=True)
-
-
-class _RayShutdown(contextlib.AbstractContextManager):
-    def __init__(self, ray: Any) -> None:
-        self.ray = ray
-
-    def __exit__(self, *exc: object) -> None:
-        self.ray.shutdown()
-
-
-def run_tasks(
-    tasks: list, *, scheduler: str, progress: bool = False, num_workers: int | None = None
-) -> list:
-    """Compute Dask delayed ``tasks`` on a scheduler name (see :data:`SCHEDULERS`), in order.
-
-    ``ray`` uses Ray's Dask scheduler on the cluster this process is connected to (call
-    ``ray.init`` first, or run under ``ray job submit``).
-    """
-    kwargs: dict[str, Any] = {}
-    bar: Any = contextlib.nullcontext()
-    if scheduler == "ray":
-        # optional and heavy: Ray is only needed for this scheduler
-        import ray
-        from ray.util.dask import ray_dask_get
-
-        if not ray.is_initialized():
-            if not os.environ.get("RAY_ADDRESS"):
-                raise NoisysegInputError(
-                    "scheduler 'ray' needs a Ray connection: call ray.init(...) first, set "
-                    "RAY_ADDRESS, or run under `ray job submit`"
-                )
-            # Connect to the cluster RAY_ADDRESS names (set by `ray job submit`), and leave
-            # it again afterwards: this call owns that connection.
-            ray.init()
-            bar = _RayShutdown(ray)
-        kwargs["scheduler"] = ray_dask_get
-    else:
-        if scheduler not in SCHEDULERS:
-            raise NoisysegInputError(f"unknown scheduler {scheduler!r}")
-        kwargs["scheduler"] = scheduler
-        if num_workers is not None and scheduler != "synchronous":
-            kwargs["num_workers"] = num_workers
-        if progress:
-            bar = ProgressBar()
-    with bar:
-        return list(dask.compute(*tasks, **kwargs))
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,10 +42,10 @@ from noisyseg.storage.case_readers import (
     load_nifti_case,
     parse_foreground,
 )
-from noisyseg.storage.corrupt import SCHEDULERS, run_tasks
 from noisyseg.storage.filesystems import open_filesystem
 from noisyseg.storage.layouts import LAYOUT_2D, CaseSpec, Layout, discover
 from noisyseg.storage.store import TRUTH, VolumeStore
+from noisyseg.storage.tasks import SCHEDULERS, run_tasks
 
 __all__ = [
     "SOURCE_LABELS",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import dask
 
@@ -43,9 +42,8 @@ from noisyseg.storage.layout import (
     lesions_rel,
 )
 from noisyseg.storage.store import VolumeStore
+from noisyseg.storage.tasks import SCHEDULERS, run_tasks
 from noisyseg.storage.writer import case_dirs
-
-SCHEDULERS = ("threads", "processes", "synchronous")
 
 
 @dataclass
@@ -259,7 +257,7 @@ def verify_store(
 
     Args:
         url: the store. repair_from: a copy of it (path/URL) to take intact chunks from.
-        scheduler: Dask scheduler (``threads``, ``processes``, ``synchronous``).
+        scheduler: Dask scheduler (``threads``, ``processes``, ``synchronous``, ``ray``).
         num_workers: Dask workers (default: Dask's). case_ids: check only these cases.
 
     Raises:
@@ -278,8 +276,5 @@ def verify_store(
         wanted = set(case_ids)
         ids = [c for c in ids if c in wanted]
     tasks = [dask.delayed(check_case, pure=False)(store, cid, source) for cid in ids]
-    kwargs: dict[str, Any] = {"scheduler": scheduler}
-    if num_workers is not None and scheduler != "synchronous":
-        kwargs["num_workers"] = num_workers
-    report.cases = list(dask.compute(*tasks, **kwargs)) if tasks else []
+    report.cases = run_tasks(tasks, scheduler=scheduler, num_workers=num_workers) if tasks else []
     return report
