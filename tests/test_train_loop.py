@@ -167,3 +167,27 @@ def test_output_prior_starts_training_near_the_background_rate(store: str) -> No
         losses[prior] = context.reports[0]["train_loss"]
     assert 0.4 < losses[0.0] < 1.2
     assert losses[0.1] < 0.6 * losses[0.0]
+
+
+def test_progress_line_eta_and_shared_live_display() -> None:
+    """ETA = steps left / rate (10 steps at 2 steps/s: 5 s); two runs in one process (the
+    benchmark's parallel models) share rich's one live display instead of failing."""
+    from noisyseg.distributed import progress
+
+    record = progress.ProgressRecord("lop1", "step", 10, 20, 0.5, 0.01, 2.0)
+    assert record.line() == (
+        "[noisyseg train] step 10/20  loss 0.5000  lr 1.000e-02  2.00 steps/s  ETA 0:00:05  [lop1]"
+    )
+    assert progress.ProgressRecord("x", "step", 0, 7300, steps_per_s=1.0).eta() == "2:01:40"
+    lines: list[str] = []
+    plain = progress.ProgressDisplay(lines.append, live=False)
+    plain.show(record)
+    assert lines == [record.line()]
+    first, second = progress.ProgressDisplay(live=True), progress.ProgressDisplay(live=True)
+    first.show(record)
+    second.show(progress.ProgressRecord("lop2", "step", 5, 20, 0.7, 0.01, 1.0))
+    assert progress._bars is not None and len(progress._bars.tasks) == 2
+    first.close()
+    assert len(progress._bars.tasks) == 1
+    second.close()
+    assert progress._bars is None

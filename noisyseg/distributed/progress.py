@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -104,10 +103,43 @@ class ProgressSender:
             return False
 
 
+_bars_lock = threading.Lock()
+_bars: Progress | None = None  # rich allows one live display per process: all runs share it
+_bars_users = 0
+
+
+def _acquire_bars() -> Progress:
+    global _bars, _bars_users
+    with _bars_lock:
+        if _bars is None:
+            _bars = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  {task.fields[rate]} steps/s"),
+                TextColumn("ETA {task.fields[eta]}"),
+                console=Console(),
+            )
+            _bars.start()
+        _bars_users += 1
+        return _bars
+
+
+def _release_bars() -> None:
+    global _bars, _bars_users
+    with _bars_lock:
+        _bars_users -= 1
+        if _bars_users == 0 and _bars is not None:
+            _bars.stop()
+            _bars = None
+
+
 class ProgressDisplay:
     """One line per run on the terminal; plain lines when output is not a terminal.
 
-    Thread-safe: several runs (the benchmark trains models in parallel threads) share one.
+    Thread-safe. On a terminal every display of the process draws into one shared ``rich``
+    progress (rich allows one live display at a time), one bar per run name: the benchmark's
+    parallel runs each get a line.
     """
 
     def __init__(self, print_fn: Callable[[str], None] = print, *, live: bool | None = None):
@@ -121,26 +153,15 @@ class ProgressDisplay:
         with self._lock:
             if not self._live:
                 self._print(record.line())
-            elif record.kind != "step":
-                self._progress().console.print(record.line(), highlight=False)
+                return
+            if self._bars is None:
+                self._bars = _acquire_bars()
+            if record.kind != "step":
+                self._bars.console.print(record.line(), highlight=False)
             else:
-                self._update_bar(record)
+                self._update_bar(self._bars, record)
 
-    def _progress(self) -> Progress:
-        if self._bars is None:
-            self._bars = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  {task.fields[rate]} steps/s"),
-                TextColumn("ETA {task.fields[eta]}"),
-                console=Console(),
-            )
-            self._bars.start()
-        return self._bars
-
-    def _update_bar(self, record: ProgressRecord) -> None:
-        bars = self._progress()
+    def _update_bar(self, bars: Progress, record: ProgressRecord) -> None:
         fields = {
             "loss": f"{record.loss:.4f}",
             "rate": f"{record.steps_per_s:.2f}",
@@ -155,9 +176,11 @@ class ProgressDisplay:
     def close(self) -> None:
         with self._lock:
             if self._bars is not None:
-                self._bars.stop()
-                self._bars = None
+                for task in self._tasks.values():
+                    self._bars.remove_task(task)
                 self._tasks.clear()
+                self._bars = None
+                _release_bars()
 
 
 class ProgressReceiver:
@@ -192,13 +215,3 @@ class ProgressReceiver:
             ray.kill(self.inbox)
         except Exception:  # noqa: BLE001 - Ray may already be shut down
             pass
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout_s`` passes; whether it held."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
