@@ -141,8 +141,9 @@ def label_lesions(mask: Any, connectivity: int | None = None) -> tuple[np.ndarra
     """
     mask = np.asarray(mask)
     conn = resolve_connectivity(mask.ndim, connectivity)
+    # uint8, not bool: cc3d mislabels boolean input with a size-1 axis (seen with cc3d 4.1).
     labels, n = cc3d.connected_components(
-        np.ascontiguousarray(mask != 0), connectivity=conn, return_N=True
+        np.ascontiguousarray(mask != 0, dtype=np.uint8), connectivity=conn, return_N=True
     )
     return labels, int(n)
 

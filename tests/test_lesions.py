@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 
 from noisyseg.errors import NoisysegInputError
 from noisyseg.lesions import (
@@ -172,3 +173,19 @@ def test_censor_positions_ties_and_random_follow_the_seed() -> None:
     assert got.tolist() == want.tolist() and len(got) == 4
     with pytest.raises(ValueError, match="censoring mode"):
         censor_positions(equal, 0.5, "largest", np.random.default_rng(0))
+
+
+def test_components_of_masks_with_a_size_one_axis() -> None:
+    """cc3d mislabels boolean input with a size-1 axis; the count must match scipy's."""
+    rng = np.random.default_rng(3)
+    for shape in [(1, 30), (30, 1), (1, 1, 30), (1, 30, 1)]:
+        for _ in range(10):
+            mask = rng.random(shape) > 0.5
+            labels, n = label_lesions(mask)
+            structure = np.ones((3,) * mask.ndim)
+            expected, n_expected = ndi.label(mask, structure=structure)
+            assert n == n_expected, shape
+            assert np.array_equal(labels > 0, mask), shape
+            # same partition: each reference component maps to exactly one label
+            for k in range(1, n_expected + 1):
+                assert len(np.unique(labels[expected == k])) == 1
