@@ -98,7 +98,9 @@ __all__ = [  # the planning and reporting names keep their old import path (test
 ]
 
 
-def _censoring(label_set: str) -> tuple[str | None, float | None]:
+def censoring(label_set: str) -> tuple[str | None, float | None]:
+    """``(mode, rate)`` of a label set: ``(None, 0.0)`` for truth, ``("random", 0.5)`` for
+    ``censor-random-0.50-s0``, ``(mode, None)`` for another derived set (``polygon-...``)."""
     if label_set == "truth":
         return None, 0.0
     parts = label_set.split("-")
@@ -303,7 +305,7 @@ class RobustnessBenchmark:
             # zero_division=0 (the table stays comparable; sensitivity is 0 there as well).
             metrics["precision"] = 0.0
         self._log_eval(outcome.run_id, metrics)
-        mode, rate = _censoring(variant.label_set)
+        mode, rate = censoring(variant.label_set)
         return BenchmarkRow(
             key=variant.key,
             group=variant.group,
