@@ -30,7 +30,7 @@ from cluster_utils import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # MONAI's init (--output-prior 0): the loss then starts near ln 2 and falls clearly within 20
 # steps, which the logged-loss assertion relies on; from the prior it starts near its floor.
 COMMON = [

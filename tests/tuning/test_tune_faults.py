@@ -47,7 +47,7 @@ RAY_HEAD_CPUS = 2  # this machine's cores: the case that hung
 # that can be placed start well within it even on this loaded machine.
 RAY_HEAD_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "90"}
 NOISYSEG = [sys.executable, "-m", "noisyseg.cli"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _train_flags(store: str, root: Path, name: str, steps: int = 4) -> list[str]:

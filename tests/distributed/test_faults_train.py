@@ -34,7 +34,7 @@ from noisyseg.distributed.train_loop import LocalContext, run_worker
 from noisyseg.errors import NoisysegInputError
 from noisyseg.models import UNetSpec, build_unet, count_parameters
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RAY_HEAD_CPUS = 4
 
 

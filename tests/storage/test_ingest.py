@@ -20,7 +20,7 @@ from noisyseg.storage.store import VolumeStore
 
 ZOOMS = (0.5, 1.25, 3.0)  # NIfTI x, y, z (mm)
 SHAPE_XYZ = (24, 20, 16)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOISYSEG = REPO / ".venv" / "bin" / "noisyseg"
 
 

@@ -33,7 +33,7 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 KUBERAY = DEPLOY / "kuberay"
 MANIFESTS = sorted(KUBERAY.glob("*.yaml"))

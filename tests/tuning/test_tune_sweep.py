@@ -50,7 +50,7 @@ def _env(cluster, **extra: str) -> dict[str, str]:
     return ray_env(
         RAY_ADDRESS=cluster["head"].address,
         MLFLOW_TRACKING_URI=cluster["server"].uri,
-        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]),
         **extra,
     )
 
