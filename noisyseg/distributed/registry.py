@@ -43,7 +43,7 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from noisyseg.distributed.checkpoints import read_state
+from noisyseg.distributed.checkpoints import FINAL_FILE, read_state
 from noisyseg.distributed.inference import (
     download_run_checkpoint,
     model_from_checkpoint,
@@ -372,13 +372,13 @@ def _resolve_registered(source: str) -> ResolvedModel:
             first = (str(error).splitlines() or [""])[0][:160]
             raise NoisysegInputError(f"cannot download the model ({first})", path=source) from None
         files = {p.name: p for p in local.rglob("*") if p.is_file()}
-        if "final.pt" not in files or PREPROCESSING_FILE not in files:
+        if FINAL_FILE not in files or PREPROCESSING_FILE not in files:
             raise NoisysegInputError(
                 "not a noisyseg model (no final.pt / preprocessing.json; register it with "
                 "`noisyseg register`)",
                 path=source,
             )
-        checkpoint = read_state(files["final.pt"])
+        checkpoint = read_state(files[FINAL_FILE])
         preprocessing = Preprocessing.from_dict(json.loads(files[PREPROCESSING_FILE].read_text()))
     run_id = version.run_id or (version.tags or {}).get(RUN_TAG)
     return ResolvedModel(checkpoint, preprocessing, source, run_id)
