@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from noisyseg.benchmarking.robustness import RobustnessBenchmark
+from noisyseg.benchmarking.robustness import RobustnessBenchmark, start_ray
 from noisyseg.benchmarking.settings import BenchmarkSettings, Variant, censor_name, settings_for
 from noisyseg.candidates import HiddenLesion, found_ranks, found_within, hidden_lesions
 
@@ -145,28 +145,6 @@ def measure(lesions: Sequence[HiddenLesion], ranked_ids: Sequence[str]) -> dict[
 
 
 # ---------------------------------------------------------------------------------- the runner
-def start_ray(cpus_needed: float, attempts: int = 3) -> bool:
-    """:func:`noisyseg.distributed.ray_utils.ensure_ray`, tried ``attempts`` times: on a loaded
-    machine a local Ray can miss its fixed 30 s start-up window ("The current node timed out
-    during startup") or its dashboard fails to come up; a later try usually makes it (measured:
-    both at load average 15-40 on 2 cores). Tries after the first start without the dashboard.
-    Returns whether this call started Ray."""
-    import ray  # heavy: imported when a benchmark runs only
-
-    from noisyseg.distributed.ray_utils import ensure_ray
-
-    for attempt in range(1, attempts + 1):
-        try:
-            # after a failed start, leave the dashboard out (about ten fewer processes to start)
-            return ensure_ray(cpus_needed, dashboard=attempt == 1)
-        except Exception:  # noqa: BLE001 - Ray raises bare Exceptions for start-up failures
-            if attempt == attempts:
-                raise
-            ray.shutdown()
-            time.sleep(5.0)
-    return False
-
-
 class AuditBenchmark:
     """Store, censored sets and training from the robustness benchmark; then audit and measure.
 

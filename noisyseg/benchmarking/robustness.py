@@ -122,11 +122,12 @@ def start_ray(cpus_needed: float, attempts: int = 3) -> bool:
 
     On a loaded machine Ray can miss its fixed 30 s start-up window ("The current node timed out
     during startup"), also when joining ``RAY_ADDRESS``; a later try usually makes it (seen at
-    load average 30-50 on 2 cores). Returns whether this call connected.
+    load average 30-50 on 2 cores). Tries after the first leave the dashboard out (about ten
+    fewer processes to start). Returns whether this call connected.
     """
     for attempt in range(1, attempts + 1):
         try:
-            return ensure_ray(cpus_needed)
+            return ensure_ray(cpus_needed, dashboard=attempt == 1)
         except Exception:  # noqa: BLE001 - Ray raises a bare Exception for start-up failures
             if attempt == attempts:
                 raise
