@@ -156,18 +156,17 @@ def check_image(
     return out
 
 
-def check_label(
+def _integer_voxels(
     label: np.ndarray,
     *,
-    shape: Sequence[int] | None = None,
-    case: str | None = None,
-    path: str | None = None,
-    name: str = "label",
+    shape: Sequence[int] | None,
+    case: str | None,
+    path: str | None,
+    name: str,
 ) -> np.ndarray:
-    """Validate a binary label ``(*S)`` and return it as uint8 with values in {0, 1}.
+    """The checks every label array passes: its shape, a numeric dtype, finite integer values.
 
-    Rules: shape equals the image's spatial shape (when given), values are integers (no
-    fractional values, no NaN) and in {0, 1}.
+    Returns the array (a boolean one as uint8, which passes any value check after it).
     """
     arr = np.asarray(label)
     if shape is not None and tuple(arr.shape) != tuple(shape):
@@ -187,6 +186,23 @@ def check_label(
             raise NoisysegInputError(
                 f"{name} is not integer-valued (non-integer labels)", case=case, path=path
             )
+    return arr
+
+
+def check_label(
+    label: np.ndarray,
+    *,
+    shape: Sequence[int] | None = None,
+    case: str | None = None,
+    path: str | None = None,
+    name: str = "label",
+) -> np.ndarray:
+    """Validate a binary label ``(*S)`` and return it as uint8 with values in {0, 1}.
+
+    Rules: shape equals the image's spatial shape (when given), values are integers (no
+    fractional values, no NaN) and in {0, 1}.
+    """
+    arr = _integer_voxels(label, shape=shape, case=case, path=path, name=name)
     values = np.unique(arr)
     if not set(values.tolist()) <= {0, 1}:
         shown = ", ".join(str(int(v)) if float(v).is_integer() else str(v) for v in values[:8])
@@ -210,24 +226,7 @@ def check_label_map(
     Rules: shape equals the image's spatial shape (when given), values are integers (no
     fractional values, no NaN) in ``[0, 65535]``.
     """
-    arr = np.asarray(label)
-    if shape is not None and tuple(arr.shape) != tuple(shape):
-        raise NoisysegInputError(
-            f"{name} shape {tuple(arr.shape)} does not match image shape {tuple(shape)}",
-            case=case,
-            path=path,
-        )
-    if arr.dtype == np.bool_:
-        return arr.astype(np.uint8)
-    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise NoisysegInputError(f"{name} dtype {arr.dtype} is not numeric", case=case, path=path)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all():
-            raise NoisysegInputError(f"{name} has NaN/Inf voxels", case=case, path=path)
-        if not np.array_equal(arr, np.round(arr)):
-            raise NoisysegInputError(
-                f"{name} is not integer-valued (non-integer labels)", case=case, path=path
-            )
+    arr = _integer_voxels(label, shape=shape, case=case, path=path, name=name)
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if lo < 0 or hi > 65535:
         raise NoisysegInputError(
