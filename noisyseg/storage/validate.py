@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from noisyseg.errors import NoisysegInputError
-from noisyseg.noise import check_rate as check_rate
+from noisyseg.noise.params import check_rate as check_rate
 
 #: Case ids and label-set names: start with a letter or digit, then letters, digits, ``._-``.
 #: No ``/`` (it would nest groups), no ``..`` (path traversal), no spaces or shell characters.
