@@ -68,7 +68,8 @@ def parse_overrides(text: str) -> dict:
 def run_variant(store: str, overrides: dict) -> dict:
     from noisyseg.distributed.config import check_against_store, make_config
     from noisyseg.distributed.contexts import LocalContext
-    from noisyseg.distributed.inference import evaluate_cases, load_trained_model
+    from noisyseg.distributed.evaluation import evaluate_cases
+    from noisyseg.distributed.model_loading import load_trained_model
     from noisyseg.distributed.train_loop import run_worker
     from noisyseg.metrics import REPORT_CANDIDATE_THRESHOLD
     from noisyseg.storage.store import VolumeStore

@@ -99,13 +99,10 @@ def resolve_device(device: str | None) -> str:
 
 def inference_settings(args: argparse.Namespace, model: Any, store: Any):
     """Sliding-window settings from the flags and the training config (as ``predict``)."""
-    from noisyseg.distributed.inference import (
-        InferenceSettings,
-        check_channels,
-        check_roi,
-        model_from_checkpoint,
-        roi_from_config,
-    )
+    from noisyseg.distributed.checkpoints import model_from_checkpoint
+    from noisyseg.distributed.inference import InferenceSettings
+    from noisyseg.distributed.model_loading import check_roi, roi_from_config
+    from noisyseg.distributed.prediction_io import check_channels
 
     _, spec = model_from_checkpoint(model.checkpoint, source=model.source)
     check_channels(store, spec, store_path=store.url)
@@ -126,7 +123,7 @@ def inference_settings(args: argparse.Namespace, model: Any, store: Any):
 
 def select_cases(store: Any, args: argparse.Namespace) -> list[str]:
     """The cases to audit: ``--cases`` or the split; each must hold the audited label set."""
-    from noisyseg.distributed.inference import check_cases
+    from noisyseg.distributed.prediction_io import check_cases
 
     if args.cases:
         cases = check_cases(store, args.cases, store_path=store.url)

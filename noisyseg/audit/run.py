@@ -44,7 +44,8 @@ from noisyseg.candidates import (
     rank_candidates,
     suspected_missed,
 )
-from noisyseg.distributed.inference import InferenceSettings, case_affine, map_cases
+from noisyseg.distributed.inference import InferenceSettings, map_cases
+from noisyseg.distributed.prediction_io import case_affine
 from noisyseg.distributed.registry import resolve_model
 from noisyseg.distributed.tracking import finish_run, open_run, resolve_tracking_uri
 from noisyseg.errors import NoisysegInputError

@@ -67,13 +67,14 @@ from noisyseg.benchmarking.settings import (
     skin_variants,
 )
 from noisyseg.distributed.config import make_config
-from noisyseg.distributed.inference import evaluate_cases, load_trained_model
+from noisyseg.distributed.evaluation import evaluate_cases
+from noisyseg.distributed.model_loading import load_trained_model
 from noisyseg.distributed.ray_utils import ensure_ray
 from noisyseg.distributed.tracking import resolve_tracking_uri
 from noisyseg.distributed.trainer import run_training
 from noisyseg.metrics import REPORT_CANDIDATE_THRESHOLD
+from noisyseg.storage.clean_subset import DEFAULT_CLEAN_MIN_CASES, select_clean_cases
 from noisyseg.storage.corrupt import corrupt_store
-from noisyseg.storage.patches import DEFAULT_CLEAN_MIN_CASES, select_clean_cases
 from noisyseg.storage.phantoms import synth_store
 from noisyseg.storage.store import VolumeStore
 

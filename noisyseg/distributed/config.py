@@ -84,7 +84,7 @@ class TrainConfig(BaseModel):
         "(clean_fraction/clean_count), e.g. the clean-only baseline",
     )
     inner_lr: float = Field(1.0, gt=0.0, description="virtual-step learning rate (alpha)")
-    # the clean stream (defaults = noisyseg.storage.patches.DEFAULT_CLEAN_*, test_patches checks)
+    # the clean stream (defaults = noisyseg.storage.patches.DEFAULT_CLEAN_* and clean_subset.DEFAULT_CLEAN_MIN_CASES, test_patches checks)
     clean_min_cases: int = Field(
         3, ge=1, description="fewest clean cases a clean_fraction subset gets (when flagged)"
     )
@@ -472,7 +472,7 @@ def check_against_store(config: TrainConfig) -> StoreInfo:
     if not train_ids:
         raise NoisysegInputError("store has no cases in split 'train'", path=config.store)
     if config.reweight != "none" or config.train_subset == "clean":
-        from noisyseg.storage.patches import select_clean_cases
+        from noisyseg.storage.clean_subset import select_clean_cases
 
         # The same draw the workers make (seed = config.seed): fails when too few cases are
         # flagged clean in the store.

@@ -110,11 +110,8 @@ def _resolve_device(device: str | None) -> str:
 
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
     """Checkpoint dict, model and spec from --checkpoint or --run-id (validated)."""
-    from noisyseg.distributed.inference import (
-        download_run_checkpoint,
-        load_checkpoint,
-        model_from_checkpoint,
-    )
+    from noisyseg.distributed.checkpoints import model_from_checkpoint
+    from noisyseg.distributed.model_loading import download_run_checkpoint, load_checkpoint
 
     if not args.run_id and not args.checkpoint:
         raise NoisysegInputError("give --run-id or --checkpoint")
@@ -147,7 +144,8 @@ def _check_run(run_id: str) -> None:
 
 
 def _settings(args: argparse.Namespace, checkpoint: dict[str, Any], spec: Any):
-    from noisyseg.distributed.inference import InferenceSettings, check_roi, roi_from_config
+    from noisyseg.distributed.inference import InferenceSettings
+    from noisyseg.distributed.model_loading import check_roi, roi_from_config
 
     config = dict(checkpoint.get("config") or {})
     if args.roi_size:
@@ -170,7 +168,7 @@ def _settings(args: argparse.Namespace, checkpoint: dict[str, Any], spec: Any):
 
 
 def _select_cases(store: Any, args: argparse.Namespace) -> list[str]:
-    from noisyseg.distributed.inference import check_cases
+    from noisyseg.distributed.prediction_io import check_cases
 
     if args.cases:
         return check_cases(store, args.cases, store_path=store.url)
@@ -300,7 +298,8 @@ def log_evaluation(run_id: str, split: str, report: dict[str, Any], *, step: int
 def run_evaluate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from noisyseg.distributed.inference import check_channels, evaluate_cases
+    from noisyseg.distributed.evaluation import evaluate_cases
+    from noisyseg.distributed.prediction_io import check_channels
     from noisyseg.storage.store import VolumeStore
 
     console = Console(stderr=True)

@@ -168,7 +168,7 @@ def _preprocessing(args: argparse.Namespace, resolved: Any) -> Any:
     """The model's preprocessing with the window flags applied (window checked against the
     network's divisor)."""
     from noisyseg.distributed.checkpoints import model_from_checkpoint
-    from noisyseg.distributed.inference import check_roi, roi_from_config
+    from noisyseg.distributed.model_loading import check_roi, roi_from_config
 
     _, spec = model_from_checkpoint(resolved.checkpoint, source=resolved.source)
     prep = resolved.preprocessing
@@ -221,7 +221,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _store_cases(store: Any, args: argparse.Namespace) -> list[str]:
-    from noisyseg.distributed.inference import check_cases
+    from noisyseg.distributed.prediction_io import check_cases
 
     if args.cases:
         return check_cases(store, args.cases, store_path=store.url)

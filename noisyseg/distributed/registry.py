@@ -43,12 +43,8 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from noisyseg.distributed.checkpoints import FINAL_FILE, read_state
-from noisyseg.distributed.inference import (
-    download_run_checkpoint,
-    model_from_checkpoint,
-    roi_from_config,
-)
+from noisyseg.distributed.checkpoints import FINAL_FILE, model_from_checkpoint, read_state
+from noisyseg.distributed.model_loading import download_run_checkpoint, roi_from_config
 from noisyseg.distributed.scan_inputs import CANONICAL, Preprocessing
 from noisyseg.distributed.scan_prediction import predict_raw_volume
 from noisyseg.distributed.tracking import resolve_tracking_uri

@@ -301,7 +301,7 @@ def zscore(volume: np.ndarray) -> np.ndarray:
     """Per-channel ``(x - mean) / std`` over every voxel, with ingest's statistics
     (:func:`noisyseg.storage.normalise.channel_stats`: float64, population std) cast to float32
     and a std below 1e-8 replaced by 1, subtracted and divided in float32 — what the patch
-    loader applies to a stored case (:func:`noisyseg.storage.patches.case_stats`).
+    loader applies to a stored case (:func:`noisyseg.storage.normalise.case_stats`).
 
     ``(C, *S)`` -> ``(C, *S)`` float32.
     """

@@ -32,7 +32,7 @@ import torch
 from scipy import ndimage
 
 from noisyseg.distributed.checkpoints import model_from_checkpoint
-from noisyseg.distributed.inference import case_affine, normalize_image, predict_volume
+from noisyseg.distributed.prediction_io import case_affine
 from noisyseg.distributed.scan_inputs import (
     LoadedScan,
     Preprocessing,
@@ -42,10 +42,11 @@ from noisyseg.distributed.scan_inputs import (
     to_canonical,
     zscore,
 )
+from noisyseg.distributed.sliding_window import normalize_image, predict_volume
 from noisyseg.errors import NoisysegInputError
 from noisyseg.lesions import label_lesions
 from noisyseg.storage import geometry as G
-from noisyseg.storage.patches import case_stats
+from noisyseg.storage.normalise import case_stats
 from noisyseg.storage.store import VolumeStore
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from noisyseg.distributed.config import StoreInfo, TrainConfig
+from noisyseg.distributed.evaluation import evaluate_cases
 from noisyseg.distributed.figures import pr_curve_figure, validation_slice_figure
-from noisyseg.distributed.inference import evaluate_cases
 from noisyseg.distributed.tracking import scalar_metrics
 from noisyseg.models import unwrap_model
 from noisyseg.storage.store import VolumeStore

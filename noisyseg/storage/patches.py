@@ -36,11 +36,26 @@ disjoint case sets. The same fallback keeps a 1-case clean subset usable by 8 wo
 
 Each process opens the store lazily in ``__iter__``: the dataset object itself holds only
 strings and numbers, so it pickles to Ray Train workers and DataLoader worker processes.
+
+The clean stream's defaults (:func:`make_train_loaders`), measured: lesion share of the batches
+(lesion voxels / patch voxels, mean of 150 batches of 2 patches of 40³) on the default brain
+phantom stores (32 cases at 2 mm, seeds 0/1/2; noisy stream ``censor-random-0.50-s<seed>`` at
+foreground fraction 1/3, lesion sampling; clean fraction 0.05 of 21 training cases)::
+
+    seed   noisy    clean: 1 case, 1/3 lesion   3 cases, 1/3 lesion   3 cases, 2/3 voxel
+    0      0.68 %          0.15 %               0.35 %                0.43 %
+    1      0.15 %          3.28 %               1.09 %                1.93 %
+    2      0.54 %          0.33 %               0.19 %                0.25 %
+
+The clean share is bounded by the clean cases' own lesions (seeds 0 and 2 drew clean cases
+with small lesions only: even every clean patch on a lesion voxel gives 0.47 % and 0.25 %),
+so no sampling default guarantees the noisy share; 2/3 by voxel raises it 1.2-1.8x over the
+old rule for the same cases. :class:`noisyseg.reweight.MetaStepResult` reports both shares
+per step so a lesion-poor clean stream is visible while it trains.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,21 +65,23 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from noisyseg.errors import NoisysegInputError
+from noisyseg.storage.clean_subset import (
+    DEFAULT_CLEAN_MIN_CASES,
+    open_store,
+    select_clean_cases,
+)
+from noisyseg.storage.normalise import case_stats
+from noisyseg.storage.reader import RegionReader
+from noisyseg.storage.store import VolumeStore
 
-#: Points per axis used for the z-score statistics when the store has none recorded.
-STATS_POINTS_PER_AXIS = 32
 #: Probability that a clean-stream patch is centred on a lesion voxel. Meta reweighting needs
 #: clean batches that carry the lesions (with lesion-poor clean batches the weights switch the
-#: lesion voxels off); shares measured on the brain phantom stores in make_train_loaders.
+#: lesion voxels off); shares measured on the brain phantom stores in the module docstring.
 DEFAULT_CLEAN_FOREGROUND_FRACTION = 2 / 3
-#: Fewest clean cases a *fraction*-sized clean subset gets, when the store has that many flagged
-#: clean (and keeps a noisy case): one case is too few to represent the lesions.
-DEFAULT_CLEAN_MIN_CASES = 3
 #: How foreground-centred patches pick their lesion (see the module docstring).
 FOREGROUND_SAMPLING: tuple[str, ...] = ("lesion", "voxel")
 #: The clean stream's rule: lesion voxels uniformly, so large lesions fill the clean batches.
 DEFAULT_CLEAN_FOREGROUND_SAMPLING = "voxel"
-STATS_KEYS = (("channel_mean", "channel_std"), ("mean", "std"), ("intensity_mean", "intensity_std"))
 
 
 def shard_cases(
@@ -86,56 +103,6 @@ def shard_cases(
     return cases
 
 
-def _case_attrs(store: Any, case_id: str) -> dict:
-    """The case's stored attributes (one small JSON read; ``case_info`` also reads the index)."""
-    attrs = getattr(store, "case_attrs", None)
-    return dict(attrs(case_id)) if attrs is not None else dict(store.case_info(case_id))
-
-
-def subsample_stats(image: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (mean, std) of a strided subsample of an image (the fallback rule).
-
-    Every ``ceil(S_i / STATS_POINTS_PER_AXIS)``-th voxel along each spatial axis (about 32 points
-    per axis), accumulated in float64. ``image``: ``(C, *S)`` numpy or zarr array (only the
-    subsample is read). Returns float32 arrays of shape ``(C,)``, std not yet floored.
-    """
-    steps = tuple(max(1, math.ceil(s / STATS_POINTS_PER_AXIS)) for s in image.shape[1:])
-    sub = np.asarray(image[(slice(None),) + tuple(slice(None, None, k) for k in steps)])
-    sub = sub.reshape(sub.shape[0], -1).astype(np.float64)
-    return sub.mean(axis=1).astype(np.float32), sub.std(axis=1).astype(np.float32)
-
-
-def case_stats(store: Any, case_id: str, image: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel z-score statistics ``(mean, std)`` of a stored case, as training uses them.
-
-    The rule (inference must apply the same one): the case attributes' recorded statistics
-    (the first pair of :data:`STATS_KEYS` present; :meth:`VolumeStore.write_case` records
-    ``channel_mean`` / ``channel_std`` over the whole image), else :func:`subsample_stats` of the
-    stored image. A std below 1e-8 (constant channel) becomes 1.
-
-    Args:
-        store: an open :class:`~noisyseg.storage.store.VolumeStore`.
-        case_id: the case.
-        image: the case's image array when the caller has it open already (else read from store).
-
-    Returns:
-        ``(mean, std)``, float32 arrays of shape ``(C,)``.
-    """
-    info = _case_attrs(store, case_id)
-    stats = None
-    for mean_key, std_key in STATS_KEYS:
-        if info.get(mean_key) is not None and info.get(std_key) is not None:
-            stats = (
-                np.asarray(info[mean_key], dtype=np.float32),
-                np.asarray(info[std_key], dtype=np.float32),
-            )
-            break
-    if stats is None:
-        stats = subsample_stats(store.image(case_id) if image is None else image)
-    mean, std = stats
-    return mean, np.where(std > 1e-8, std, 1.0).astype(np.float32)
-
-
 class _ShardReader:
     """Per-process state of one shard: the open store, array handles, stats and lesion boxes."""
 
@@ -147,7 +114,6 @@ class _ShardReader:
     ) -> None:
         """``arrays`` (benchmarks): per case ``(image, label)`` array-likes to read instead of
         the store's arrays (statistics and lesion boxes still come from the store)."""
-        from noisyseg.storage.store import RegionReader, VolumeStore
 
         self.ds = ds
         self.store = VolumeStore.open(ds.store_url, mode="r")
@@ -391,75 +357,6 @@ class PatchDataset(IterableDataset):
             }
 
 
-def _open(store_or_url):
-    from noisyseg.storage.store import VolumeStore
-
-    if isinstance(store_or_url, VolumeStore):
-        return store_or_url
-    return VolumeStore.open(str(store_or_url), mode="r")
-
-
-def select_clean_cases(
-    store_or_url,
-    *,
-    fraction: float | None = None,
-    count: int | None = None,
-    seed: int = 0,
-    split: str = "train",
-    min_count: int = DEFAULT_CLEAN_MIN_CASES,
-) -> list[str]:
-    """Pick the clean subset for reweighting among the cases flagged clean in ``split``.
-
-    Args:
-        store_or_url: a :class:`VolumeStore` or its URL.
-        fraction: subset size as a fraction of the split's size (``round(fraction · N)``, at least
-            one case), e.g. 0.05 = 5 % of the training cases; raised to ``min_count`` when the
-            data allow (see below).
-        count: subset size as a number of cases, taken as given. Exactly one of
-            ``fraction``/``count``.
-        min_count: fewest cases a ``fraction``-sized subset gets, capped by the cases flagged
-            clean and by ``N - 1`` (one case stays for the noisy stream).
-        seed: the choice is uniform without replacement, deterministic by seed.
-        split: the split to draw from.
-
-    Returns:
-        The chosen case ids, in store order.
-
-    Raises:
-        NoisysegInputError: neither/both sizes given, a size out of range, or more cases asked
-            for than are flagged clean.
-    """
-    from noisyseg.storage.validate import check_split
-
-    check_split(split)
-    if (fraction is None) == (count is None):
-        raise NoisysegInputError("clean subset: give exactly one of fraction or count")
-    store = _open(store_or_url)
-    n_split = len(store.case_ids(split=split))
-    if fraction is not None:
-        if not (0.0 < float(fraction) <= 1.0):
-            raise NoisysegInputError(f"clean fraction must lie in (0, 1], got {fraction!r}")
-        n = max(1, round(float(fraction) * n_split))
-        asked = f"{fraction:g} of {n_split} {split} cases = {n}"
-        n_flagged = len(store.case_ids(split=split, clean=True))
-        n = max(n, min(int(min_count), n_flagged, n_split - 1))
-    else:
-        if int(count) != count or int(count) < 1:
-            raise NoisysegInputError(f"clean count must be a positive integer, got {count!r}")
-        n = int(count)
-        asked = f"{n}"
-    clean = list(store.case_ids(split=split, clean=True))
-    if n > len(clean):
-        raise NoisysegInputError(
-            f"clean subset larger than the data: asked for {asked} cases, "
-            f"only {len(clean)} {split} cases are flagged clean",
-            path=str(store.url),
-        )
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC1EA]))
-    chosen = set(rng.choice(len(clean), size=n, replace=False).tolist())
-    return [cid for i, cid in enumerate(clean) if i in chosen]
-
-
 @dataclass
 class TrainLoaders:
     """The two training streams: noisy-label patches and (optionally) clean-label patches."""
@@ -503,21 +400,7 @@ def make_train_loaders(
     ``batch_size``). With ``exclude_clean_from_noisy`` the clean cases are left out
     of the noisy stream.
 
-    Lesion share of the batches (lesion voxels / patch voxels, mean of 150 batches of 2 patches
-    of 40³) on the default brain phantom stores (32 cases at 2 mm, seeds 0/1/2; noisy stream
-    ``censor-random-0.50-s<seed>`` at foreground fraction 1/3, lesion sampling; clean fraction
-    0.05 of 21 training cases)::
-
-        seed   noisy    clean: 1 case, 1/3 lesion   3 cases, 1/3 lesion   3 cases, 2/3 voxel
-        0      0.68 %          0.15 %               0.35 %                0.43 %
-        1      0.15 %          3.28 %               1.09 %                1.93 %
-        2      0.54 %          0.33 %               0.19 %                0.25 %
-
-    The clean share is bounded by the clean cases' own lesions (seeds 0 and 2 drew clean cases
-    with small lesions only: even every clean patch on a lesion voxel gives 0.47 % and 0.25 %),
-    so no sampling default guarantees the noisy share; 2/3 by voxel raises it 1.2-1.8x over the
-    old rule for the same cases. :class:`noisyseg.reweight.MetaStepResult` reports both shares
-    per step so a lesion-poor clean stream is visible while it trains.
+    The lesion share this gives the batches is measured in the module docstring.
     ``train_subset="clean"`` trains on the clean subset alone: the main stream reads
     ``label_set`` of the clean cases only and there is no separate clean stream (the clean-only
     baseline). ``seed`` draws the clean subset; ``stream_seed`` (default ``seed``) seeds the patch
@@ -525,7 +408,74 @@ def make_train_loaders(
     Batches: ``image (B, C, *P)``, ``label (B, 1, *P)``, ``case_id`` list of B strings,
     ``origin`` list of ``nd`` int tensors of shape (B,).
     """
-    store = _open(store_url)
+    store = open_store(store_url)
+    clean_batch = _check_loader_inputs(store, label_set, patch_size, batch_size, clean_batch_size)
+    clean = _clean_subset(store, clean_fraction, clean_count, seed, clean_min_cases)
+    noisy, clean = _stream_cases(store, clean, train_subset, exclude_clean_from_noisy)
+    common = {
+        "patch_size": tuple(patch_size),
+        "seed": seed if stream_seed is None else stream_seed,
+        "rank": rank,
+        "world_size": world_size,
+        "augment": augment,
+    }
+    noisy_ds = PatchDataset(
+        store.url,
+        noisy,
+        label_set=label_set,
+        stream=0,
+        foreground_fraction=foreground_fraction,
+        **common,
+    )
+    workers = {"num_workers": num_workers, "multiprocessing_context": multiprocessing_context}
+    return TrainLoaders(
+        noisy=_loader(noisy_ds, batch_size, **workers),
+        clean=_clean_loader(
+            store.url,
+            clean,
+            common,
+            clean_foreground_fraction,
+            clean_foreground_sampling,
+            loader_kwargs={"size": clean_batch, **workers},
+        ),
+        noisy_case_ids=noisy,
+        clean_case_ids=clean,
+    )
+
+
+def _clean_loader(
+    store_url: str,
+    clean: list[str],
+    common: dict[str, Any],
+    foreground_fraction: float,
+    foreground_sampling: str,
+    loader_kwargs: dict[str, Any],
+) -> DataLoader | None:
+    """The clean stream's DataLoader: ``truth`` patches of the ``clean`` cases (stream 1), None
+    when there are no clean cases."""
+    if not clean:
+        return None
+    clean_ds = PatchDataset(
+        store_url,
+        clean,
+        label_set="truth",
+        stream=1,
+        foreground_fraction=foreground_fraction,
+        foreground_sampling=foreground_sampling,
+        **common,
+    )
+    return _loader(clean_ds, **loader_kwargs)
+
+
+def _check_loader_inputs(
+    store: VolumeStore,
+    label_set: str,
+    patch_size: Sequence[int],
+    batch_size: int,
+    clean_batch_size: int | None,
+) -> int:
+    """Check the label sets (``label_set`` and ``truth``), the patch dims against the store's
+    and the batch sizes; returns the clean batch size (default and minimum ``batch_size``)."""
     sets = store.label_sets()
     for wanted in {label_set, "truth"}:
         if wanted not in sets:
@@ -546,17 +496,31 @@ def make_train_loaders(
         raise NoisysegInputError(
             f"clean_batch_size must be >= batch_size ({batch_size}), got {clean_batch}"
         )
+    return clean_batch
+
+
+def _clean_subset(
+    store: VolumeStore,
+    fraction: float | None,
+    count: int | None,
+    seed: int,
+    min_count: int,
+) -> list[str]:
+    """The clean subset of the training split (:func:`select_clean_cases`); ``[]`` when neither
+    ``fraction`` nor ``count`` is given."""
+    if fraction is None and count is None:
+        return []
+    return select_clean_cases(
+        store, fraction=fraction, count=count, seed=seed, split="train", min_count=min_count
+    )
+
+
+def _stream_cases(
+    store: VolumeStore, clean: list[str], train_subset: str, exclude_clean_from_noisy: bool
+) -> tuple[list[str], list[str]]:
+    """``(noisy, clean)`` case ids of the two streams from the training split and the chosen
+    ``clean`` subset (``train_subset="clean"``: the clean cases are the only stream)."""
     train = list(store.case_ids(split="train"))
-    clean: list[str] = []
-    if clean_fraction is not None or clean_count is not None:
-        clean = select_clean_cases(
-            store,
-            fraction=clean_fraction,
-            count=clean_count,
-            seed=seed,
-            split="train",
-            min_count=clean_min_cases,
-        )
     if train_subset not in ("all", "clean"):
         raise NoisysegInputError(f"train_subset must be 'all' or 'clean', got {train_subset!r}")
     if train_subset == "clean":
@@ -572,46 +536,17 @@ def make_train_loaders(
             "no training cases left for the noisy stream after removing the clean subset",
             path=str(store.url),
         )
+    return noisy, clean
 
-    def loader(ds: PatchDataset, size: int) -> DataLoader:
-        return DataLoader(
-            ds,
-            batch_size=size,
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0,
-            multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
-        )
 
-    common = {
-        "patch_size": tuple(patch_size),
-        "seed": seed if stream_seed is None else stream_seed,
-        "rank": rank,
-        "world_size": world_size,
-        "augment": augment,
-    }
-    noisy_ds = PatchDataset(
-        store.url,
-        noisy,
-        label_set=label_set,
-        stream=0,
-        foreground_fraction=foreground_fraction,
-        **common,
-    )
-    clean_loader = None
-    if clean:
-        clean_ds = PatchDataset(
-            store.url,
-            clean,
-            label_set="truth",
-            stream=1,
-            foreground_fraction=clean_foreground_fraction,
-            foreground_sampling=clean_foreground_sampling,
-            **common,
-        )
-        clean_loader = loader(clean_ds, clean_batch)
-    return TrainLoaders(
-        noisy=loader(noisy_ds, batch_size),
-        clean=clean_loader,
-        noisy_case_ids=noisy,
-        clean_case_ids=clean,
+def _loader(
+    ds: PatchDataset, size: int, *, num_workers: int, multiprocessing_context: str | None
+) -> DataLoader:
+    """A DataLoader of ``size``-patch batches over ``ds`` (persistent workers when any)."""
+    return DataLoader(
+        ds,
+        batch_size=size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
     )

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from noisyseg.distributed.config import TrainConfig, check_against_store, make_config
-from noisyseg.distributed.inference import evaluate_cases
+from noisyseg.distributed.evaluation import evaluate_cases
 from noisyseg.distributed.tracking import scalar_metric_names
 from noisyseg.errors import NoisysegInputError
 from noisyseg.storage.store import VolumeStore

@@ -174,7 +174,7 @@ class SearchSpace:
                     check_against_store(config)
                     if config.reweight != "none":
                         # the clean subset must exist among the cases flagged clean
-                        from noisyseg.storage.patches import select_clean_cases
+                        from noisyseg.storage.clean_subset import select_clean_cases
 
                         select_clean_cases(
                             config.store,

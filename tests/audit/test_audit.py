@@ -210,12 +210,8 @@ def test_audit_and_accept_two_candidates_end_to_end(tmp_path: Path, mlflow_serve
     import mlflow
     from scipy import ndimage
 
-    from noisyseg.distributed.checkpoints import read_state
-    from noisyseg.distributed.inference import (
-        case_normalization_stats,
-        model_from_checkpoint,
-        predict_volume,
-    )
+    from noisyseg.distributed.checkpoints import model_from_checkpoint, read_state
+    from noisyseg.distributed.sliding_window import case_normalization_stats, predict_volume
     from noisyseg.storage.corrupt import corrupt_store
     from noisyseg.storage.phantoms import synth_store
     from noisyseg.storage.store import VolumeStore

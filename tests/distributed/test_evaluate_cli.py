@@ -20,13 +20,9 @@ import torch
 from torch import nn
 
 from noisyseg.cli import main
-from noisyseg.distributed.inference import (
-    case_normalization_stats,
-    evaluate_cases,
-    predict_volume,
-    read_prediction,
-    write_prediction,
-)
+from noisyseg.distributed.evaluation import evaluate_cases
+from noisyseg.distributed.prediction_io import read_prediction, write_prediction
+from noisyseg.distributed.sliding_window import case_normalization_stats, predict_volume
 from noisyseg.errors import NoisysegInputError
 from noisyseg.metrics import lesion_metrics
 from noisyseg.models import UNetSpec, build_unet

@@ -11,12 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from noisyseg.distributed.inference import (
-    load_checkpoint,
-    load_trained_model,
-    normalize_image,
-    predict_volume,
-)
+from noisyseg.distributed.model_loading import load_checkpoint, load_trained_model
+from noisyseg.distributed.sliding_window import normalize_image, predict_volume
 from noisyseg.errors import NoisysegInputError
 from noisyseg.models import UNetSpec, build_unet
 

@@ -19,7 +19,6 @@ from scipy import ndimage
 from torch import nn
 
 from noisyseg.cli import main
-from noisyseg.distributed.inference import predict_volume
 from noisyseg.distributed.scan_inputs import Preprocessing, discover_scans, load_scan
 from noisyseg.distributed.scan_prediction import (
     ScanPredictor,
@@ -28,6 +27,7 @@ from noisyseg.distributed.scan_prediction import (
     predict_scans,
     scan_probability,
 )
+from noisyseg.distributed.sliding_window import predict_volume
 from noisyseg.models import UNetSpec, build_unet
 from noisyseg.storage.store import VolumeStore
 

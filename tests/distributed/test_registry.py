@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from noisyseg.cli import main
-from noisyseg.distributed.inference import predict_volume
 from noisyseg.distributed.registry import PYFUNC_NAME, RUN_TAG, resolve_model
+from noisyseg.distributed.sliding_window import predict_volume
 from noisyseg.models import UNetSpec, build_unet
 from noisyseg.storage.store import VolumeStore
 

@@ -15,12 +15,8 @@ import torch
 from scipy import ndimage
 
 from noisyseg.errors import NoisysegInputError
-from noisyseg.storage.patches import (
-    PatchDataset,
-    make_train_loaders,
-    select_clean_cases,
-    shard_cases,
-)
+from noisyseg.storage.clean_subset import select_clean_cases
+from noisyseg.storage.patches import PatchDataset, make_train_loaders, shard_cases
 from noisyseg.storage.store import VolumeStore
 
 PATCH = (8, 12, 16)
@@ -440,7 +436,6 @@ def test_bad_input(store: dict) -> None:
 
 def test_clean_only_subset_and_stream_seed(tmp_path) -> None:
     """train_subset='clean' streams only the clean cases; stream_seed moves patches, not the subset."""
-    from noisyseg.storage.patches import make_train_loaders, select_clean_cases
     from noisyseg.storage.store import VolumeStore
 
     url = str(tmp_path / "s.zarr")

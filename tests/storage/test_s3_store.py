@@ -234,7 +234,7 @@ def test_patch_dataset_reads_from_s3(stores: dict[str, str]) -> None:
 def test_predict_writes_probability_maps_into_s3_store(stores: dict[str, str]) -> None:
     import torch
 
-    from noisyseg.distributed.inference import read_prediction
+    from noisyseg.distributed.prediction_io import read_prediction
     from noisyseg.models import UNetSpec, build_unet
     from noisyseg.storage.store import VolumeStore
 

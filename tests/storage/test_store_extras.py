@@ -1,5 +1,5 @@
 """VolumeStore follow-ups: probability maps, recorded z-score statistics, case_attrs,
-patches.case_stats, and the RegionReader fast path (checked against plain numpy slices)."""
+normalise.case_stats, and the RegionReader fast path (checked against plain numpy slices)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 import zarr
 
 from noisyseg.errors import NoisysegInputError
-from noisyseg.storage.patches import PatchDataset, case_stats
+from noisyseg.storage.normalise import case_stats
+from noisyseg.storage.patches import PatchDataset
 from noisyseg.storage.store import RegionReader, VolumeStore
 
 SPACING = (2.0, 1.5, 0.5)
