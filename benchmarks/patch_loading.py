@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import zarr
 
-    from noisyseg.storage import store as store_mod
+    from noisyseg.storage import layout, reader
     from noisyseg.storage.patches import PatchDataset, _ShardReader
 
     cores = os.cpu_count()
@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         f"zarr {zarr.__version__}, single process, no DataLoader workers"
     )
     print(
-        f"store layout: image chunks {store_mod.chunk_shape((args.size,) * 3, 4)} float32 Blosc "
-        f"{store_mod.IMAGE_BLOSC}; label chunks {store_mod.chunk_shape((args.size,) * 3, 1)} "
-        f"uint8 Blosc {store_mod.LABEL_BLOSC}"
+        f"store layout: image chunks {layout.chunk_shape((args.size,) * 3, 4)} float32 Blosc "
+        f"{layout.IMAGE_BLOSC}; label chunks {layout.chunk_shape((args.size,) * 3, 1)} "
+        f"uint8 Blosc {layout.LABEL_BLOSC}"
     )
     tmp = Path(tempfile.mkdtemp(prefix="noisyseg-patchbench-", dir=args.dir))
     try:
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"load average at end: {os.getloadavg()[0]:.1f} on {cores} cores; "
-            f"RegionReader decoding threads: {store_mod.READ_THREADS}"
+            f"RegionReader decoding threads: {reader.READ_THREADS}"
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -49,7 +49,8 @@ from noisyseg.distributed.prediction_io import case_affine
 from noisyseg.distributed.registry import resolve_model
 from noisyseg.distributed.tracking import finish_run, open_run, resolve_tracking_uri
 from noisyseg.errors import NoisysegInputError
-from noisyseg.storage.store import TRUTH, VolumeStore
+from noisyseg.storage.layout import TRUTH
+from noisyseg.storage.store import VolumeStore
 from noisyseg.storage.validate import check_label_set_name
 
 #: Experiment of audit runs whose model run is not on the tracking server.

@@ -14,6 +14,21 @@
 A kill between the two renames of :func:`publish_dir` leaves the final path empty and the old
 copy under ``.old-*``: :func:`recover_dir` (called by the writers before they look at a final
 path) moves it back.
+
+What this gives :class:`~noisyseg.storage.store.VolumeStore` (the methods named are its own).
+
+Visibility and atomicity: **a case exists once its index entry exists**; :meth:`write_case`
+writes the arrays first (staged and renamed into place on local file systems) and the index entry
+last. A label set written as an internal version (:meth:`new_label_version`, what
+``corrupt --overwrite`` does) becomes the set only when :meth:`register_label_set` writes its
+registry entry, one atomic write; the replaced version is removed after. A re-run therefore skips
+exactly the cases in the index and rewrites the rest; a kill leaves the complete old or the
+complete new set.
+
+Concurrency: :meth:`write_case` and :meth:`write_label_set` of *different* cases may run in
+parallel (Dask/Ray tasks, several processes): each touches only its own case directory and its
+own journal file. Everything that rewrites shared index files — :meth:`compact`,
+:meth:`register_label_set`, :meth:`set_split`, :meth:`set_clean` — is driver-side.
 """
 
 from __future__ import annotations

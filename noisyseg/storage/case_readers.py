@@ -30,8 +30,8 @@ import numpy as np
 from noisyseg.errors import NoisysegInputError
 from noisyseg.storage import geometry as G
 from noisyseg.storage import validate as V
+from noisyseg.storage.layout import TRUTH
 from noisyseg.storage.layouts import CaseSpec, DatasetInfo
-from noisyseg.storage.store import TRUTH
 
 #: Name of the label map that keeps the source's multi-class labels.
 SOURCE_LABELS = "source-multiclass"

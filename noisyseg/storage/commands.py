@@ -136,7 +136,8 @@ def _parse_params(items: Sequence[str] | None) -> dict[str, Any] | None:
 
 def _cmd_corrupt(args: argparse.Namespace) -> int:
     # heavy (zarr, pandas, dask, rich): imported when the verb runs, keeping --help fast
-    from noisyseg.storage.store import TRUTH, VolumeStore
+    from noisyseg.storage.layout import TRUTH
+    from noisyseg.storage.store import VolumeStore
 
     # Validate before any work (DESIGN.md, "Bad input"); corrupt_store re-checks its own rules.
     rate = V.check_rate(args.rate) if args.rate is not None else None

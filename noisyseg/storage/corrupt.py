@@ -393,11 +393,7 @@ def corrupt_store(
             name ``truth`` or already registered without ``overwrite``, no cases in the split.
     """
     rate, level, resolved = _check_arguments(mode, rate, level, params, scope, scheduler, split)
-    if name is None:
-        name = default_name(mode, rate=rate, level=level, params=params, scope=scope, seed=seed)
-    check_label_set_name(name)
-    if name == "truth":
-        raise NoisysegInputError("the label set 'truth' is never overwritten; choose another name")
+    name = _set_name(name, mode, rate, level, params, scope, seed)
     store = VolumeStore.open(store_url, mode="r+")
     case_ids = _target_cases(store, source, name, overwrite, split)
     info: dict[str, Any] = {
@@ -426,6 +422,37 @@ def corrupt_store(
     # Commit point: one atomic write of the set's registry entry switches readers to the new
     # version (masks, lesion table and counts together); the replaced version is removed after.
     store.register_label_set(name, records_by_case, info, version=version)
+    return _report(name, source, mode, info, case_ids, results, time.perf_counter() - t0)
+
+
+def _set_name(
+    name: str | None,
+    mode: str,
+    rate: float,
+    level: str | None,
+    params: Mapping[str, Any] | None,
+    scope: str,
+    seed: int,
+) -> str:
+    """The new set's name: ``name``, else :func:`default_name`; checked, never ``truth``."""
+    if name is None:
+        name = default_name(mode, rate=rate, level=level, params=params, scope=scope, seed=seed)
+    check_label_set_name(name)
+    if name == "truth":
+        raise NoisysegInputError("the label set 'truth' is never overwritten; choose another name")
+    return name
+
+
+def _report(
+    name: str,
+    source: str,
+    mode: str,
+    info: dict[str, Any],
+    case_ids: list[str],
+    results: list[dict[str, Any]],
+    seconds: float,
+) -> CorruptReport:
+    """The :class:`CorruptReport` of the per-case task ``results`` (lesion counts summed)."""
     return CorruptReport(
         name=name,
         source=source,
@@ -436,8 +463,8 @@ def corrupt_store(
         lesions_removed=sum(r["removed"] for r in results),
         lesions_changed=sum(r["changed"] for r in results),
         lesions_result=sum(r["lesions_after"] for r in results),
-        seconds=time.perf_counter() - t0,
-        records_by_case=records_by_case,
+        seconds=seconds,
+        records_by_case={r["case_id"]: r["records"] for r in results},
     )
 
 
@@ -527,67 +554,3 @@ def present_lesions(table: pd.DataFrame, case_ids: Sequence[str]) -> pd.DataFram
     if "status" in table.columns:
         table = table[table["status"] != "removed"]
     return table.reset_index(drop=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Statistics
-# --------------------------------------------------------------------------------------------
-
-
-def _case_statistics(store: Any, case_id: str, label_set: str) -> dict:
-    mask = np.asarray(store.labels(case_id, label_set)[...])
-    labels, n = label_lesions(mask)
-    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    voxel_mm3 = float(np.prod(store.spacing(case_id)))
-    return {
-        "case_id": case_id,
-        "lesions": n,
-        "foreground_voxels": int(counts.sum()),
-        "volumes_mm3": (counts * voxel_mm3).tolist(),
-    }
-
-
-def lesion_statistics(
-    store_url: str,
-    label_set: str = "truth",
-    *,
-    split: str | None = None,
-    scheduler: str = "threads",
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Lesion statistics of a label set, computed from the arrays with Dask (one task per case).
-
-    Independent of the lesion table (every case is relabelled), so it doubles as a consistency
-    check of the table.
-
-    Returns:
-        ``label_set``, ``cases``, ``lesions``, ``lesions_per_case`` (mean), ``foreground_voxels``,
-        ``volume_mm3_quantiles`` (min, 25 %, median, 75 %, max; empty without lesions) and
-        ``per_case`` (DataFrame: case_id, lesions, foreground_voxels).
-    """
-    store = VolumeStore.open(store_url, mode="r")
-    if label_set not in store.label_sets():
-        raise NoisysegInputError(f"label set {label_set!r} not found", path=str(store_url))
-    case_ids = list(store.case_ids(split=split))
-    tasks = [dask.delayed(_case_statistics, pure=False)(store, cid, label_set) for cid in case_ids]
-    results = run_tasks(tasks, scheduler=scheduler, progress=progress)
-    volumes = (
-        np.concatenate([np.asarray(r["volumes_mm3"], dtype=np.float64) for r in results])
-        if results
-        else np.zeros(0)
-    )
-    per_case = pd.DataFrame(
-        [{k: r[k] for k in ("case_id", "lesions", "foreground_voxels")} for r in results],
-        columns=["case_id", "lesions", "foreground_voxels"],
-    )
-    return {
-        "label_set": label_set,
-        "cases": len(case_ids),
-        "lesions": int(sum(r["lesions"] for r in results)),
-        "lesions_per_case": float(np.mean([r["lesions"] for r in results])) if results else 0.0,
-        "foreground_voxels": int(sum(r["foreground_voxels"] for r in results)),
-        "volume_mm3_quantiles": np.quantile(volumes, [0, 0.25, 0.5, 0.75, 1]).tolist()
-        if volumes.size
-        else [],
-        "per_case": per_case,
-    }

@@ -218,7 +218,13 @@ class CaseIndex:
         touched = old is not None and old["case_id"].isin(ids).any()
         if not recs and not touched:
             return
-        parts = [old[~old["case_id"].isin(ids)]] if old is not None else []
+        self._replace_lesion_rows(rel, old, ids, recs)
+
+    def _replace_lesion_rows(
+        self, rel: str, old: pd.DataFrame | None, case_ids: list[str], recs: list[dict]
+    ) -> None:
+        """Write lesion table ``rel``: the rows of ``old`` not of ``case_ids``, plus ``recs``."""
+        parts = [old[~old["case_id"].isin(case_ids)]] if old is not None else []
         if recs:
             parts.append(pd.DataFrame(recs))
         parts = [p for p in parts if not p.empty]
@@ -327,17 +333,7 @@ class CaseIndex:
     ) -> None:
         self.compact()
         rel = lesions_rel(name)
-        old = self.files.read_parquet(rel)
-        parts = [old[~old["case_id"].isin(list(records_by_case))]] if old is not None else []
-        if recs:
-            parts.append(pd.DataFrame(recs))
-        parts = [p for p in parts if not p.empty]
-        df = (
-            pd.concat(parts, ignore_index=True)
-            if parts
-            else pd.DataFrame(columns=lesion_columns(self.spatial_dims))
-        )
-        self.files.write_parquet(rel, _sorted_lesions(df))
+        self._replace_lesion_rows(rel, self.files.read_parquet(rel), list(records_by_case), recs)
         col = f"n_lesions_{name}"
 
         def fn(cases: pd.DataFrame) -> pd.DataFrame:
@@ -424,6 +420,19 @@ class CaseIndex:
                 drop=True
             )
         return df
+
+    def case_row(self, case_id: str) -> dict:
+        """The case's index row as a dict (``n_lesions_<set>`` of sets it lacks left out);
+        NoisysegInputError unless the case is visible."""
+        df = self.index()
+        row = df[df["case_id"] == case_id]
+        if row.empty:
+            raise NoisysegInputError("case not in store", case=case_id, path=self.files.url)
+        return {
+            k: v
+            for k, v in row.iloc[0].to_dict().items()
+            if not (k.startswith("n_lesions_") and pd.isna(v))
+        }
 
     def require_case(self, case_id: str) -> None:
         """Raise unless the case is visible."""

@@ -43,8 +43,9 @@ from noisyseg.storage.case_readers import (
     parse_foreground,
 )
 from noisyseg.storage.filesystems import open_filesystem
+from noisyseg.storage.layout import TRUTH
 from noisyseg.storage.layouts import LAYOUT_2D, CaseSpec, Layout, discover
-from noisyseg.storage.store import TRUTH, VolumeStore
+from noisyseg.storage.store import VolumeStore
 from noisyseg.storage.tasks import SCHEDULERS, run_tasks
 
 __all__ = [
@@ -197,6 +198,8 @@ def _label_rule(layout: Layout, foreground: str | Sequence[Any] | None) -> Label
 
 
 def _truth_params(src: str, layout: Layout, rule: LabelRule, target: Any) -> dict[str, Any]:
+    """The truth label set's params: where it comes from and how it was made (foreground,
+    label names, target spacing in mm)."""
     return {
         "source": "ingest",
         "src": str(Path(src).resolve()),
@@ -324,8 +327,7 @@ def ingest_folder(
             ``ray``) and its worker count.
         progress: show a progress bar (stderr). on_error: called with each failure.
 
-    Returns:
-        IngestReport with written, skipped and failed cases.
+    Returns an :class:`IngestReport` with the written, skipped and failed cases.
 
     Raises:
         NoisysegInputError: problems of the whole command (missing/empty folder, unknown
@@ -333,12 +335,7 @@ def ingest_folder(
             problems go into the report instead.
     """
     t0 = time.perf_counter()
-    if scheduler not in SCHEDULERS:
-        raise NoisysegInputError(
-            f"unknown scheduler {scheduler!r} (choose from {', '.join(SCHEDULERS)})"
-        )
-    if scheduler == "ray":
-        _require_ray()
+    _check_scheduler(scheduler)
     layout = discover(src)
     rule = _label_rule(layout, foreground)
     target = _target_spacing(target_spacing, layout)
@@ -374,6 +371,16 @@ def ingest_folder(
         _write_store(job, str(store_url), report, fail, overwrite, storage_options)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_scheduler(scheduler: str) -> None:
+    """NoisysegInputError for an unknown Dask scheduler; ``ray`` needs Ray installed."""
+    if scheduler not in SCHEDULERS:
+        raise NoisysegInputError(
+            f"unknown scheduler {scheduler!r} (choose from {', '.join(SCHEDULERS)})"
+        )
+    if scheduler == "ray":
+        _require_ray()
 
 
 def _clean_ids(clean_cases: str | None, plan: dict[str, str]) -> set[str]:

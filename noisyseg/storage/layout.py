@@ -31,13 +31,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
 from noisyseg.errors import NoisysegInputError
+from noisyseg.storage.atomic import is_local
+
+if TYPE_CHECKING:  # pragma: no cover
+    import fsspec
+
+    from noisyseg.storage.files import StoreFiles
 
 STORE_FORMAT = "noisyseg-volume-store"
 #: 1: no integrity manifests; 2: every array written with a manifest (noisyseg.storage.integrity).
@@ -328,3 +334,33 @@ def prediction_attrs(case_id: str, name: str, spacing: Sequence[float], affine: 
         },
         "noisyseg": {"kind": "probability", "case_id": case_id},
     }
+
+
+def read_root_meta(files: StoreFiles) -> dict | None:
+    """The root ``noisyseg`` metadata of a store; None when there is no store; StoreDamageError
+    when the root ``zarr.json`` exists but is unreadable."""
+    try:
+        doc = files.read_json("zarr.json")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    meta = (doc.get("attributes") or {}).get("noisyseg") if isinstance(doc, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
+        return None
+    return meta
+
+
+def zarr_store(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    url: str,
+    storage_options: Mapping[str, Any] | None,
+    *,
+    read_only: bool = False,
+) -> Any:
+    """The Zarr store over a store's root: a ``LocalStore`` of ``root`` on the local file system,
+    else an ``FsspecStore`` of ``url``."""
+    if is_local(fs):
+        return zarr.storage.LocalStore(root, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(
+        url, storage_options=dict(storage_options or {}) or None, read_only=read_only
+    )

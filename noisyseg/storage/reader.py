@@ -1,4 +1,5 @@
-"""Fast box (patch) reads from the chunked arrays of a store, with their decoding thread pool."""
+"""Reading a store's cases: cached, checked array handles (:class:`CaseArrays`) and fast box
+(patch) reads from the chunked arrays (:class:`RegionReader`), with their decoding thread pool."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec
 from zarr.core.chunk_grids import RegularChunkGrid
 
-from noisyseg.storage.integrity import ArrayContext, Manifest, VerifiedStore
+from noisyseg.errors import NoisysegInputError
+from noisyseg.storage import validate as V
+from noisyseg.storage.files import StoreFiles
+from noisyseg.storage.integrity import (
+    ArrayContext,
+    Manifest,
+    VerifiedStore,
+    open_verified_array,
+)
+from noisyseg.storage.layout import CASES_DIR, VERSION_SEP, image_rel, label_rel, prediction_rel
 
 #: Decoding threads of :class:`RegionReader` (environment ``NOISYSEG_READ_THREADS``).
 READ_THREADS = int(os.environ.get("NOISYSEG_READ_THREADS", "0") or 0) or min(4, os.cpu_count() or 1)
@@ -221,3 +231,80 @@ class RegionReader:
         if plan.manifest is not None:
             plan.manifest.check_file(key, data, stat, plan.context)
         return data
+
+
+class CaseArrays:
+    """One store's case attributes and array handles, cached per process.
+
+    Arrays open lazily and read-only, their chunk reads checked against their integrity
+    manifests (:func:`~noisyseg.storage.integrity.open_verified_array`); :meth:`forget` drops
+    what a write made stale.
+    """
+
+    def __init__(self, files: StoreFiles, zstore: Any, url: str) -> None:
+        self.files = files
+        self.zstore = zstore
+        self.url = url
+        self._arrays: dict[tuple[str, str], Any] = {}
+        self._attrs: dict[str, dict] = {}
+
+    def forget(self, case_id: str | None = None) -> None:
+        """Drop cached attributes and array handles (of one case, or all)."""
+        if case_id is None:
+            self._attrs.clear()
+            self._arrays.clear()
+            return
+        self._attrs.pop(case_id, None)
+        for key in [k for k in self._arrays if k[0] == case_id]:
+            del self._arrays[key]
+
+    def attrs(self, case_id: str) -> dict:
+        """The case's stored ``noisyseg`` attributes (cached; not a copy)."""
+        if case_id not in self._attrs:
+            V.check_case_id(case_id)
+            try:
+                doc = self.files.read_json(f"{CASES_DIR}/{case_id}/zarr.json")
+            except FileNotFoundError:
+                raise NoisysegInputError("case not in store", case=case_id, path=self.url) from None
+            self._attrs[case_id] = doc["attributes"]["noisyseg"]
+        return self._attrs[case_id]
+
+    def array(self, case_id: str, key: str, rel: str, what: str) -> Any:
+        """The array at ``rel``, cached under ``(case_id, key)``, chunk reads checked (None when
+        absent)."""
+        ck = (case_id, key)
+        if ck not in self._arrays:
+            V.check_case_id(case_id)
+            ctx = ArrayContext(case_id, what, rel, self.url)
+            arr = open_verified_array(self.files, self.zstore, ctx)
+            if arr is None:
+                return None
+            self._arrays[ck] = arr
+        return self._arrays[ck]
+
+    def image(self, case_id: str) -> zarr.Array:
+        """The case's image ``(C, *S)`` float32, lazy."""
+        arr = self.array(case_id, "\0image", image_rel(case_id), "image")
+        if arr is None:
+            raise NoisysegInputError("case not in store", case=case_id, path=self.url)
+        return arr
+
+    def labels(self, case_id: str, name: str, version: str | None) -> zarr.Array:
+        """Label set ``name`` of the case at ``version``, ``(*S)`` uint8, lazy; says whether the
+        case or the set is missing."""
+        rel = label_rel(case_id, name, version)
+        arr = self.array(case_id, f"{name}{VERSION_SEP}{version}", rel, f"label set {name}")
+        if arr is None:
+            if self.array(case_id, "\0image", image_rel(case_id), "image") is None:
+                raise NoisysegInputError("case not in store", case=case_id, path=self.url)
+            raise NoisysegInputError(f"label set {name!r} missing", case=case_id, path=self.url)
+        return arr
+
+    def prediction(self, case_id: str, name: str) -> zarr.Array:
+        """Probability map ``name`` of the case, ``(*S)`` float32, lazy."""
+        arr = self.array(
+            case_id, f"\0pred:{name}", prediction_rel(case_id, name), f"prediction {name}"
+        )
+        if arr is None:
+            raise NoisysegInputError(f"prediction {name!r} missing", case=case_id, path=self.url)
+        return arr

@@ -7,21 +7,10 @@
 * :mod:`~noisyseg.storage.writer` — writing cases, label sets and probability maps;
 * :mod:`~noisyseg.storage.atomic` — the one build-beside-then-switch commit every writer uses;
 * :mod:`~noisyseg.storage.integrity` — chunk manifests checked on every read;
-* :mod:`~noisyseg.storage.reader` — fast patch reads (:class:`RegionReader`);
+* :mod:`~noisyseg.storage.reader` — cached, checked case arrays; fast patch reads;
 * :mod:`~noisyseg.storage.normalise` — per-case z-score statistics.
 
-Visibility and atomicity: **a case exists once its index entry exists**; :meth:`write_case`
-writes the arrays first (staged and renamed into place on local file systems) and the index entry
-last. A label set written as an internal version (:meth:`new_label_version`, what
-``corrupt --overwrite`` does) becomes the set only when :meth:`register_label_set` writes its
-registry entry, one atomic write; the replaced version is removed after. A re-run therefore skips
-exactly the cases in the index and rewrites the rest; a kill leaves the complete old or the
-complete new set.
-
-Concurrency: :meth:`write_case` and :meth:`write_label_set` of *different* cases may run in
-parallel (Dask/Ray tasks, several processes): each touches only its own case directory and its
-own journal file. Everything that rewrites shared index files — :meth:`compact`,
-:meth:`register_label_set`, :meth:`set_split`, :meth:`set_clean` — is driver-side.
+Visibility, atomicity and concurrency of writes: see :mod:`~noisyseg.storage.atomic`.
 """
 
 from __future__ import annotations
@@ -38,48 +27,24 @@ from noisyseg.errors import NoisysegInputError
 from noisyseg.lesions import lesion_table_rows
 from noisyseg.storage import validate as V
 from noisyseg.storage import writer as W
-from noisyseg.storage.atomic import is_local, token
+from noisyseg.storage.atomic import token
 from noisyseg.storage.files import StoreFiles
 from noisyseg.storage.filesystems import open_filesystem
-from noisyseg.storage.index import CaseIndex, lesion_columns
-from noisyseg.storage.integrity import ArrayContext, open_verified_array
+from noisyseg.storage.index import CaseIndex
 from noisyseg.storage.layout import (
     CASES_DIR,
-    CASES_PARQUET,
     DEFAULT_CHUNK_BYTES,
     DEFAULT_SHARD_THRESHOLD_BYTES,
-    IMAGE_BLOSC,
-    JOURNAL_DIR,
-    LABEL_BLOSC,
-    LABELSETS_DIR,
-    LESION_STATUSES,
-    LESIONS_DIR,
-    OME_VERSION,
     PREDICTIONS_GROUP,
-    STAGING_DIR,
-    STORE_FORMAT,
-    STORE_FORMAT_VERSION,
     TRUTH,
-    VERSION_SEP,
     axis_names,
-    chunk_shape,
-    image_rel,
-    label_rel,
-    prediction_rel,
+    read_root_meta,
     root_metadata,
+    zarr_store,
 )
-from noisyseg.storage.normalise import channel_stats
-from noisyseg.storage.reader import READ_THREADS, RegionReader
-from noisyseg.storage.writer import PAUSE_ENV
+from noisyseg.storage.reader import CaseArrays
 
-__all__ = [
-    "CASES_DIR", "CASES_PARQUET", "DEFAULT_CHUNK_BYTES", "DEFAULT_SHARD_THRESHOLD_BYTES",
-    "IMAGE_BLOSC", "INDEX_DIR", "JOURNAL_DIR", "LABEL_BLOSC", "LABELSETS_DIR", "LESIONS_DIR",
-    "LESION_STATUSES", "OME_VERSION", "PAUSE_ENV", "PREDICTIONS_GROUP", "READ_THREADS",
-    "STAGING_DIR", "STORE_FORMAT", "STORE_FORMAT_VERSION", "TRUTH", "RegionReader", "VolumeStore",
-    "axis_names", "channel_stats", "chunk_shape", "lesion_columns",
-]  # fmt: skip
-INDEX_DIR = "index"
+__all__ = ["VolumeStore"]
 
 
 class VolumeStore:
@@ -105,7 +70,7 @@ class VolumeStore:
         self.mode = mode
         self.storage_options = dict(storage_options or {})
         self._connect()
-        meta = self._read_root_meta()
+        meta = read_root_meta(self.files)
         if meta is None:
             raise NoisysegInputError("no noisyseg store here (missing store)", path=self.url)
         self._setup(meta)
@@ -120,27 +85,10 @@ class VolumeStore:
         self.fs, root = open_filesystem(self.url, self.storage_options)
         self.root = root.rstrip("/") or "/"
         self.files = StoreFiles(self.fs, self.root, self.url)
-        read_only = self.mode == "r"
-        if is_local(self.fs):
-            self.zstore = zarr.storage.LocalStore(self.root, read_only=read_only)
-        else:
-            self.zstore = zarr.storage.FsspecStore.from_url(
-                self.url, storage_options=self.storage_options or None, read_only=read_only
-            )
-        self._array_cache: dict[tuple[str, str], Any] = {}
-        self._attr_cache: dict[str, dict] = {}
-
-    def _read_root_meta(self) -> dict | None:
-        """The root ``noisyseg`` metadata; None when there is no store; StoreDamageError when
-        the root ``zarr.json`` exists but is unreadable."""
-        try:
-            doc = self.files.read_json("zarr.json")
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return None
-        meta = (doc.get("attributes") or {}).get("noisyseg") if isinstance(doc, dict) else None
-        if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
-            return None
-        return meta
+        self.zstore = zarr_store(
+            self.fs, self.root, self.url, self.storage_options, read_only=self.mode == "r"
+        )
+        self.arrays = CaseArrays(self.files, self.zstore, self.url)
 
     def __getstate__(self) -> dict:
         return {
@@ -398,13 +346,7 @@ class VolumeStore:
         """A probability map written by :meth:`write_prediction`: lazy ``(*S)`` float32 array
         (chunk reads checked against its manifest)."""
         V.check_label_set_name(name)
-        cid = V.check_case_id(case_id)
-        arr = self._open_array(
-            cid, f"\0pred:{name}", prediction_rel(cid, name), f"prediction {name}"
-        )
-        if arr is None:
-            raise NoisysegInputError(f"prediction {name!r} missing", case=cid, path=self.url)
-        return arr
+        return self.arrays.prediction(V.check_case_id(case_id), name)
 
     def prediction_names(self, case_id: str) -> list[str]:
         """Names of the probability maps stored for a case (sorted; staging names left out)."""
@@ -416,23 +358,7 @@ class VolumeStore:
 
     def forget(self, case_id: str | None = None) -> None:
         """Drop cached attributes and array handles (of one case, or all) after a write."""
-        if case_id is None:
-            self._attr_cache.clear()
-            self._array_cache.clear()
-            return
-        self._attr_cache.pop(case_id, None)
-        for key in [k for k in self._array_cache if k[0] == case_id]:
-            del self._array_cache[key]
-
-    def _case_attrs(self, case_id: str) -> dict:
-        if case_id not in self._attr_cache:
-            V.check_case_id(case_id)
-            try:
-                doc = self.files.read_json(f"{CASES_DIR}/{case_id}/zarr.json")
-            except FileNotFoundError:
-                raise NoisysegInputError("case not in store", case=case_id, path=self.url) from None
-            self._attr_cache[case_id] = doc["attributes"]["noisyseg"]
-        return self._attr_cache[case_id]
+        self.arrays.forget(case_id)
 
     def case_attrs(self, case_id: str) -> dict:
         """The case's stored attributes (a copy; one small JSON read, then cached).
@@ -442,39 +368,17 @@ class VolumeStore:
         ``channel_std`` (per channel, over the whole image; absent in stores written before they
         were recorded), plus the ``extra`` given to :meth:`write_case`.
         """
-        return dict(self._case_attrs(case_id))
-
-    def _open_array(self, case_id: str, key: str, rel: str, what: str) -> Any:
-        """The array at ``rel``, cached, chunk reads checked (None when absent)."""
-        ck = (case_id, key)
-        if ck not in self._array_cache:
-            V.check_case_id(case_id)
-            ctx = ArrayContext(case_id, what, rel, self.url)
-            arr = open_verified_array(self.files, self.zstore, ctx)
-            if arr is None:
-                return None
-            self._array_cache[ck] = arr
-        return self._array_cache[ck]
+        return dict(self.arrays.attrs(case_id))
 
     def image(self, case_id: str) -> zarr.Array:
         """The case's image as a lazy Zarr array ``(C, *S)`` float32 (nothing read yet)."""
-        arr = self._open_array(case_id, "\0image", image_rel(case_id), "image")
-        if arr is None:
-            raise NoisysegInputError("case not in store", case=case_id, path=self.url)
-        return arr
+        return self.arrays.image(case_id)
 
     def labels(self, case_id: str, name: str = TRUTH) -> zarr.Array:
         """A label set of the case (its registered version) as a lazy Zarr array ``(*S)``
         uint8 in {0, 1}."""
         V.check_label_set_name(name)
-        version = self.catalog.version(name)
-        rel = label_rel(case_id, name, version)
-        arr = self._open_array(case_id, f"{name}{VERSION_SEP}{version}", rel, f"label set {name}")
-        if arr is None:
-            if self._open_array(case_id, "\0image", image_rel(case_id), "image") is None:
-                raise NoisysegInputError("case not in store", case=case_id, path=self.url)
-            raise NoisysegInputError(f"label set {name!r} missing", case=case_id, path=self.url)
-        return arr
+        return self.arrays.labels(case_id, name, self.catalog.version(name))
 
     def case_label_sets(self, case_id: str) -> list[str]:
         """Label sets (and label maps) present in the case, registered versions only."""
@@ -486,21 +390,13 @@ class VolumeStore:
 
     def spacing(self, case_id: str) -> tuple[float, ...]:
         """Voxel spacing in mm, store axis order (z, y, x) or (y, x)."""
-        return tuple(float(s) for s in self._case_attrs(case_id)["spacing"])
+        return tuple(float(s) for s in self.arrays.attrs(case_id)["spacing"])
 
     def case_info(self, case_id: str) -> dict:
         """Everything known about a case: split, clean, shape, spacing, affine (ndarray or None),
         channel names, source, label sets and lesion counts."""
-        attrs = dict(self._case_attrs(case_id))
-        df = self.index()
-        row = df[df["case_id"] == case_id]
-        if row.empty:
-            raise NoisysegInputError("case not in store", case=case_id, path=self.url)
-        info = {
-            k: v
-            for k, v in row.iloc[0].to_dict().items()
-            if not (k.startswith("n_lesions_") and pd.isna(v))
-        }
+        attrs = dict(self.arrays.attrs(case_id))
+        info = self.catalog.case_row(case_id)
         attrs["affine"] = np.asarray(attrs["affine"]) if attrs.get("affine") is not None else None
         attrs["shape"] = tuple(attrs["shape"])
         attrs["spacing"] = tuple(attrs["spacing"])

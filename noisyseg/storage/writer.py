@@ -42,6 +42,7 @@ from noisyseg.storage.layout import (
     label_attrs,
     label_group_name,
     prediction_attrs,
+    zarr_store,
 )
 from noisyseg.storage.normalise import channel_stats
 
@@ -152,11 +153,7 @@ def create_root(
     """Write the root group (``attributes["noisyseg"] = meta``) and the empty ``cases`` group."""
     if is_local(fs):
         fs.makedirs(root, exist_ok=True)
-        zstore = zarr.storage.LocalStore(root)
-    else:
-        zstore = zarr.storage.FsspecStore.from_url(
-            url, storage_options=dict(storage_options or {}) or None
-        )
+    zstore = zarr_store(fs, root, url, storage_options)
     group = zarr.open_group(
         store=zstore, mode="w", zarr_format=3, attributes={"noisyseg": dict(meta)}
     )

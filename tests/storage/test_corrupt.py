@@ -17,7 +17,8 @@ import scipy.ndimage as ndi
 
 from noisyseg import noise
 from noisyseg.errors import NoisysegInputError
-from noisyseg.storage.corrupt import corrupt_store, lesion_statistics, select_censored
+from noisyseg.storage.corrupt import corrupt_store, select_censored
+from noisyseg.storage.statistics import lesion_statistics
 from noisyseg.storage.store import VolumeStore
 
 SHAPE = (24, 28, 32)

@@ -14,7 +14,8 @@ import zarr
 
 from noisyseg.errors import NoisysegInputError
 from noisyseg.lesions import lesion_table_rows
-from noisyseg.storage.store import VolumeStore, chunk_shape
+from noisyseg.storage.layout import chunk_shape
+from noisyseg.storage.store import VolumeStore
 
 SPACING3 = (3.0, 1.25, 0.5)  # z, y, x (mm)
 

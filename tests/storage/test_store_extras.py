@@ -16,7 +16,8 @@ import zarr
 from noisyseg.errors import NoisysegInputError
 from noisyseg.storage.normalise import case_stats
 from noisyseg.storage.patches import PatchDataset
-from noisyseg.storage.store import RegionReader, VolumeStore
+from noisyseg.storage.reader import RegionReader
+from noisyseg.storage.store import VolumeStore
 
 SPACING = (2.0, 1.5, 0.5)
 

@@ -18,7 +18,8 @@ from noisyseg.cli import main
 from noisyseg.errors import NoisysegInputError
 from noisyseg.storage.files import StoreDamageError
 from noisyseg.storage.patches import PatchDataset
-from noisyseg.storage.store import RegionReader, VolumeStore
+from noisyseg.storage.reader import RegionReader
+from noisyseg.storage.store import VolumeStore
 from noisyseg.storage.verify import verify_store
 
 SHAPE = (32, 32, 32)
