@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from noisyseg.distributed.inference_args import add_window_args
+from noisyseg.distributed.inference_args import select_cases as store_cases
 from noisyseg.errors import NoisysegInputError
 
 
@@ -53,11 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     audit.add_argument("--overwrite", action="store_true", help="replace an existing --name set")
     audit.add_argument("--experiment", help="MLflow experiment (default: the model run's)")
     audit.add_argument("--no-log", action="store_true", help="do not log to MLflow")
-    audit.add_argument("--roi-size", type=int, nargs="+", metavar="N", help="window size")
-    audit.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1)")
-    audit.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
-    audit.add_argument("--device", default=None, help="torch device (default: cuda if present)")
-    audit.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    add_window_args(audit)
     audit.add_argument("--workers", type=int, default=1, help="parallel Ray workers (1: local)")
     audit.add_argument("--ray", action="store_true", help="run on Ray even with one worker")
     audit.set_defaults(func=run_audit)
@@ -123,14 +121,7 @@ def inference_settings(args: argparse.Namespace, model: Any, store: Any):
 
 def select_cases(store: Any, args: argparse.Namespace) -> list[str]:
     """The cases to audit: ``--cases`` or the split; each must hold the audited label set."""
-    from noisyseg.distributed.prediction_io import check_cases
-
-    if args.cases:
-        cases = check_cases(store, args.cases, store_path=store.url)
-    else:
-        cases = list(store.case_ids(split=args.split))
-        if not cases:
-            raise NoisysegInputError(f"no cases in split {args.split!r}", path=store.url)
+    cases = store_cases(store, args.cases, args.split)
     for case_id in cases:
         if args.labels not in store.case_label_sets(case_id):
             raise NoisysegInputError(f"case has no label set {args.labels!r}", case=case_id)

@@ -8,6 +8,7 @@ import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 from noisyseg.errors import NoisysegInputError
 
@@ -119,39 +120,36 @@ def _merge_results(paths: list[str], output: str | None) -> dict:
     return merged
 
 
+def _size(args: argparse.Namespace) -> str:
+    """The benchmark size the flags name: ``quick``, ``full`` or ``default``."""
+    return "quick" if args.quick else "full" if args.full else "default"
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments both benchmarks take from the flags (folders, seeds, GPU, ...)."""
+    return {
+        "workdir": args.workdir,
+        "output": args.output,
+        "seed": args.seed,
+        "gpu": args.gpu,
+        "parallel": args.parallel,
+        "seeds": args.seeds,
+        "only": args.only,
+    }
+
+
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.benchmark == "audit":
         # Ray, MLflow and torch load only when the benchmark runs (see _run_robustness).
         from noisyseg.benchmarking.audit import run_audit_benchmark
 
-        return run_audit_benchmark(
-            args.kind,
-            "quick" if args.quick else "full" if args.full else "default",
-            workdir=args.workdir,
-            output=args.output,
-            seed=args.seed,
-            gpu=args.gpu,
-            parallel=args.parallel,
-            seeds=args.seeds,
-            only=args.only,
-        )
+        return run_audit_benchmark(args.kind, _size(args), **_run_options(args))
     if args.benchmark != "robustness":
         raise NoisysegInputError(f"unknown benchmark {args.benchmark!r}")
     if args.from_json:
         _merge_results(args.from_json, args.output)
         return 0
-    size = "quick" if args.quick else "full" if args.full else "default"
-    document = _run_robustness(
-        args.kind,
-        size,
-        workdir=args.workdir,
-        output=args.output,
-        seed=args.seed,
-        gpu=args.gpu,
-        parallel=args.parallel,
-        seeds=args.seeds,
-        only=args.only,
-    )
+    document = _run_robustness(args.kind, _size(args), **_run_options(args))
     finite = all(
         math.isfinite(value)
         for row in document["rows"]

@@ -188,57 +188,58 @@ def settings_for(kind: Kind, size: Size, *, seed: int = 0, gpu: bool = False) ->
 _BRAIN_DEFAULT_METHODS = ("bce", "lopsided", "meta", "lopsided-meta", "clean-only")
 
 
+#: The brain benchmark's quick and default sizes: what does not depend on the kind.
+_BRAIN_SIZES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "cases": 10,
+        "clean_fraction_flagged": 0.45,
+        "steps": 1000,
+        "patch_size": 32,
+        "batch_size": 2,
+        "channels": (8, 16, 32),
+        "meta_clean_fraction": 0.4,
+        "clean_sizes": (0.4,),
+        "methods": ("bce", "lopsided", "meta"),
+    },
+    "default": {
+        "cases": 32,
+        "clean_fraction_flagged": 0.3,
+        "steps": 2000,
+        "patch_size": 40,
+        "batch_size": 2,
+        "channels": (16, 32, 64, 128),
+        "meta_clean_fraction": 0.05,
+        "clean_sizes": (0.05, 0.1, 0.2),
+        "methods": _BRAIN_DEFAULT_METHODS,
+    },
+}
+
+
 def _brain_settings(kind: Kind, size: Size, *, seed: int, gpu: bool) -> BenchmarkSettings:
+    """The brain benchmark's settings of ``size`` (``brain-mets-1mm``: 1 mm lesion options)."""
     one_mm = kind == "brain-mets-1mm"
-    if size == "quick":
+    if size in _BRAIN_SIZES:
+        if size == "quick":
+            shape = [48, 64, 48]
+            by_kind = {"label_modes": ("random", "size") if one_mm else ("random",)}
+        else:
+            shape = [64, 96, 80] if one_mm else [64, 80, 64]
+            by_kind = {"rate_sweep": () if one_mm else (0.0, 0.25, 0.5, 0.75)}
         opts = (
-            {"shape": [48, 64, 48], **brain_lesion_opts(1.0)}
+            {"shape": shape, **brain_lesion_opts(1.0)}
             if one_mm
-            else {"shape": [48, 64, 48], "spacing_mm": 2.0}
+            else {"shape": shape, "spacing_mm": 2.0}
         )
         return BenchmarkSettings(
             kind=kind,
             size=size,
-            cases=10,
             seed=seed,
             generator_opts=opts,
-            clean_fraction_flagged=0.45,
-            steps=1000,
-            patch_size=32,
-            batch_size=2,
-            channels=(8, 16, 32),
             lr=1e-2,
             entropy_weight=DEFAULT_ENTROPY_WEIGHT,
-            meta_clean_fraction=0.4,
-            clean_sizes=(0.4,),
-            methods=("bce", "lopsided", "meta"),
-            label_modes=("random", "size") if one_mm else ("random",),
             gpu=gpu,
-        )
-    if size == "default":
-        opts = (
-            {"shape": [64, 96, 80], **brain_lesion_opts(1.0)}
-            if one_mm
-            else {"shape": [64, 80, 64], "spacing_mm": 2.0}
-        )
-        return BenchmarkSettings(
-            kind=kind,
-            size=size,
-            cases=32,
-            seed=seed,
-            generator_opts=opts,
-            clean_fraction_flagged=0.3,
-            steps=2000,
-            patch_size=40,
-            batch_size=2,
-            channels=(16, 32, 64, 128),
-            lr=1e-2,
-            entropy_weight=DEFAULT_ENTROPY_WEIGHT,
-            meta_clean_fraction=0.05,
-            clean_sizes=(0.05, 0.1, 0.2),
-            rate_sweep=() if one_mm else (0.0, 0.25, 0.5, 0.75),
-            methods=_BRAIN_DEFAULT_METHODS,
-            gpu=gpu,
+            **_BRAIN_SIZES[size],
+            **by_kind,
         )
     return BenchmarkSettings(
         kind=kind,

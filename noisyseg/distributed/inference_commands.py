@@ -14,12 +14,17 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from noisyseg.distributed.inference_args import add_window_args, select_cases
 from noisyseg.errors import NoisysegInputError
 from noisyseg.metrics import REPORT_CANDIDATE_THRESHOLD
+
+if TYPE_CHECKING:  # pragma: no cover
+    from noisyseg.distributed.evaluation import EvaluationResult
+    from noisyseg.distributed.inference import InferenceSettings
 
 
 def _add_model_args(parser: argparse.ArgumentParser, *, run_required: bool = False) -> None:
@@ -32,27 +37,7 @@ def _add_model_args(parser: argparse.ArgumentParser, *, run_required: bool = Fal
     parser.add_argument(
         "--checkpoint", help="checkpoint file (.pt) or Ray checkpoint directory (state.pt)"
     )
-    parser.add_argument(
-        "--roi-size",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="sliding-window size (one value or one per axis; default: the training patch size)",
-    )
-    parser.add_argument(
-        "--overlap",
-        type=float,
-        default=None,
-        help="window overlap in [0, 1) (default: training val_overlap, else 0.25)",
-    )
-    parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    parser.add_argument(
-        "--amp",
-        choices=("none", "bf16", "fp16"),
-        default="none",
-        help="autocast precision for the forward passes",
-    )
+    add_window_args(parser)
 
 
 def register(subparsers: Any) -> None:
@@ -165,17 +150,6 @@ def _settings(args: argparse.Namespace, checkpoint: dict[str, Any], spec: Any):
         device=_resolve_device(args.device),
         amp=args.amp,
     )
-
-
-def _select_cases(store: Any, args: argparse.Namespace) -> list[str]:
-    from noisyseg.distributed.prediction_io import check_cases
-
-    if args.cases:
-        return check_cases(store, args.cases, store_path=store.url)
-    cases = store.case_ids(split=args.split)
-    if not cases:
-        raise NoisysegInputError(f"no cases in split {args.split!r}", path=store.url)
-    return list(cases)
 
 
 def _progress(console: Any, total: int, what: str):
@@ -296,9 +270,9 @@ def log_evaluation(run_id: str, split: str, report: dict[str, Any], *, step: int
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    """``noisyseg evaluate``: predict the cases, score them, print, write and log the report."""
     from rich.console import Console
 
-    from noisyseg.distributed.evaluation import evaluate_cases
     from noisyseg.distributed.prediction_io import check_channels
     from noisyseg.storage.store import VolumeStore
 
@@ -308,7 +282,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if not 0.0 <= value <= 1.0:
             raise NoisysegInputError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
     store = VolumeStore.open(args.store, mode="r")
-    cases = _select_cases(store, args)
+    cases = select_cases(store, args.cases, args.split)
     for case_id in cases:  # fail on a missing label set before any inference
         store.labels(case_id, name=args.label_set)
     checkpoint, model, spec = _load(args)
@@ -320,41 +294,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise NoisysegInputError(f"--workers must be >= 1, got {args.workers}")
     use_ray = bool(args.ray) or args.workers > 1 or bool(os.environ.get("RAY_ADDRESS"))
     model.to(settings.device)
-
-    maps = None
-    if use_ray:
-        from noisyseg.distributed.inference import map_cases
-
-        maps = {}
-        with _progress(console, len(cases), f"predict on Ray ({args.workers})") as progress:
-            task = progress.add_task("", total=len(cases))
-            for case_id, probability in map_cases(
-                checkpoint,
-                store.url,
-                cases,
-                settings,
-                method="probability",
-                workers=args.workers,
-                use_ray=True,
-                write=False,
-            ):
-                maps[case_id] = probability
-                progress.update(task, completed=len(maps), description=case_id)
-    with _progress(console, len(cases), "evaluate") as progress:
-        task = progress.add_task("", total=len(cases))
-        result = evaluate_cases(
-            model,
-            store,
-            cases,
-            label_set=args.label_set,
-            probabilities=maps,
-            threshold=args.threshold,
-            candidate_threshold=args.candidate_threshold,
-            progress=lambda case_id, done, total: progress.update(
-                task, completed=done, description=case_id
-            ),
-            **settings.kwargs(),
-        )
+    maps = _ray_maps(console, checkpoint, store, cases, settings, args.workers) if use_ray else None
+    result = _evaluate(console, model, store, cases, settings, maps, args)
     report = {
         "store": store.url,
         "split": None if args.cases else args.split,
@@ -368,10 +309,78 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "metrics": result.metrics,
         "per_case": result.per_case,
     }
+    _publish(args, report, result.metrics, cases)
+    return 0
+
+
+def _ray_maps(
+    console: Any,
+    checkpoint: dict[str, Any],
+    store: Any,
+    cases: list[str],
+    settings: InferenceSettings,
+    workers: int,
+) -> dict[str, np.ndarray]:
+    """Probability maps ``case_id -> (*S)`` float32 predicted on ``workers`` Ray workers."""
+    from noisyseg.distributed.inference import map_cases
+
+    maps: dict[str, np.ndarray] = {}
+    with _progress(console, len(cases), f"predict on Ray ({workers})") as progress:
+        task = progress.add_task("", total=len(cases))
+        for case_id, probability in map_cases(
+            checkpoint,
+            store.url,
+            cases,
+            settings,
+            method="probability",
+            workers=workers,
+            use_ray=True,
+            write=False,
+        ):
+            maps[case_id] = probability
+            progress.update(task, completed=len(maps), description=case_id)
+    return maps
+
+
+def _evaluate(
+    console: Any,
+    model: Any,
+    store: Any,
+    cases: list[str],
+    settings: InferenceSettings,
+    maps: dict[str, np.ndarray] | None,
+    args: argparse.Namespace,
+) -> EvaluationResult:
+    """:func:`evaluate_cases` with a progress bar (``maps``: precomputed, else predicted here)."""
+    from noisyseg.distributed.evaluation import evaluate_cases
+
+    with _progress(console, len(cases), "evaluate") as progress:
+        task = progress.add_task("", total=len(cases))
+        return evaluate_cases(
+            model,
+            store,
+            cases,
+            label_set=args.label_set,
+            probabilities=maps,
+            threshold=args.threshold,
+            candidate_threshold=args.candidate_threshold,
+            progress=lambda case_id, done, total: progress.update(
+                task, completed=done, description=case_id
+            ),
+            **settings.kwargs(),
+        )
+
+
+def _publish(
+    args: argparse.Namespace, report: dict[str, Any], metrics: dict[str, Any], cases: list[str]
+) -> None:
+    """Print the metrics table; write the report to ``--output``; log it to ``--run-id``."""
+    from rich.console import Console
+
     out = Console()
     print_metrics(
         out,
-        result.metrics,
+        metrics,
         title=f"noisyseg evaluate: {len(cases)} cases "
         f"({'given' if args.cases else args.split}), label set {args.label_set}",
     )
@@ -382,4 +391,3 @@ def run_evaluate(args: argparse.Namespace) -> int:
         split = "cases" if args.cases else args.split
         uri = log_evaluation(args.run_id, split, report, step=report["step"])
         out.print(f"logged eval_{split}_* to MLflow run {args.run_id} ({uri})")
-    return 0

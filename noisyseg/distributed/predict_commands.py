@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from noisyseg.distributed.inference_args import add_window_args, select_cases
 from noisyseg.errors import NoisysegInputError
 
 _MODEL_HELP = (
@@ -75,17 +76,7 @@ def _add_predict(subparsers: Any) -> None:
     )
     parser.add_argument("--ray", action="store_true", help="run on Ray even with one worker")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    parser.add_argument(
-        "--roi-size",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="sliding-window size (default: the model's training patch)",
-    )
-    parser.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1)")
-    parser.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if any)")
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    add_window_args(parser, sw_batch_size=None)
     parser.set_defaults(func=run_predict)
 
 
@@ -220,17 +211,6 @@ def run_predict(args: argparse.Namespace) -> int:
     return _predict_to_files(args, kind, source, reference)
 
 
-def _store_cases(store: Any, args: argparse.Namespace) -> list[str]:
-    from noisyseg.distributed.prediction_io import check_cases
-
-    if args.cases:
-        return check_cases(store, args.cases, store_path=store.url)
-    cases = store.case_ids(split=args.split)
-    if not cases:
-        raise NoisysegInputError(f"no cases in split {args.split!r}", path=store.url)
-    return list(cases)
-
-
 def _check_store_channels(store: Any, in_channels: int) -> None:
     if len(store.channel_names) != in_channels:
         raise NoisysegInputError(
@@ -263,7 +243,7 @@ def _predict_to_files(args: argparse.Namespace, kind: str, source: str, referenc
 
     if kind == "store":
         store = VolumeStore.open(source)
-        cases_ids = _store_cases(store, args)
+        cases_ids = select_cases(store, args.cases, args.split)
     resolved = resolve_model(reference)
     prep = _preprocessing(args, resolved)
     if kind == "store":
@@ -346,7 +326,7 @@ def _predict_into_store(args: argparse.Namespace, source: str, reference: str) -
     from noisyseg.storage.store import VolumeStore
 
     store = VolumeStore.open(source, mode="r" if args.nifti_dir else "r+")
-    cases = _store_cases(store, args)
+    cases = select_cases(store, args.cases, args.split)
     resolved = resolve_model(reference)
     prep = _preprocessing(args, resolved)
     _check_store_channels(store, prep.in_channels)

@@ -48,6 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     group = parser.add_argument_group("sweep")
     group.add_argument("--name", default=None, help="sweep name (re-use it to resume)")
+    _add_best_args(group)
+    _add_search_args(group)
+    add_config_arguments(parser)
+    parser.set_defaults(func=_tune)
+
+
+def _add_best_args(group: argparse._ArgumentGroup) -> None:
+    """``--best``, ``--register``, ``--alias``: what to do with a finished sweep."""
     group.add_argument(
         "--best",
         metavar="SWEEP",
@@ -64,6 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--alias", default=None, help="with --register: point this alias (e.g. champion) at it"
     )
+
+
+def _add_search_args(group: argparse._ArgumentGroup) -> None:
+    """The search space, its sampling, the metric and the ASHA scheduler's options."""
     group.add_argument(
         "--space",
         action="append",
@@ -111,8 +123,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="CPUs reserved by each trial's driver actor (default 1; the Train "
         "workers reserve workers x cpus_per_worker themselves)",
     )
-    add_config_arguments(parser)
-    parser.set_defaults(func=_tune)
 
 
 def settings_from_args(args: argparse.Namespace) -> SweepSettings:
