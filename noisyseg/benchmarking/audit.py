@@ -31,9 +31,14 @@ from typing import Any
 
 import numpy as np
 
+from noisyseg.audit import run as audit_run
 from noisyseg.benchmarking.robustness import RobustnessBenchmark, start_ray
 from noisyseg.benchmarking.settings import BenchmarkSettings, Variant, censor_name, settings_for
 from noisyseg.candidates import HiddenLesion, found_ranks, found_within, hidden_lesions
+from noisyseg.distributed.inference import InferenceSettings
+from noisyseg.distributed.trainer import run_training
+from noisyseg.errors import NoisysegInputError
+from noisyseg.storage.store import VolumeStore
 
 #: Equivalent-sphere diameter bin edges (mm) of the breakdown (the metrics' size bins).
 DIAMETER_BINS_MM: tuple[float, ...] = (0.0, 4.0, 8.0, 20.0, math.inf)
@@ -200,7 +205,6 @@ class AuditBenchmark:
 
     def run_variant(self, variant: Variant) -> AuditRow:
         """Train on the censored set, audit the training split, measure against truth."""
-        from noisyseg.distributed.trainer import run_training
 
         self.training.print(f"[benchmark] training {variant.key} ({variant.method})")
         began = time.perf_counter()
@@ -225,9 +229,6 @@ class AuditBenchmark:
 
     def audit(self, checkpoint_path: str, run_id: str, variant: Variant) -> tuple[dict, str]:
         """Audit the training split with the model; returns the measurement and the audit run."""
-        from noisyseg.audit import run as audit_run
-        from noisyseg.distributed.inference import InferenceSettings
-        from noisyseg.storage.store import VolumeStore
 
         s = self.settings
         model = replace(audit_run.load_model(checkpoint_path), run_id=run_id)
@@ -457,7 +458,6 @@ def run_audit_benchmark(
 ) -> int:
     """``noisyseg benchmark audit``: run, print the table and the verdict, write and log the
     report. Returns the exit status (0; 1 when a model's list found nothing to measure)."""
-    from noisyseg.errors import NoisysegInputError
 
     if kind not in AUDIT_KINDS:
         raise NoisysegInputError(

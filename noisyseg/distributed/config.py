@@ -34,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from noisyseg.errors import NoisysegInputError
 from noisyseg.losses import DEFAULT_ENTROPY_WEIGHT
+from noisyseg.storage.clean_subset import select_clean_cases
+from noisyseg.storage.store import VolumeStore
 
 LossName = Literal["bce", "dicebce", "bootstrap", "lopsided"]
 ReweightName = Literal["none", "meta", "meta-head"]
@@ -451,7 +453,6 @@ def check_against_store(config: TrainConfig) -> StoreInfo:
     network's total stride and fits the smallest training volume; the validation split has cases
     when validation is on.
     """
-    from noisyseg.storage.store import VolumeStore
 
     try:
         store = VolumeStore.open(config.store)
@@ -472,8 +473,6 @@ def check_against_store(config: TrainConfig) -> StoreInfo:
     if not train_ids:
         raise NoisysegInputError("store has no cases in split 'train'", path=config.store)
     if config.reweight != "none" or config.train_subset == "clean":
-        from noisyseg.storage.clean_subset import select_clean_cases
-
         # The same draw the workers make (seed = config.seed): fails when too few cases are
         # flagged clean in the store.
         clean = select_clean_cases(

@@ -29,7 +29,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from noisyseg.distributed.config import TrainConfig, check_against_store, make_config
 from noisyseg.errors import NoisysegInputError
+from noisyseg.storage.clean_subset import select_clean_cases
 
 # name -> (min args, max args or None)
 _ARITY: dict[str, tuple[int, int | None]] = {
@@ -157,7 +159,6 @@ class SearchSpace:
         Returns the validated configs (the first is the sweep's representative config).
         Raises NoisysegInputError naming the field, the value and the rule broken.
         """
-        from noisyseg.distributed.config import check_against_store, make_config
 
         if not self.dimensions:
             raise NoisysegInputError(
@@ -174,7 +175,6 @@ class SearchSpace:
                     check_against_store(config)
                     if config.reweight != "none":
                         # the clean subset must exist among the cases flagged clean
-                        from noisyseg.storage.clean_subset import select_clean_cases
 
                         select_clean_cases(
                             config.store,
@@ -268,7 +268,6 @@ def parse_expression(name: str, text: str) -> Dimension:
 
 
 def _field_name(raw: str, source: str | None) -> str:
-    from noisyseg.distributed.config import TrainConfig
 
     name = raw.strip().replace("-", "_")
     if name not in TrainConfig.model_fields:
