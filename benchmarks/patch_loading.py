@@ -3,7 +3,7 @@
 Issue 3 ("Must show"): patches per second for 96³ patches drawn at random from 256³ volumes,
 
 (a) from the noisyseg Zarr store, through the real read path: :class:`PatchDataset`'s stream
-    (lazy store, :class:`~noisyseg.storage.store.RegionReader` chunk reads, z-score
+    (lazy store, :class:`~noisyseg.storage.reader.RegionReader` chunk reads, z-score
     normalisation, label patch), single process, no DataLoader workers;
 (b) by loading the whole NIfTI volume (``.nii.gz`` written by nibabel) and cropping, as a plain
     MONAI/TorchIO pipeline does: ``nibabel.load`` + ``np.asanyarray(img.dataobj)`` of the image

@@ -18,7 +18,7 @@ shows mean ± 95% t-interval over seeds (:mod:`noisyseg.benchmarking.report`). W
 which setting: :mod:`noisyseg.benchmarking.settings`.
 
 Every model is trained through :func:`noisyseg.distributed.trainer.run_training` (Ray Train,
-tracked in MLflow) and evaluated with :func:`noisyseg.distributed.inference.evaluate_cases`; the
+tracked in MLflow) and evaluated with :func:`noisyseg.distributed.evaluation.evaluate_cases`; the
 summary (table, JSON, plots) is logged to its own MLflow run.
 """
 

@@ -5,7 +5,8 @@
 * :mod:`.trainer` — :func:`run_training` (``TorchTrainer`` launch, run names, resume).
 * :mod:`.tracking` — MLflow: run creation, rank-0 logging, figures.
 * :mod:`.checkpoints` — ``state.pt`` / ``final.pt`` format, :func:`load_model_state`.
-* :mod:`.inference` — sliding-window prediction and evaluation.
+* :mod:`.inference` — prediction over many cases (:mod:`.sliding_window`, :mod:`.evaluation`,
+  :mod:`.model_loading`, :mod:`.prediction_io` hold the other layers).
 
 Only the config is imported eagerly (torch, Ray and MLflow load inside the modules that use them).
 """

@@ -3,7 +3,8 @@
 One module per idea: ``layout`` (paths, chunking, OME metadata), ``index`` (case index, journal,
 lesion tables, label-set registry), ``writer`` (cases, label sets, predictions), ``atomic`` (the
 build-beside-then-switch commit), ``integrity`` (chunk manifests), ``verify`` (whole-store check),
-``reader`` (fast patch reads), ``normalise``, ``store`` (:class:`VolumeStore`, the front).
+``reader`` (cached case arrays, fast patch reads), ``normalise``, ``clean_subset``, ``store``
+(:class:`VolumeStore`, the front).
 Heavy submodules (phantoms, corrupt, patches) are not imported here; import them directly.
 """
 

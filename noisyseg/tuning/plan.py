@@ -79,7 +79,7 @@ def _validation_metric_names(config: TrainConfig) -> list[str]:
     """``val/*`` names of one validation of ``config``, from the code that computes them.
 
     The worker loop scores its validation cases with
-    :func:`noisyseg.distributed.inference.evaluate_cases` and reports the numeric entries of the
+    :func:`noisyseg.distributed.evaluation.evaluate_cases` and reports the numeric entries of the
     result (nested dicts flattened with ``.``; :func:`noisyseg.distributed.tracking.scalar_metrics`).
     Here the same call scores the first validation case with its truth as the prediction (no
     model: every metric has a value), and the names are taken without the finiteness filter.
