@@ -69,8 +69,13 @@ def save_training_state(
     step: int,
     mlflow_run_id: str | None,
     tracking_uri: str | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> Path:
-    """Write ``directory/state.pt`` (the Ray checkpoint payload); return its path."""
+    """Write ``directory/state.pt`` (the Ray checkpoint payload); return its path.
+
+    ``metrics``: what the run reported at ``step`` (numbers only), so that a run resumed at its
+    last step can report its result again without training.
+    """
     payload = model_payload(model, unet_spec, config, step)
     payload.update(
         optimizer=optimizer.state_dict(),
@@ -78,6 +83,7 @@ def save_training_state(
         mlflow_run_id=mlflow_run_id,
         tracking_uri=tracking_uri,
         rng={"torch": torch.get_rng_state()},
+        metrics={k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)},
     )
     path = Path(directory) / STATE_FILE
     torch.save(payload, path)

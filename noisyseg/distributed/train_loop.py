@@ -140,6 +140,7 @@ class TrainingState:
     loss_fn: nn.Module
     step: int = 0
     resumed_from: str | None = None
+    resumed_metrics: dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------- 1. build
@@ -177,6 +178,7 @@ def restore_state(state: TrainingState, payload: dict[str, Any], config: TrainCo
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
     state.step = int(payload["step"])
+    state.resumed_metrics = dict(payload.get("metrics") or {})
     continue_schedule(state.optimizer, state.scheduler, config, state.step)
     torch.set_rng_state(payload["rng"]["torch"])
 
@@ -385,7 +387,13 @@ def validate_and_log(
 
 
 # ---------------------------------------------------------------------------------- checkpoints
-def _write_state(directory: str | Path, state: TrainingState, job: WorkerJob, step: int) -> None:
+def _write_state(
+    directory: str | Path,
+    state: TrainingState,
+    job: WorkerJob,
+    step: int,
+    metrics: dict[str, Any] | None = None,
+) -> None:
     save_training_state(
         directory,
         model=state.model,
@@ -396,6 +404,7 @@ def _write_state(directory: str | Path, state: TrainingState, job: WorkerJob, st
         step=step,
         mlflow_run_id=job.run_id,
         tracking_uri=job.tracking_uri,
+        metrics=metrics,
     )
 
 
@@ -412,7 +421,7 @@ def save_checkpoint(
         context.report(dict(metrics), None, name)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        _write_state(tmp, state, job, step)
+        _write_state(tmp, state, job, step, metrics)
         context.report(dict(metrics), Path(tmp), name)
 
 
@@ -515,6 +524,14 @@ def end_of_step(
     return True
 
 
+def report_finished_run(state: TrainingState, context: WorkerContext, progress: Progress) -> None:
+    """A run resumed at its last step reports that checkpoint's metrics once, without a new
+    checkpoint: Ray Train's result, and a Tune trial's final result, then carry them (a trial
+    restored after its training had finished would otherwise end without its metric)."""
+    progress.metrics = {**state.resumed_metrics, "step": state.step}
+    context.report(dict(progress.metrics), None, checkpoint_dir_name(state.step))
+
+
 def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str, Any]:
     """Train on one rank (see the module docstring); returns the last metrics (with steps/s)."""
     job = WorkerJob.parse(loop_config)
@@ -533,6 +550,8 @@ def run_worker(loop_config: dict[str, Any], context: WorkerContext) -> dict[str,
         if metric_log is not None:
             metric_log.log({"resumed_from_step": float(state.step)}, state.step)
     progress = Progress(metrics={"step": state.step})
+    if state.step >= config.steps:  # resumed at the end: report the result again, train nothing
+        report_finished_run(state, context, progress)
     state.model.train()
     try:
         for step in range(state.step + 1, config.steps + 1):

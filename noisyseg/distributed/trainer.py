@@ -45,6 +45,7 @@ from noisyseg.distributed.memory import (
 from noisyseg.distributed.progress import ProgressDisplay, ProgressReceiver
 from noisyseg.distributed.ray_utils import ray_connection
 from noisyseg.distributed.resume import check_identity, check_tracking_run, set_aside
+from noisyseg.distributed.run_guard import RunGuard
 from noisyseg.distributed.tracking import RunHandle, finish_run, open_run, resolve_tracking_uri
 from noisyseg.distributed.train_loop import train_loop_per_worker
 
@@ -296,6 +297,11 @@ def quiet_logs(path: Path, *, verbose: bool) -> Iterator[Callable[[], None]]:
             _quiet_depth -= 1
 
 
+def run_dir_if_local(plan: LaunchPlan) -> Path | None:
+    """The run directory when it is on this machine's filesystem (``None`` for object storage)."""
+    return Path(plan.run_dir) if plan.local else None
+
+
 def fit(trainer: TorchTrainer, handle: RunHandle) -> Any:
     """``trainer.fit()``; Ctrl-C marks the MLflow run KILLED, a failure FAILED (with why)."""
     try:
@@ -354,9 +360,11 @@ def run_training(
                 callbacks=callbacks,
                 controller_failure_limit=controller_failure_limit,
             )
+            guard = RunGuard.start(tracking_uri, handle.run_id, run_dir_if_local(plan))
             try:
                 result = fit(trainer, handle)
             finally:
+                guard.release()  # the run is ended here (or by the workers): not the guard's
                 receiver.close()
                 if own_display:
                     display.close()

@@ -62,19 +62,25 @@ def _script(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
 def _live_groups(state: dict[str, str]) -> list[int]:
     """The recorded process groups (head, worker node, MLflow) that still have a live member.
 
-    ``kill(-pgid, 0)`` asks the kernel about exactly the groups the script started (orphans are
-    reaped on this machine, so a finished process does not linger in its group); no process is
-    looked up by name or by scanning the process table.
+    A member is live unless it is a zombie: a process that has exited and waits for its parent to
+    reap it holds no port, memory or file, but ``kill(-pgid, 0)`` still finds it, and where the
+    parent of orphans (PID 1 of a CI container) does not reap, it stays in the table for good.
+    So the members of exactly the recorded groups are read from ``/proc/<pid>/stat`` (group
+    and state); no process is looked up by name.
     """
     pgids = {int(state[k]) for k in ("HEAD_PGID", "WORKER_PGID", "MLFLOW_PGID") if state.get(k)}
-    alive = []
-    for pgid in sorted(pgids):
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+    alive: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
-        alive.append(pgid)
-    return alive
+        try:
+            stat = (entry / "stat").read_bytes()
+        except OSError:
+            continue  # exited while we looked
+        fields = stat[stat.rindex(b")") + 2 :].split()  # state, ppid, pgrp, ...
+        if fields[0] != b"Z" and int(fields[2]) in pgids:
+            alive.add(int(fields[2]))
+    return sorted(alive)
 
 
 # ---------------------------------------------------------------------------------- fast checks

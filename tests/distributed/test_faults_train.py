@@ -263,7 +263,15 @@ def test_killed_launcher_stops_its_workers_and_the_relaunch_resumes(
     time.sleep(5)  # at 0.4 s per step a worker still training would log ~12 more steps
     assert _history_steps(uri, run.info.run_id) == logged
     newest = latest_checkpoint_state(results / "d1")[1]["step"]
-    assert newest == max(logged)  # the stopping worker saved where it stopped
+    # Ray ends the dead driver's job, workers included, usually before rank 0 notices; then the
+    # run guard marks the run and names the step a re-launch resumes from. When rank 0 noticed
+    # first, it saved where it stopped. Either way the re-launch resumes from the newest state.
+    assert 5 <= newest <= max(logged)
+    if "was killed" in reason:  # the run guard's line
+        assert f"stopped at step {max(logged)}" in reason
+        assert f"resumes from checkpoint step {newest}" in reason
+    else:  # rank 0 ended the run: it saved where it stopped
+        assert newest == max(logged), reason
 
     env.pop("NOISYSEG_TEST_STEP_DELAY_S")
     again = subprocess.run(

@@ -108,10 +108,15 @@ def test_plain_loop_trains_checkpoints_and_resumes(store: str, tmp_path) -> None
     assert resumed.reports[0]["lr"] == pytest.approx(0.01 * (1 - 10 / 13) ** 0.9)
     assert resumed.reports[2]["lr"] == pytest.approx(0.01 * (1 - 12 / 13) ** 0.9)
 
-    # Resuming a finished run does no steps and leaves the weights as they were.
-    again = LocalContext(restore=tmp_path / "checkpoint_0000010")
+    # Resuming a finished run does no steps and writes no checkpoint, but reports the final
+    # checkpoint's metrics once (a restored Tune trial ends with its metric, not an empty result).
+    again = LocalContext(restore=tmp_path / "checkpoint_0000010", checkpoint_root=tmp_path / "x")
     run_worker(loop_config(config), again)
-    assert again.reports == []
+    assert len(again.reports) == 1 and again.reports[0]["step"] == 10
+    assert again.reports[0]["train_loss"] == pytest.approx(last["train_loss"])
+    assert again.reports[0]["lr"] == pytest.approx(context.reports[-1]["lr"])
+    assert not (tmp_path / "x").exists()
+    assert state["metrics"]["train_loss"] == pytest.approx(last["train_loss"])
 
 
 def test_training_lowers_the_loss(store: str) -> None:
