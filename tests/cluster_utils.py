@@ -35,6 +35,8 @@ VENV_BIN = Path(sys.executable).parent
 __all__ = [
     "VENV_BIN",
     "LocalMlflowServer",
+    "S3_BUCKET",
+    "MotoS3Server",
     "RayHead",
     "free_port",
     "make_ball_store",
@@ -203,6 +205,57 @@ def stop_process_group(process: subprocess.Popen) -> None:
             except ProcessLookupError:
                 pass
             process.wait(timeout=5)
+
+
+#: The bucket the ``s3_server`` fixture (conftest) creates.
+S3_BUCKET = "noisyseg-test"
+
+
+@dataclass
+class MotoS3Server:
+    """moto's standalone S3 server (``moto_server``, S3 over HTTP) on a free 127.0.0.1 port.
+
+    Clients reach it through the standard environment only (:meth:`env`), as they would AWS or
+    MinIO; :meth:`stop` ends exactly its own process group.
+    """
+
+    endpoint: str
+    process: subprocess.Popen
+    log_path: Path
+
+    @classmethod
+    def start(cls, root: str | Path, timeout: float = 60.0) -> MotoS3Server:
+        """Start the server, logging to ``<root>/moto.log``; wait until it answers."""
+        port = free_port()
+        log_path = Path(root) / "moto.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        server = cls(f"http://127.0.0.1:{port}", process, log_path)
+        try:
+            _wait_http(server.endpoint, timeout, process)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def env(self) -> dict[str, str]:
+        """The AWS_* variables that point S3 clients (boto3, s3fs, pyarrow) at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def stop(self) -> None:
+        """Stop the server's process group."""
+        stop_process_group(self.process)
 
 
 #: The test suite's MLflow server is the library's (the same start/stop code is under test).

@@ -9,10 +9,19 @@ environment variables. Fixtures of the same name defined in a test module take p
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
+import boto3
 import pytest
-from cluster_utils import LocalMlflowServer, RayHead, make_ball_store, start_ray_head
+from cluster_utils import (
+    S3_BUCKET,
+    LocalMlflowServer,
+    MotoS3Server,
+    RayHead,
+    make_ball_store,
+    start_ray_head,
+)
 
 DEFAULT_RAY_HEAD_CPUS = 4
 
@@ -50,3 +59,24 @@ def ray_head(request: pytest.FixtureRequest) -> Iterator[RayHead]:
         yield head
     finally:
         head.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3Server]:
+    """A real S3-compatible server (moto) with the bucket ``noisyseg-test``; while the module
+    runs, the AWS_* variables of this process (and so of the processes it starts) point at it."""
+    server = MotoS3Server.start(tmp_path_factory.mktemp("moto"))
+    saved = {k: os.environ.get(k) for k in (*server.env(), "AWS_PROFILE", "AWS_ENDPOINT_URL_S3")}
+    os.environ.update(server.env())
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    try:
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield server
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -21,6 +21,7 @@ the training logs into, and where).
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from noisyseg.distributed.run_storage import RunLocation
 from noisyseg.errors import NoisysegInputError
 from noisyseg.models import UNetSpec, build_unet, unwrap_model
 
@@ -118,17 +120,26 @@ def read_state(path: str | Path) -> dict[str, Any]:
     path = _checkpoint_file(Path(path))
     if not path.is_file():
         raise NoisysegInputError("checkpoint file not found", path=str(path))
+    return _load_checked(path, str(path))
+
+
+def state_from_bytes(data: bytes, where: str) -> dict[str, Any]:
+    """:func:`read_state` of a file's bytes (read from any filesystem); ``where`` names it."""
+    return _load_checked(io.BytesIO(data), where)
+
+
+def _load_checked(source: Path | io.BytesIO, where: str) -> dict[str, Any]:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure is bad input here
         raise NoisysegInputError(
-            f"not a loadable checkpoint ({error.__class__.__name__})", path=str(path)
+            f"not a loadable checkpoint ({error.__class__.__name__})", path=where
         ) from None
     if not isinstance(payload, dict):
-        raise NoisysegInputError("not a checkpoint (no dict inside)", path=str(path))
+        raise NoisysegInputError("not a checkpoint (no dict inside)", path=where)
     missing = REQUIRED_KEYS - set(payload)
     if missing:
-        raise NoisysegInputError(f"checkpoint lacks {', '.join(sorted(missing))}", path=str(path))
+        raise NoisysegInputError(f"checkpoint lacks {', '.join(sorted(missing))}", path=where)
     return payload
 
 
@@ -185,33 +196,74 @@ def load_model_state(
     return model.to(device), spec, dict(payload["config"]), int(payload["step"])
 
 
-def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, directory)`` of every ``checkpoint_<step>`` directory under a run, newest first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+#: A run directory: a local path, a URL (``s3://bucket/results/run``) or a resolved location.
+RunDir = str | Path | RunLocation
+
+
+def _location(run_dir: RunDir) -> RunLocation | None:
+    """The remote location of ``run_dir``; None for a local directory (read with ``pathlib``)."""
+    if isinstance(run_dir, RunLocation):
+        return run_dir if run_dir.remote else None
+    return RunLocation.resolve(str(run_dir)) if "://" in str(run_dir) else None
+
+
+def checkpoint_dirs(run_dir: RunDir) -> list[tuple[int, Path | str]]:
+    """``(step, directory)`` of every ``checkpoint_<step>`` directory under a run, newest first.
+
+    Local runs give ``Path`` objects; runs on remote storage their URLs
+    (``s3://bucket/results/run/checkpoint_0000004``).
+    """
+    location = _location(run_dir)
+    found: list[tuple[int, Path | str]] = []
+    if location is not None:
+        for name in location.subdirectories():
+            match = _CHECKPOINT_DIR.match(name)
+            if match:
+                found.append((int(match.group(1)), location.child(name).url))
+        return sorted(found, key=lambda item: item[0], reverse=True)
+    local = Path(run_dir.path if isinstance(run_dir, RunLocation) else run_dir)
+    if not local.is_dir():
         return []
-    found = []
-    for entry in run_dir.iterdir():
+    for entry in local.iterdir():
         match = _CHECKPOINT_DIR.match(entry.name)
         if match and entry.is_dir():
             found.append((int(match.group(1)), entry))
-    return sorted(found, reverse=True)
+    return sorted(found, key=lambda item: item[0], reverse=True)
 
 
-def latest_checkpoint_state(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+def _read_remote_state(location: RunLocation, name: str) -> dict[str, Any]:
+    data = location.read_bytes(f"{name}/{STATE_FILE}")
+    where = f"{location.url}/{name}/{STATE_FILE}"
+    if data is None:
+        raise NoisysegInputError("checkpoint file not found", path=where)
+    return state_from_bytes(data, where)
+
+
+def latest_checkpoint_state(run_dir: RunDir) -> tuple[Path | str, dict[str, Any]] | None:
     """The newest *complete* training state under a Ray run directory, or None.
+
+    ``run_dir``: a local directory, or a run on any filesystem (``s3://...`` URL or
+    :class:`~noisyseg.distributed.run_storage.RunLocation`); the answer's first item is the
+    ``state.pt`` path (a URL for remote storage).
 
     Directories are tried newest step first; the first whose ``state.pt`` loads (with every
     required key, and the step its name says) wins. A checkpoint still being copied (Ray uploads
-    the directory after ``report``) is a truncated zip file and does not load, so it is skipped.
+    the directory after ``report``) is a truncated zip file, or on an object store has no
+    ``state.pt`` object yet, and does not load, so it is skipped.
     Ray's own checkpoint manager may lag the newest complete one on disk (it registers a
     checkpoint when the controller polls the report), so the workers resume from this one.
     """
-    for step, directory in checkpoint_dirs(run_dir):
+    location = _location(run_dir)
+    for step, directory in checkpoint_dirs(location or run_dir):
         try:
-            payload = read_state(directory / STATE_FILE)
+            if location is not None:
+                name = str(directory).rpartition("/")[2]
+                payload, where = _read_remote_state(location, name), f"{directory}/{STATE_FILE}"
+            else:
+                where = Path(directory) / STATE_FILE
+                payload = read_state(where)
         except NoisysegInputError:
             continue
         if int(payload["step"]) == step:
-            return directory / STATE_FILE, payload
+            return where, payload
     return None

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from noisyseg.distributed.checkpoints import (
+    RunDir,
     checkpoint_dir_name,
     latest_checkpoint_state,
     model_payload,
@@ -45,6 +46,7 @@ from noisyseg.distributed.config import StoreInfo, TrainConfig
 from noisyseg.distributed.contexts import LocalContext, RayContext, WorkerContext
 from noisyseg.distributed.progress import ProgressRecord, ProgressSender
 from noisyseg.distributed.resume import logged_high_water
+from noisyseg.distributed.run_storage import RunLocation
 from noisyseg.distributed.tracking import RankZeroLogger, finish_run, run_status
 from noisyseg.distributed.training_step import (
     StepOutput,
@@ -97,7 +99,8 @@ class WorkerJob:
 
     Keys of the dict: ``config`` (TrainConfig dict), ``store_info`` (StoreInfo dict), ``mlflow``
     (``{"tracking_uri", "run_id"}`` or None: no MLflow), ``run_dir`` (local run directory or
-    None), ``progress_inbox`` (a :class:`~noisyseg.distributed.progress.ProgressInbox` handle or
+    None), ``run_location`` (a :class:`RunLocation` on remote storage, or None),
+    ``progress_inbox`` (a :class:`~noisyseg.distributed.progress.ProgressInbox` handle or
     None) and ``hooks`` (:class:`LoopHooks` fields).
     """
 
@@ -106,6 +109,7 @@ class WorkerJob:
     tracking_uri: str | None = None
     run_id: str | None = None
     run_dir: Path | None = None
+    run_location: RunLocation | None = None
     inbox: Any | None = None
     hooks: LoopHooks = field(default_factory=LoopHooks)
 
@@ -119,6 +123,7 @@ class WorkerJob:
             tracking_uri=mlflow_info.get("tracking_uri"),
             run_id=mlflow_info.get("run_id"),
             run_dir=Path(run_dir) if run_dir else None,
+            run_location=loop_config.get("run_location"),
             inbox=loop_config.get("progress_inbox"),
             hooks=LoopHooks(**(loop_config.get("hooks") or {})),
         )
@@ -154,12 +159,13 @@ def build_network(config: TrainConfig, info: StoreInfo) -> tuple[nn.Module, UNet
     return model, spec
 
 
-def find_restore(context: WorkerContext, run_dir: Path | None) -> tuple[dict, str] | None:
+def find_restore(context: WorkerContext, run_dir: RunDir | None) -> tuple[dict, str] | None:
     """``(payload, where)`` of the newest checkpoint to resume from, or None for a fresh start.
 
     Ray's restored checkpoint (``get_checkpoint``) can lag the newest complete one on disk (the
     controller registers a report when it polls), so the run directory is scanned as well
-    (:func:`~noisyseg.distributed.checkpoints.latest_checkpoint_state`) and the higher step wins.
+    (:func:`~noisyseg.distributed.checkpoints.latest_checkpoint_state`, local or remote
+    storage alike) and the higher step wins.
     """
     candidates: list[tuple[dict, str]] = []
     ray_dir = context.restore_dir()
@@ -167,7 +173,7 @@ def find_restore(context: WorkerContext, run_dir: Path | None) -> tuple[dict, st
         candidates.append((read_state(ray_dir), str(ray_dir)))
     on_disk = latest_checkpoint_state(run_dir) if run_dir is not None else None
     if on_disk is not None:
-        candidates.append((on_disk[1], str(on_disk[0].parent)))
+        candidates.append((on_disk[1], str(on_disk[0]).rpartition("/")[0]))
     if not candidates:
         return None
     return max(candidates, key=lambda item: int(item[0]["step"]))
@@ -187,7 +193,7 @@ def build_state(job: WorkerJob, context: WorkerContext) -> TrainingState:
     """Step 1: network, restore (newest checkpoint), DDP wrap, optimiser, schedule, loss."""
     config = job.config
     model, spec = build_network(config, job.info)
-    restore = find_restore(context, job.run_dir)
+    restore = find_restore(context, job.run_dir or job.run_location)
     if restore is not None:
         model.load_state_dict(restore[0]["model"])
     model = context.prepare_model(model)
@@ -425,9 +431,14 @@ def save_checkpoint(
         context.report(dict(metrics), Path(tmp), name)
 
 
-def save_checkpoint_directly(state: TrainingState, job: WorkerJob, step: int) -> Path | None:
+def save_checkpoint_directly(state: TrainingState, job: WorkerJob, step: int) -> Path | str | None:
     """Rank 0 writes ``<run_dir>/checkpoint_<step>`` itself (the launcher, and with it Ray's
-    checkpoint bookkeeping, is gone): written beside, then renamed into place."""
+    checkpoint bookkeeping, is gone): written beside, then renamed into place (remote storage:
+    uploaded, ``state.pt`` one object)."""
+    if job.run_dir is None and job.run_location is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_state(tmp, state, job, step)
+            return job.run_location.upload(tmp, checkpoint_dir_name(step)).url
     if job.run_dir is None:
         return None
     target = job.run_dir / checkpoint_dir_name(step)

@@ -46,6 +46,7 @@ from noisyseg.distributed.progress import ProgressDisplay, ProgressReceiver
 from noisyseg.distributed.ray_utils import ray_connection
 from noisyseg.distributed.resume import check_identity, check_tracking_run, set_aside
 from noisyseg.distributed.run_guard import RunGuard
+from noisyseg.distributed.run_storage import RunLocation, set_aside_remote
 from noisyseg.distributed.tracking import RunHandle, finish_run, open_run, resolve_tracking_uri
 from noisyseg.distributed.train_loop import train_loop_per_worker
 
@@ -94,18 +95,28 @@ def storage_path(config: TrainConfig) -> str:
 @dataclass
 class LaunchPlan:
     """What a launch will do: the config (with its run name), where the run lives, and the
-    checkpoint it resumes (``prior``: ``(state.pt path, payload)`` or None)."""
+    checkpoint it resumes (``prior``: ``(state.pt path or URL, payload)`` or None)."""
 
     config: TrainConfig
     info: StoreInfo
     root: str
     run_dir: str
-    prior: tuple[Path, dict[str, Any]] | None = None
-    set_aside_to: Path | None = None
+    prior: tuple[Path | str, dict[str, Any]] | None = None
+    set_aside_to: Path | str | None = None
 
     @property
     def local(self) -> bool:
         return "://" not in self.root
+
+    @property
+    def storage(self) -> RunLocation:
+        """The storage root as a location (filesystem and path, credentials from the env)."""
+        return RunLocation.resolve(self.root)
+
+    @property
+    def location(self) -> RunLocation:
+        """The run directory as a location (travels to the workers)."""
+        return self.storage.child(self.config.run_name or "")
 
     @property
     def resume_step(self) -> int:
@@ -126,14 +137,24 @@ class LaunchPlan:
 def plan_launch(
     config: TrainConfig, info: StoreInfo, tracking_uri: str, *, force_new: bool = False
 ) -> LaunchPlan:
-    """Name the run, find what it resumes, refuse what it may not resume (one line each)."""
+    """Name the run, find what it resumes, refuse what it may not resume (one line each).
+
+    Local and remote storage alike: the newest complete checkpoint under ``<storage>/<run>`` is
+    read through the storage's filesystem; ``force_new`` renames a local run directory, and
+    copies a remote one to ``<run>.old-<time>`` before deleting it.
+    """
     if config.run_name is None:
         config = config.model_copy(update={"run_name": default_run_name(config)})
     run_name = config.run_name
     root = storage_path(config)
     plan = LaunchPlan(config, info, root, f"{root.rstrip('/')}/{run_name}")
-    plan.prior = latest_checkpoint_state(plan.run_dir) if plan.local else None
-    if force_new and plan.local and Path(plan.run_dir).exists():
+    location = plan.location if not plan.local else None
+    if location is not None:
+        location.check_reachable()
+    plan.prior = latest_checkpoint_state(location or plan.run_dir)
+    if force_new and location is not None and location.exists():
+        plan.set_aside_to, plan.prior = set_aside_remote(location), None
+    elif force_new and plan.local and Path(plan.run_dir).exists():
         plan.set_aside_to, plan.prior = set_aside(plan.run_dir), None
     if plan.prior is not None:
         spec = config.unet_spec(info.spatial_dims, info.in_channels).to_dict()
@@ -177,12 +198,7 @@ def announce(
     """The lines that say where everything is (printed once)."""
     if plan.set_aside_to is not None:
         print_fn(f"{PREFIX} --force-new: the earlier run was moved to {plan.set_aside_to}")
-    if plan.prior is not None:
-        verb = f"resuming from step {plan.resume_step}"
-    elif plan.local:
-        verb = "starting"
-    else:  # the launcher does not list remote storage; the workers say where they start
-        verb = "starting, or resuming from Ray's latest checkpoint in remote storage"
+    verb = f"resuming from step {plan.resume_step}" if plan.prior is not None else "starting"
     print_fn(f"{PREFIX} run {plan.config.run_name!r} {verb}; checkpoints in {plan.run_dir}")
     print_fn(f"{PREFIX} MLflow tracking URI: {handle.tracking_uri}")
     print_fn(f"{PREFIX} MLflow run id: {handle.run_id} (experiment {handle.experiment_id})")
@@ -204,6 +220,7 @@ def loop_config(plan: LaunchPlan, handle: RunHandle, inbox: Any | None) -> dict[
         "store_info": plan.info.model_dump(mode="json"),
         "mlflow": {"tracking_uri": handle.tracking_uri, "run_id": handle.run_id},
         "run_dir": plan.run_dir if plan.local else None,
+        "run_location": None if plan.local else plan.location,
         "progress_inbox": inbox,
         "hooks": hooks,
     }
@@ -224,6 +241,10 @@ def make_trainer(
     retries forever.
     """
     config = plan.config
+    storage: dict[str, Any] = {"storage_path": plan.root}
+    if not plan.local:  # prefix-stripped path + explicit filesystem (run_storage docstring)
+        remote = plan.storage
+        storage = {"storage_path": remote.path, "storage_filesystem": remote.filesystem}
     resources: dict[str, float] = {"CPU": config.cpus_per_worker}
     if config.gpu:
         resources["GPU"] = 1.0
@@ -242,7 +263,7 @@ def make_trainer(
         ),
         run_config=RunConfig(
             name=config.run_name,
-            storage_path=plan.root,
+            **storage,
             checkpoint_config=CheckpointConfig(num_to_keep=config.num_checkpoints_to_keep),
             failure_config=FailureConfig(
                 max_failures=config.max_failures,
