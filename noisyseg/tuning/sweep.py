@@ -99,12 +99,19 @@ class SweepOutcome:
 
 # ---------------------------------------------------------------------------------- paths
 def sweep_root(storage_path: str | None) -> Path:
-    """The local directory sweeps live in (``--storage-path``, default ``~/ray_results``)."""
+    """The local directory sweeps live in (``--storage-path``, default ``~/ray_results``).
+
+    Object storage is refused (one line, before any work): the sweep's state file, summary,
+    ``best.yaml`` and its own MLflow server are files in this folder, read and written with
+    ``pathlib``. Single training runs do resume on any filesystem (``noisyseg train``).
+    """
     path = storage_path or DEFAULT_ROOT
     if "://" in path:
         raise NoisysegInputError(
-            "sweeps need a local or shared-filesystem --storage-path (sweep state, trial "
-            "checkpoints and the summary live there)",
+            "sweeps on object storage are not supported yet: `noisyseg tune` keeps its state, "
+            "summary and MLflow server in a folder, so give a local or shared-filesystem "
+            "--storage-path (NFS, a mounted bucket); `noisyseg train --storage-path` does take "
+            "s3:// and resumes there",
             path=path,
         )
     return Path(path).expanduser().resolve()

@@ -9,7 +9,8 @@ states (a tiny run in this process, ``LocalContext``), uploaded under ``s3://<bu
 * ``plan_launch`` finds it, refuses a changed network, and ``--force-new`` copies the run to
   ``<run>.old-<time>`` and deletes it;
 * a worker resumes from the remote newest when Ray's checkpoint lags;
-* the filesystem handed to Ray carries endpoint and keys explicitly (Ray's nodes need no env).
+* the filesystem handed to Ray carries endpoint and keys explicitly (Ray's nodes need no env);
+* sweeps on object storage are refused in one line (not supported yet).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from noisyseg.distributed.tracking import open_run
 from noisyseg.distributed.train_loop import LocalContext, run_worker
 from noisyseg.distributed.trainer import plan_launch
 from noisyseg.errors import NoisysegInputError
+from noisyseg.tuning.sweep import sweep_root
 
 
 def _config(store: str, **fields):
@@ -177,3 +179,8 @@ def test_tracking_run_checked_on_s3(trained: dict, tmp_path: Path) -> None:
     MlflowClient(other).search_experiments()
     with pytest.raises(NoisysegInputError, match="does not have"):
         plan_launch(config, check_against_store(config), other)
+
+
+def test_sweeps_on_object_storage_are_refused_in_one_line() -> None:
+    with pytest.raises(NoisysegInputError, match="sweeps on object storage are not supported"):
+        sweep_root(f"s3://{S3_BUCKET}/tune")
