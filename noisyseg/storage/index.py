@@ -26,6 +26,7 @@ import pandas as pd
 
 from noisyseg.errors import NoisysegInputError
 from noisyseg.storage import validate as V
+from noisyseg.storage.collection import update_collection
 from noisyseg.storage.files import StoreFiles
 from noisyseg.storage.layout import (
     CASES_PARQUET,
@@ -181,7 +182,8 @@ class CaseIndex:
         return self._ids_cache[1]
 
     def compact(self) -> int:
-        """Fold journal entries into ``cases.parquet`` and the lesion tables (driver-side).
+        """Fold journal entries into ``cases.parquet`` and the lesion tables (driver-side), and
+        list the cases in the root's OME collection (:func:`~noisyseg.storage.collection.update_collection`).
 
         Idempotent and crash-safe: files are replaced atomically and journal entries are deleted
         only after; a journal entry always overrides the compacted row of the same case.
@@ -189,6 +191,7 @@ class CaseIndex:
         """
         journal = self.journal()
         if not journal:
+            update_collection(self.files, self._base_cases()["case_id"])
             return 0
         ids = list(journal)
         base = self._base_cases()
@@ -201,6 +204,7 @@ class CaseIndex:
         for name in sorted(set_names):
             self._fold_lesions(name, journal)
         self.files.write_parquet(CASES_PARQUET, normalise_index(cases))
+        update_collection(self.files, cases["case_id"])
         for cid in ids:
             self.files.remove(f"{JOURNAL_DIR}/{cid}.json")
         return len(ids)

@@ -2,7 +2,11 @@
 
 Layout (``<root>`` is any fsspec URL: a plain path, ``file://``, ``s3://``, ``gs://``)::
 
-    <root>/zarr.json                     root group; attributes["noisyseg"] = store metadata
+    <root>/zarr.json                     root group; attributes["noisyseg"] = store metadata;
+                                         attributes["ome"] = {"version": "0.5",
+                                         "bioformats2raw.layout": 3}: an OME image collection
+    <root>/OME/zarr.json                 attributes["ome"]["series"] = ["cases/<case_id>", ...]
+                                         (noisyseg.storage.collection; rewritten at compaction)
     <root>/cases/<case_id>/              one OME-Zarr 0.5 image per case
         zarr.json                        attributes["ome"] = {"version": "0.5", "multiscales": ...,
                                          "omero": ...}; attributes["noisyseg"] = spacing, affine,

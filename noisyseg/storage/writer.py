@@ -29,6 +29,7 @@ from noisyseg.storage.atomic import (
     recover_dir,
     token,
 )
+from noisyseg.storage.collection import OME_GROUP, root_ome_attrs, series_doc
 from noisyseg.storage.integrity import RecordingStore, integrity_attrs, write_manifest
 from noisyseg.storage.layout import (
     CASES_DIR,
@@ -150,14 +151,19 @@ def create_root(
     meta: Mapping[str, Any],
     storage_options: Mapping[str, Any] | None,
 ) -> None:
-    """Write the root group (``attributes["noisyseg"] = meta``) and the empty ``cases`` group."""
+    """Write the root group (``attributes["noisyseg"] = meta``, ``["ome"]`` an OME image
+    collection, :mod:`noisyseg.storage.collection`), the empty ``cases`` group and ``OME``."""
     if is_local(fs):
         fs.makedirs(root, exist_ok=True)
     zstore = zarr_store(fs, root, url, storage_options)
     group = zarr.open_group(
-        store=zstore, mode="w", zarr_format=3, attributes={"noisyseg": dict(meta)}
+        store=zstore,
+        mode="w",
+        zarr_format=3,
+        attributes={"noisyseg": dict(meta), "ome": root_ome_attrs()},
     )
     group.create_group(CASES_DIR)
+    group.create_group(OME_GROUP, attributes=series_doc([])["attributes"])
 
 
 def remove_staging(store: VolumeStore) -> int:
