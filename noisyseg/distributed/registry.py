@@ -82,6 +82,7 @@ def _store_geometry(store_url: str | None) -> dict[str, Any]:
         "channel_names": list(store.channel_names),
         "orientation": CANONICAL if nifti else None,
         "target_spacing": tuple(float(s) for s in spacing) if spacing else None,
+        "image_interpolation": params.get("image_interpolation") if spacing else None,
     }
 
 
@@ -103,6 +104,12 @@ def preprocessing_for(checkpoint: dict[str, Any], *, threshold: float = 0.5) -> 
         overlap=float(config.get("val_overlap", 0.25)),
         sw_batch_size=int(config.get("val_sw_batch_size", 4)),
         threshold=float(threshold),
+        # how ingest resampled the training images (--image-interpolation); predict does the same
+        extra=(
+            {"image_interpolation": geometry["image_interpolation"]}
+            if geometry.get("image_interpolation")
+            else {}
+        ),
     )
 
 

@@ -92,7 +92,8 @@ def predict_raw_volume(
         volume: ``(C, Z, Y, X)`` raw intensities, C = the model's channels.
         preprocessing: the model's :class:`Preprocessing`.
         spacing: the volume's voxel size in mm, ``(z, y, x)``; when given and the model has a
-            target spacing, the volume is resampled to it (linear, ingest's
+            target spacing, the volume is resampled to it (as ingest resampled the
+            training images: linear, or B-spline when ``extra["image_interpolation"]`` says so;
             :func:`noisyseg.storage.geometry.resample`) and the probabilities back.
         device, amp: torch device and autocast of the forward passes.
 
@@ -111,7 +112,12 @@ def predict_raw_volume(
         return network_probability(model, data, preprocessing, device=device, amp=amp)
     source = spacing_grid(data.shape[:0:-1], tuple(float(s) for s in spacing)[::-1])
     grid = G.resampled_grid(source, target)
-    resampled = G.resample(data.transpose(3, 2, 1, 0), source, grid, order=1, channels_last=True)
+    # images as ingest resampled the training cases (linear, or B-spline: extra["image_interpolation"])
+    interpolation = preprocessing.extra.get("image_interpolation") or G.DEFAULT_IMAGE_INTERPOLATION
+    order = G.interpolation_order(interpolation)
+    resampled = G.resample(
+        data.transpose(3, 2, 1, 0), source, grid, order=order, channels_last=True
+    )
     probability = network_probability(
         model, resampled.transpose(3, 2, 1, 0), preprocessing, device=device, amp=amp
     )

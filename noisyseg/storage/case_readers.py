@@ -67,11 +67,13 @@ class LabelRule:
 
 @dataclass(frozen=True)
 class NiftiOptions:
-    """Per-case NIfTI reading options: the label rule and an optional target spacing (mm,
-    x,y,z after reorientation to RAS)."""
+    """Per-case NIfTI reading options: the label rule, an optional target spacing (mm,
+    x,y,z after reorientation to RAS) and the image interpolation used to resample to it
+    (:data:`~noisyseg.storage.geometry.IMAGE_INTERPOLATIONS`; labels: nearest)."""
 
     rule: LabelRule
     target_spacing: tuple[float, float, float] | None = None
+    image_interpolation: str = G.DEFAULT_IMAGE_INTERPOLATION
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,9 +223,12 @@ def load_nifti_case(spec: CaseSpec, options: NiftiOptions) -> dict[str, Any]:
     image, stored = G.reorient(image, original, ornt)
     if label is not None:
         label, _ = G.reorient(label, original, ornt)
+    interpolation = None
     if options.target_spacing is not None:
         target = G.resampled_grid(stored, options.target_spacing)
-        image = G.resample(image, stored, target, order=1, channels_last=True)
+        interpolation = options.image_interpolation
+        order = G.interpolation_order(interpolation)
+        image = G.resample(image, stored, target, order=order, channels_last=True)
         if label is not None:
             label = G.resample(label, stored, target, order=0)
         stored = target
@@ -235,7 +240,7 @@ def load_nifti_case(spec: CaseSpec, options: NiftiOptions) -> dict[str, Any]:
         path=str(spec.images[0]),
     )
     spacing = V.check_spacing(stored.spacing[::-1], 3, case=cid, path=str(spec.images[0]))
-    geometry = G.Geometry(original, stored)
+    geometry = G.Geometry(original, stored, interpolation)
     out: dict[str, Any] = {
         "image": image,
         "labels": {},

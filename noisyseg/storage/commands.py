@@ -64,6 +64,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         on_error=on_error,
         foreground=args.foreground,
         target_spacing=_floats(args.target_spacing, "--target-spacing", 3),
+        image_interpolation=args.image_interpolation,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         seed=args.seed,
@@ -417,7 +418,15 @@ def _add_ingest(subparsers: argparse._SubParsersAction) -> None:
         "--target-spacing",
         default=None,
         metavar="X,Y,Z",
-        help="resample to this voxel spacing in mm (RAS x,y,z; images linear, labels nearest)",
+        help="resample to this voxel spacing in mm (RAS x,y,z; images linear or B-spline, "
+        "labels nearest)",
+    )
+    p.add_argument(
+        "--image-interpolation",
+        default=None,
+        choices=["linear", "bspline"],
+        help="how --target-spacing resamples images: linear (default) or bspline (cubic "
+        "B-spline, order 3, nnU-Net's default); labels are always nearest neighbour",
     )
     p.add_argument(
         "--scheduler",

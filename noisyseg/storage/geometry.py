@@ -6,8 +6,8 @@ volume to the closest canonical (RAS) voxel order — the same flips and axis pe
 :func:`nibabel.as_closest_canonical` — so voxel axis ``i`` runs left->right, ``j``
 posterior->anterior, ``k`` inferior->superior; the affine is updated so every voxel keeps its
 world position. With a target spacing, it then resamples on a grid whose voxel 0 has the same
-centre as before and whose axes keep their directions (images linear, labels nearest
-neighbour), as nnU-Net does. The store keeps ``(z, y, x)`` = ``(k, j, i)`` and the affine of the
+centre as before and whose axes keep their directions (images linear or cubic B-spline,
+``--image-interpolation``; labels nearest neighbour), as nnU-Net does. The store keeps ``(z, y, x)`` = ``(k, j, i)`` and the affine of the
 stored grid, so store voxel ``[z, y, x]`` is at world ``affine @ [x, y, z, 1]``.
 
 :class:`Geometry` records both grids (original: the source file's; stored: the store's) so a
@@ -29,6 +29,20 @@ from noisyseg.errors import NoisysegInputError
 
 #: Affines of channels / label of one case must agree to this (mm, absolute).
 AFFINE_ATOL_MM = 1e-3
+#: Image interpolations of ``--image-interpolation`` -> spline order of
+#: :func:`scipy.ndimage.affine_transform`: trilinear, or cubic B-spline (nnU-Net's default for
+#: images, order 3). Labels are always resampled nearest neighbour (order 0).
+IMAGE_INTERPOLATIONS = {"linear": 1, "bspline": 3}
+DEFAULT_IMAGE_INTERPOLATION = "linear"
+
+
+def interpolation_order(name: str) -> int:
+    """Spline order of image interpolation ``name`` (:data:`IMAGE_INTERPOLATIONS`)."""
+    if name not in IMAGE_INTERPOLATIONS:
+        raise NoisysegInputError(
+            f"--image-interpolation must be one of {', '.join(IMAGE_INTERPOLATIONS)}, got {name!r}"
+        )
+    return IMAGE_INTERPOLATIONS[name]
 
 
 @dataclass(frozen=True)
@@ -61,17 +75,27 @@ class Grid:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Source grid and stored grid of one case (kept in the case attributes as ``geometry``)."""
+    """Source grid and stored grid of one case (kept in the case attributes as ``geometry``);
+    ``image_interpolation`` names how the image was resampled between them
+    (:data:`IMAGE_INTERPOLATIONS`; None: not resampled)."""
 
     original: Grid
     stored: Grid
+    image_interpolation: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"original": self.original.to_json(), "stored": self.stored.to_json()}
+        doc = {"original": self.original.to_json(), "stored": self.stored.to_json()}
+        if self.image_interpolation is not None:
+            doc["image_interpolation"] = self.image_interpolation
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Geometry:
-        return cls(Grid.from_json(doc["original"]), Grid.from_json(doc["stored"]))
+        return cls(
+            Grid.from_json(doc["original"]),
+            Grid.from_json(doc["stored"]),
+            doc.get("image_interpolation"),
+        )
 
 
 def orientation_code(affine: np.ndarray) -> str:
@@ -164,8 +188,9 @@ def resample(
     data: np.ndarray, src: Grid, dst: Grid, *, order: int, channels_last: bool = False
 ) -> np.ndarray:
     """Resample ``data`` (NIfTI order, on grid ``src``) onto grid ``dst`` (same axis directions,
-    e.g. from :func:`resampled_grid`). ``order`` 1: trilinear (images), 0: nearest (labels).
-    Voxels outside the source are filled from the nearest edge voxel."""
+    e.g. from :func:`resampled_grid`). ``order`` 1: trilinear, 3: cubic B-spline (images;
+    scipy's spline prefilter makes it interpolating), 0: nearest (labels). Voxels outside the
+    source are filled from the nearest edge voxel."""
     # dst voxel o sits at world dst.affine @ o; in src voxels that is inv(src.affine) @ dst.affine
     m = np.linalg.solve(src.affine, dst.affine)
     matrix, offset = m[:3, :3], m[:3, 3]

@@ -197,9 +197,11 @@ def _label_rule(layout: Layout, foreground: str | Sequence[Any] | None) -> Label
     return LabelRule(fg, dict(layout.info.labels), where)
 
 
-def _truth_params(src: str, layout: Layout, rule: LabelRule, target: Any) -> dict[str, Any]:
+def _truth_params(
+    src: str, layout: Layout, rule: LabelRule, target: Any, interpolation: str
+) -> dict[str, Any]:
     """The truth label set's params: where it comes from and how it was made (foreground,
-    label names, target spacing in mm)."""
+    label names, target spacing in mm and the image interpolation used to reach it)."""
     return {
         "source": "ingest",
         "src": str(Path(src).resolve()),
@@ -208,6 +210,7 @@ def _truth_params(src: str, layout: Layout, rule: LabelRule, target: Any) -> dic
         "label_names": {str(v): n for v, n in sorted(rule.names.items())},
         "label_map": SOURCE_LABELS if layout.kind != LAYOUT_2D else None,
         "target_spacing": list(target) if target is not None else None,
+        "image_interpolation": interpolation if target is not None else None,
     }
 
 
@@ -239,7 +242,7 @@ def _resume(store: VolumeStore, layout: Layout, params: dict[str, Any]) -> Volum
             path=store.url,
         )
     old = store.label_set_info(TRUTH).get("params", {})
-    for key in ("foreground", "target_spacing"):
+    for key in ("foreground", "target_spacing", "image_interpolation"):
         if key in old and old[key] != params[key]:
             raise NoisysegInputError(
                 f"store was ingested with {key} {old[key]}, now {params[key]} "
@@ -301,6 +304,7 @@ def ingest_folder(
     on_error: Callable[[CaseFailure], None] | None = None,
     foreground: str | Sequence[Any] | None = None,
     target_spacing: Sequence[float] | None = None,
+    image_interpolation: str | None = None,
     val_fraction: float | None = None,
     test_fraction: float | None = None,
     seed: int = 0,
@@ -319,6 +323,8 @@ def ingest_folder(
             stores: built beside the old one and swapped in at the end).
         foreground: label values/names forming the lesion mask (None: every non-zero label).
         target_spacing: resample to this spacing (mm, x,y,z after RAS reorientation).
+        image_interpolation: how images are resampled to ``target_spacing``: ``linear``
+            (default) or ``bspline`` (cubic, nnU-Net's); labels are always nearest neighbour.
         val_fraction, test_fraction, seed: split rule of :mod:`.splits` over the labelled
             training cases (defaults 0.2 and 0.1, test 0 when the source has labelsTs).
         splits_file, fold: take the splits from a file instead (nnU-Net splits_final.json).
@@ -339,6 +345,7 @@ def ingest_folder(
     layout = discover(src)
     rule = _label_rule(layout, foreground)
     target = _target_spacing(target_spacing, layout)
+    interpolation = _interpolation(image_interpolation, target)
     plan = _plan(
         layout,
         seed=seed,
@@ -359,8 +366,8 @@ def ingest_folder(
     job = _Job(
         str(src),
         layout,
-        _truth_params(str(src), layout, rule, target),
-        NiftiOptions(rule, target) if layout.kind != LAYOUT_2D else None,
+        _truth_params(str(src), layout, rule, target, interpolation),
+        NiftiOptions(rule, target, interpolation) if layout.kind != LAYOUT_2D else None,
         good,
         clean_ids,
         scheduler,
@@ -425,6 +432,17 @@ def _target_spacing(target_spacing: Sequence[float] | None, layout: Layout) -> A
     target = tuple(float(t) for t in target_spacing)
     G.resampled_grid(G.make_grid((1, 1, 1), np.eye(4), (1, 1, 1)), target)  # validates it
     return target
+
+
+def _interpolation(name: str | None, target: Any) -> str:
+    """The image interpolation of ``--image-interpolation`` (default linear); refused without
+    ``--target-spacing`` (nothing is resampled then)."""
+    if name is None:
+        return G.DEFAULT_IMAGE_INTERPOLATION
+    G.interpolation_order(name)  # validates it
+    if target is None:
+        raise NoisysegInputError("--image-interpolation needs --target-spacing")
+    return name
 
 
 def _write_store(
