@@ -48,7 +48,7 @@ class RunGuard:
         cls,
         tracking_uri: str,
         run_id: str,
-        run_dir: Path | None,
+        run_dir: str | Path | None,
         *,
         grace_s: float = DEFAULT_GRACE_S,
     ) -> RunGuard:
@@ -86,7 +86,7 @@ def last_logged_step(tracking_uri: str, run_id: str) -> int | None:
     return max((m.step for m in history), default=None)
 
 
-def lost_launcher_reason(tracking_uri: str, run_id: str, run_dir: Path | None) -> str:
+def lost_launcher_reason(tracking_uri: str, run_id: str, run_dir: str | None) -> str:
     """One line: where the workers stopped and which checkpoint a re-launch resumes from."""
     from noisyseg.distributed.checkpoints import latest_checkpoint_state
 
@@ -103,7 +103,7 @@ def lost_launcher_reason(tracking_uri: str, run_id: str, run_dir: Path | None) -
 
 
 def guard(
-    stdin: IO[str], tracking_uri: str, run_id: str, run_dir: Path | None, grace_s: float
+    stdin: IO[str], tracking_uri: str, run_id: str, run_dir: str | None, grace_s: float
 ) -> str:
     """Block until the launcher releases or dies; returns what the guard did (for tests)."""
     if DONE in stdin.read().split():
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", required=True)
     parser.add_argument("--run-id", required=True)
-    parser.add_argument("--run-dir", type=Path, default=None)
+    parser.add_argument("--run-dir", default=None, help="a local directory or a URL (s3://...)")
     parser.add_argument("--grace-s", type=float, default=DEFAULT_GRACE_S)
     args = parser.parse_args(argv)
     guard(sys.stdin, args.tracking_uri, args.run_id, args.run_dir, args.grace_s)

@@ -318,11 +318,6 @@ def quiet_logs(path: Path, *, verbose: bool) -> Iterator[Callable[[], None]]:
             _quiet_depth -= 1
 
 
-def run_dir_if_local(plan: LaunchPlan) -> Path | None:
-    """The run directory when it is on this machine's filesystem (``None`` for object storage)."""
-    return Path(plan.run_dir) if plan.local else None
-
-
 def fit(trainer: TorchTrainer, handle: RunHandle) -> Any:
     """``trainer.fit()``; Ctrl-C marks the MLflow run KILLED, a failure FAILED (with why)."""
     try:
@@ -381,7 +376,7 @@ def run_training(
                 callbacks=callbacks,
                 controller_failure_limit=controller_failure_limit,
             )
-            guard = RunGuard.start(tracking_uri, handle.run_id, run_dir_if_local(plan))
+            guard = RunGuard.start(tracking_uri, handle.run_id, plan.run_dir)
             try:
                 result = fit(trainer, handle)
             finally:
