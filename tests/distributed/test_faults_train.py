@@ -49,6 +49,7 @@ def store(workspace: Path) -> str:
 
 
 # ------------------------------------------------------------------------------ bounds (no Ray)
+@pytest.mark.fault_case(6)
 def test_patch_larger_than_the_smallest_volume_is_refused(store: str) -> None:
     config = make_config({"store": store, "patch_size": 32, "channels": [4, 8], "val_cases": 0})
     with pytest.raises(NoisysegInputError) as error:
@@ -58,6 +59,7 @@ def test_patch_larger_than_the_smallest_volume_is_refused(store: str) -> None:
     assert "16x16x16 voxels" in message and "fits every training case is [16, 16, 16]" in message
 
 
+@pytest.mark.fault_case(6)
 def test_run_that_cannot_fit_in_memory_is_refused_before_ray(
     store: str, tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -155,6 +157,7 @@ class LauncherGoneAfter(ProgressSender):
         self.records.append(record)
 
 
+@pytest.mark.fault_case(8)
 def test_workers_stop_and_save_when_the_launcher_is_gone(store: str, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = make_config({"store": store, "labels": "truth", "loss": "bce", "patch_size": 16,
@@ -225,6 +228,7 @@ def _launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     )
 
 
+@pytest.mark.fault_case(7, 8)
 @pytest.mark.integration
 @pytest.mark.timeout(2400)
 def test_killed_launcher_stops_its_workers_and_the_relaunch_resumes(

@@ -319,6 +319,7 @@ def store_url(tmp_path) -> str:
     return url
 
 
+@pytest.mark.fault_case(4)
 def test_store_predictions_refuse_existing_name_and_record_provenance(
     store_url, checkpoint_file, capsys
 ):

@@ -63,6 +63,7 @@ def loop_config(config, *, run_dir=None, tracking=None) -> dict:
     }
 
 
+@pytest.mark.fault_case(7)
 def test_worker_resumes_from_the_newest_checkpoint_on_disk(store: str, tmp_path: Path) -> None:
     """Ray hands back checkpoint 2 (its registration lags) while checkpoint 4 is complete on
     disk and checkpoint 6 is half-copied: the worker continues from 4."""
@@ -78,6 +79,7 @@ def test_worker_resumes_from_the_newest_checkpoint_on_disk(store: str, tmp_path:
     assert [r["step"] for r in again.reports] == [6]  # steps 5, 6 only: resumed from 4
 
 
+@pytest.mark.fault_case(7)
 def test_resumed_run_logs_each_step_once(store: str, tmp_path: Path) -> None:
     """Attempt 1 logs steps 1..6 and checkpoints 3 and 6; checkpoint 6 is lost (the crash came
     before it was saved). Attempt 2 redoes 4..6 from checkpoint 3: MLflow keeps one value per
@@ -117,6 +119,7 @@ def _finished_run(store: str, tmp_path: Path, uri: str, **fields):
     return config, handle, run_dir
 
 
+@pytest.mark.fault_case(5)
 def test_changed_network_or_data_is_refused_before_any_work(
     store: str, tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -139,6 +142,7 @@ def test_changed_network_or_data_is_refused_before_any_work(
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+@pytest.mark.fault_case(5)
 def test_identity_allows_more_steps_and_names_each_difference(store: str) -> None:
     saved = small(store, steps=10)
     spec = saved.unet_spec(3, 1).to_dict()
@@ -153,6 +157,7 @@ def test_identity_allows_more_steps_and_names_each_difference(store: str) -> Non
     ]
 
 
+@pytest.mark.fault_case(15)
 def test_checkpoint_of_another_tracking_server_is_refused(store: str, tmp_path: Path) -> None:
     first_uri = f"sqlite:///{tmp_path / 'first.db'}"
     config, handle, _ = _finished_run(store, tmp_path, first_uri)
@@ -167,6 +172,7 @@ def test_checkpoint_of_another_tracking_server_is_refused(store: str, tmp_path: 
     assert plan.resume_step == 2 and plan.resume_run_id == handle.run_id
 
 
+@pytest.mark.fault_case(15)
 def test_checkpoint_of_another_store_is_refused(store: str, tmp_path: Path) -> None:
     """A run name from another project (another store) under the shared storage path."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -178,6 +184,7 @@ def test_checkpoint_of_another_store_is_refused(store: str, tmp_path: Path) -> N
         plan_launch(config, check_against_store(config), uri)
 
 
+@pytest.mark.fault_case(5)
 def test_force_new_sets_the_old_run_aside(store: str, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config, _, run_dir = _finished_run(store, tmp_path, uri)
@@ -190,6 +197,7 @@ def test_force_new_sets_the_old_run_aside(store: str, tmp_path: Path) -> None:
     assert read_state(plan.set_aside_to / checkpoint_dir_name(2))["step"] == 2
 
 
+@pytest.mark.fault_case(9)
 def test_relative_store_is_made_absolute_where_it_is_typed(tmp_path: Path, monkeypatch) -> None:
     """Train V2 runs workers in the run folder: the driver must send an absolute path."""
     monkeypatch.chdir(tmp_path)
@@ -202,6 +210,7 @@ def test_relative_store_is_made_absolute_where_it_is_typed(tmp_path: Path, monke
     assert make_config(config.model_dump(mode="json")).store == str(tmp_path / "brain.zarr")
 
 
+@pytest.mark.fault_case(15)
 def test_checkpoint_records_where_it_logs(store: str, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _, handle, run_dir = _finished_run(store, tmp_path, uri)

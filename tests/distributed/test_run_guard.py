@@ -39,6 +39,7 @@ def _checkpoint(run_dir: Path, step: int) -> None:
                         unet_spec={}, config={}, step=step, mlflow_run_id=None)  # fmt: skip
 
 
+@pytest.mark.fault_case(8)
 def test_a_dead_launcher_run_is_marked_killed_with_where_it_stopped(run, tmp_path: Path) -> None:
     uri, run_id = run
     run_dir = tmp_path / "run"

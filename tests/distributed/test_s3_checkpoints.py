@@ -96,6 +96,7 @@ def _upload(local: Path, url: str) -> RunLocation:
     return location
 
 
+@pytest.mark.fault_case(7)
 def test_newest_complete_remote_checkpoint_wins(trained: dict) -> None:
     """6's ``state.pt`` is torn, 8 has no ``state.pt`` (upload under way): 4 wins."""
     url = f"s3://{S3_BUCKET}/discover/r"
@@ -124,6 +125,7 @@ def test_missing_bucket_is_refused_in_one_line(trained: dict) -> None:
         plan_launch(config, check_against_store(config), trained["uri"])
 
 
+@pytest.mark.fault_case(5)
 def test_plan_launch_resumes_and_refuses_on_s3(trained: dict) -> None:
     _upload(trained["dir"], f"s3://{S3_BUCKET}/plan/r")
     config = trained["config"].model_copy(
@@ -148,6 +150,7 @@ def test_force_new_on_s3_sets_the_run_aside(trained: dict) -> None:
     assert latest_checkpoint_state(plan.set_aside_to)[1]["step"] == 6
 
 
+@pytest.mark.fault_case(7)
 def test_worker_resumes_from_remote_newest_when_ray_lags(trained: dict, tmp_path: Path) -> None:
     """Ray hands back checkpoint 2; checkpoint 4 is complete in the bucket: steps 5, 6 run."""
     location = _upload(trained["dir"], f"s3://{S3_BUCKET}/worker/r")
@@ -171,6 +174,7 @@ def test_s3_filesystem_carries_endpoint_and_keys(s3_server) -> None:
     assert isinstance(local, pafs.LocalFileSystem) and local_path == str(Path.home() / "results")
 
 
+@pytest.mark.fault_case(15)
 def test_tracking_run_checked_on_s3(trained: dict, tmp_path: Path) -> None:
     """A checkpoint whose MLflow run another tracking server has is refused, as on local disk."""
     _upload(trained["dir"], f"s3://{S3_BUCKET}/other/r")

@@ -205,6 +205,7 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(
     assert (workspace / "ray_results" / "t1" / "checkpoint_0000020" / "state.pt").is_file()
 
 
+@pytest.mark.fault_case(7)
 def test_killed_worker_recovers_from_checkpoint(ray_head, mlflow_server, store, workspace) -> None:
     pid_dir = workspace / "pids"
     pid_dir.mkdir()

@@ -251,6 +251,7 @@ def test_existing_name_refused_unless_overwrite(store_url: str) -> None:
     assert set(table["status"]) == {"removed"}  # old rows replaced, not appended
 
 
+@pytest.mark.fault_case(2)
 def test_failure_midway_registers_nothing(store_url: str) -> None:
     """A source set missing in one case makes that case's task fail after others wrote."""
     store = VolumeStore.open(store_url, mode="r+")

@@ -32,6 +32,7 @@ def test_local_path_opens(tmp_path) -> None:
     assert "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+@pytest.mark.fault_case(10)
 def test_unknown_protocol_is_one_line() -> None:
     with pytest.raises(NoisysegInputError) as caught:
         open_filesystem("foo://bucket/brain.zarr")
@@ -40,6 +41,7 @@ def test_unknown_protocol_is_one_line() -> None:
     assert "\n" not in message
 
 
+@pytest.mark.fault_case(10)
 @pytest.mark.skipif(
     importlib.util.find_spec("gcsfs") is not None, reason="checks the message when gcsfs is absent"
 )
@@ -48,6 +50,7 @@ def test_missing_optional_package_names_it() -> None:
         open_filesystem("gs://bucket/brain.zarr")
 
 
+@pytest.mark.fault_case(10)
 @pytest.mark.parametrize(
     ("code", "words"),
     [
@@ -65,6 +68,7 @@ def test_os_errors_are_translated(code: int, words: str) -> None:
     assert isinstance(caught.value.__cause__, OSError)
 
 
+@pytest.mark.fault_case(10)
 def test_boto_errors_are_translated() -> None:
     botocore_exceptions = pytest.importorskip("botocore.exceptions")
     missing = botocore_exceptions.NoCredentialsError()

@@ -446,6 +446,7 @@ def _break_nnunet(src: Path, rule: str) -> tuple[str, Path]:
     return cid, path
 
 
+@pytest.mark.fault_case(12)
 @pytest.mark.parametrize("rule", sorted(BAD))
 def test_bad_input_one_line_naming_case_and_file_good_cases_proceed(tmp_path, rule):
     src = tmp_path / "Dataset003"
@@ -476,6 +477,7 @@ def test_brats_missing_channel_and_unknown_foreground(tmp_path, capsys):
     assert not (tmp_path / "c.zarr").exists()
 
 
+@pytest.mark.fault_case(12)
 def test_cli_exit_2_with_one_line_per_bad_case(tmp_path, capsys):
     src = tmp_path / "Dataset004"
     make_nnunet(src, ["good_1", "good_2", "good_3"])
@@ -553,6 +555,7 @@ def test_splits_file_clean_cases_and_resplit(tmp_path, capsys):
     assert VolumeStore.open(url).case_ids(clean=True) == ["c5"]
 
 
+@pytest.mark.fault_case(3)
 def test_overwrite_rebuilds_beside_the_old_store_and_refuses_a_foreign_folder(tmp_path):
     src = tmp_path / "Dataset006"
     make_nnunet(src, ["a", "b"])

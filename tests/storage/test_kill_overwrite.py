@@ -117,6 +117,7 @@ def _check_sets(url: str) -> None:
             assert index.loc[cid, f"n_lesions_{name}"] == n, (name, cid)
 
 
+@pytest.mark.fault_case(2)
 def test_sigkill_corrupt_overwrite(tmp_path: Path) -> None:
     url = str(tmp_path / "k.zarr")
     _store(url)
@@ -195,6 +196,7 @@ def _nifti_source(root: Path, prefix: str, n: int) -> list[str]:
     return ids
 
 
+@pytest.mark.fault_case(3)
 def test_sigkill_ingest_overwrite(tmp_path: Path) -> None:
     url = str(tmp_path / "s.zarr")
     sources = {

@@ -179,6 +179,7 @@ def _nifti_folder(root: Path, bad: bool) -> None:
         nib.save(nib.Nifti1Image(lab, np.eye(4)), str(root / "labelsTr" / f"{cid}.nii.gz"))
 
 
+@pytest.mark.fault_case(12)
 def test_cli_ingest_exit_codes_and_error_lines(tmp_path, capsys):
     _nifti_folder(tmp_path / "good", bad=False)
     assert main(["ingest", str(tmp_path / "good"), str(tmp_path / "g.zarr"), "--no-progress"]) == 0

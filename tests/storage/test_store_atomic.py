@@ -63,6 +63,7 @@ def _groups(url: str, cid: str) -> list[str]:
     return sorted(os.listdir(Path(url, "cases", cid, "labels")))
 
 
+@pytest.mark.fault_case(2)
 def test_overwrite_switches_versions_and_removes_the_old(store_url: str) -> None:
     first = corrupt_store(store_url, mode="random", rate=0.5, seed=1, name="n", progress=False)
     st = VolumeStore.open(store_url)
@@ -90,6 +91,7 @@ def test_overwrite_switches_versions_and_removes_the_old(store_url: str) -> None
     assert verify_store(store_url).ok
 
 
+@pytest.mark.fault_case(2)
 def test_interrupted_overwrite_is_invisible_and_cleaned(store_url: str) -> None:
     """A kill after some cases of the new version were written (and after its lesion table was
     written, before the registry switch): readers still see the complete old set."""
@@ -129,6 +131,7 @@ def test_unregistered_set_never_appears(store_url: str) -> None:
     assert "n_lesions_fresh" not in st.index().columns
 
 
+@pytest.mark.fault_case(3)
 def test_publish_dir_and_recover_after_a_kill_between_renames(tmp_path: Path) -> None:
     final, staged = tmp_path / "g", tmp_path / "staged"
     final.mkdir()
@@ -143,6 +146,7 @@ def test_publish_dir_and_recover_after_a_kill_between_renames(tmp_path: Path) ->
     assert (final / "x").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["g"]
 
 
+@pytest.mark.fault_case(3)
 def test_replace_store_swaps_at_the_end_or_leaves_the_old(store_url: str, tmp_path: Path) -> None:
     def build_new(url: str, fail_after: int | None = None) -> str:
         st = VolumeStore.create(url, spatial_dims=3, channel_names=["t1"])
@@ -202,6 +206,7 @@ def test_synth_overwrite_rebuilds_beside(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["syn.zarr"]
 
 
+@pytest.mark.fault_case(4)
 def test_prediction_refused_without_overwrite_and_provenance_kept(store_url: str) -> None:
     st = VolumeStore.open(store_url, "r+")
     prob = np.linspace(0, 1, int(np.prod(SHAPE)), dtype=np.float32).reshape(SHAPE)

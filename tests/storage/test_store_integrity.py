@@ -91,6 +91,7 @@ def _expect_line(fn, pattern: str) -> None:
     assert "\n" not in message and message.endswith("the store is damaged; run noisyseg verify")
 
 
+@pytest.mark.fault_case(1)
 def test_deleted_image_chunk_fails_every_read_path(store_url: str) -> None:
     image, _ = _case(0)
     os.remove(Path(store_url, "cases/c0/0/c/0/1/0/1"))
@@ -107,6 +108,7 @@ def test_deleted_image_chunk_fails_every_read_path(store_url: str) -> None:
     np.testing.assert_array_equal(st.image("c1")[...], _case(1)[0])
 
 
+@pytest.mark.fault_case(1)
 def test_deleted_truth_chunk_fails_instead_of_reading_no_lesion(store_url: str) -> None:
     os.remove(Path(store_url, "cases/c1/labels/truth/0/c/0/0/0"))
     st = VolumeStore.open(store_url)
@@ -155,6 +157,7 @@ def test_chunk_rewritten_after_a_verified_read_is_checked_again(store_url: str) 
     _expect_line(lambda: reader[:, 0:8, 0:8, 0:8], "image chunk 0/c/0/0/0/0 is damaged")
 
 
+@pytest.mark.fault_case(1)
 def test_sharded_arrays_are_checked_through_zarr(tmp_path: Path) -> None:
     url = str(tmp_path / "sharded.zarr")
     st = VolumeStore.create(
@@ -176,6 +179,7 @@ def test_sharded_arrays_are_checked_through_zarr(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.fault_case(1)
 def test_patch_stream_fails_on_a_damaged_store(store_url: str) -> None:
     os.remove(Path(store_url, "cases/c0/0/c/0/0/0/0"))
     os.remove(Path(store_url, "cases/c1/0/c/0/0/0/0"))
@@ -185,6 +189,7 @@ def test_patch_stream_fails_on_a_damaged_store(store_url: str) -> None:
             next(iter(ds))
 
 
+@pytest.mark.fault_case(10)
 def test_deleted_manifest_and_truncated_metadata_are_one_line(store_url: str) -> None:
     os.remove(Path(store_url, "cases/c0/0/manifest.json"))
     _expect_line(
@@ -199,6 +204,7 @@ def test_deleted_manifest_and_truncated_metadata_are_one_line(store_url: str) ->
     )
 
 
+@pytest.mark.fault_case(10)
 def test_truncated_index_and_root_metadata_are_one_line(store_url: str) -> None:
     parquet = Path(store_url, "index/cases.parquet")
     parquet.write_bytes(parquet.read_bytes()[:100])
@@ -216,6 +222,7 @@ def test_truncated_index_and_root_metadata_are_one_line(store_url: str) -> None:
         VolumeStore.open(str(Path(store_url).parent / "nothing.zarr"))
 
 
+@pytest.mark.fault_case(1)
 def test_verify_cli_ok_damaged_and_repair(store_url: str, tmp_path: Path, capsys) -> None:
     backup = str(tmp_path / "backup.zarr")
     shutil.copytree(store_url, backup)

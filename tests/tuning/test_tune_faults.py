@@ -85,6 +85,7 @@ def _train_flags(store: str, root: Path, name: str, steps: int = 4) -> list[str]
 
 
 # ---------------------------------------------------------------------------------- fast
+@pytest.mark.fault_case(11)
 def test_unreported_metric_is_one_line_before_any_work(
     ball_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -116,6 +117,7 @@ def test_unreported_metric_is_one_line_before_any_work(
     assert not ray.is_initialized()
 
 
+@pytest.mark.fault_case(14)
 def test_grace_period_adapts_to_short_runs_and_only_explicit_values_fail(ball_store: str) -> None:
     space = parse_space(["entropy_weight=grid(0.3, 0.6)"])
     base = {
@@ -143,6 +145,7 @@ def test_grace_period_adapts_to_short_runs_and_only_explicit_values_fail(ball_st
         grace_period_for(0, 3, 12)
 
 
+@pytest.mark.fault_case(13)
 def test_concurrency_is_bounded_by_what_the_cluster_can_place() -> None:
     one = TrialFootprint(driver_cpus=1, workers=1, cpus_per_worker=1, gpus_per_worker=0)
     # 2 CPUs, a trial holds 1 + 1: one at a time (the old default admitted two and hung)
@@ -234,6 +237,7 @@ def _runs(uri: str, experiment: str):
     return [] if found is None else client.search_runs([found.experiment_id], max_results=100)
 
 
+@pytest.mark.fault_case(13)
 @pytest.mark.integration
 @pytest.mark.timeout(2700)  # a sweep on a loaded 2-core machine
 def test_default_concurrency_finishes_on_a_two_cpu_cluster(
@@ -261,6 +265,7 @@ def test_default_concurrency_finishes_on_a_two_cpu_cluster(
     assert parents[0].data.params["max_concurrent"] == "1"
 
 
+@pytest.mark.fault_case(13)
 @pytest.mark.integration
 @pytest.mark.timeout(2700)  # a sweep on a loaded 2-core machine
 def test_unplaceable_trial_is_refused_before_any_trial_runs(
@@ -285,6 +290,7 @@ def test_unplaceable_trial_is_refused_before_any_trial_runs(
     assert _runs(mlflow_server.uri, f"exp-{name}") == []  # no parent run left behind
 
 
+@pytest.mark.fault_case(13)
 @pytest.mark.integration
 @pytest.mark.timeout(2700)  # a sweep on a loaded 2-core machine
 def test_ctrl_c_ends_with_one_line_parent_killed_and_server_stopped(
@@ -352,6 +358,7 @@ time.sleep(3600)
 """
 
 
+@pytest.mark.fault_case(13)
 @pytest.mark.integration
 @pytest.mark.timeout(2700)  # a sweep on a loaded 2-core machine
 def test_worker_group_that_cannot_be_placed_fails_its_trial_with_a_reported_error(
