@@ -47,7 +47,13 @@ from noisyseg.distributed.ray_utils import ray_connection
 from noisyseg.distributed.resume import check_identity, check_tracking_run, set_aside
 from noisyseg.distributed.run_guard import RunGuard
 from noisyseg.distributed.run_storage import RunLocation, set_aside_remote
-from noisyseg.distributed.tracking import RunHandle, finish_run, open_run, resolve_tracking_uri
+from noisyseg.distributed.tracking import (
+    RunHandle,
+    finish_run,
+    open_run,
+    resolve_tracking_uri,
+    run_status,
+)
 from noisyseg.distributed.train_loop import train_loop_per_worker
 
 DEFAULT_STORAGE_PATH = "~/ray_results"
@@ -318,18 +324,33 @@ def quiet_logs(path: Path, *, verbose: bool) -> Iterator[Callable[[], None]]:
             _quiet_depth -= 1
 
 
-def fit(trainer: TorchTrainer, handle: RunHandle) -> Any:
-    """``trainer.fit()``; Ctrl-C marks the MLflow run KILLED, a failure FAILED (with why)."""
+INTERRUPTED = "interrupted (Ctrl-C)"
+
+
+def fit(trainer: TorchTrainer, handle: RunHandle, steps: int) -> Any:
+    """``trainer.fit()``; Ctrl-C marks the MLflow run KILLED, a failure FAILED (with why).
+
+    In the main thread Ray Train V2 installs its own SIGINT handler for the length of ``fit``: the
+    first Ctrl-C aborts the controller (worker group stopped) and ``fit`` then *returns* a result
+    without an error, before the last step; a third one, or an abort that finds the controller
+    gone, calls ``sys.exit(0)``. Both are turned back into :class:`KeyboardInterrupt` here, so the
+    command ends with its one line and status 130 and the run says it was interrupted.
+    """
     try:
-        return trainer.fit()
-    except KeyboardInterrupt:
-        finish_run(handle.tracking_uri, handle.run_id, "KILLED", reason="interrupted (Ctrl-C)")
-        raise
+        result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit):
+        finish_run(handle.tracking_uri, handle.run_id, "KILLED", reason=INTERRUPTED)
+        raise KeyboardInterrupt from None
     except BaseException as error:
         first = (str(error).strip().splitlines() or [""])[0]
         reason = f"failed: {error.__class__.__name__}: {first}"
         finish_run(handle.tracking_uri, handle.run_id, "FAILED", reason=reason)
         raise
+    reached = int((result.metrics or {}).get("step", 0))
+    if reached < steps and run_status(handle.tracking_uri, handle.run_id) == "RUNNING":
+        finish_run(handle.tracking_uri, handle.run_id, "KILLED", reason=INTERRUPTED)
+        raise KeyboardInterrupt  # aborted by Train's SIGINT handler at step ``reached``
+    return result
 
 
 def run_training(
@@ -378,7 +399,7 @@ def run_training(
             )
             guard = RunGuard.start(tracking_uri, handle.run_id, plan.run_dir)
             try:
-                result = fit(trainer, handle)
+                result = fit(trainer, handle, plan.config.steps)
             finally:
                 guard.release()  # the run is ended here (or by the workers): not the guard's
                 receiver.close()

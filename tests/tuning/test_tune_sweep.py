@@ -42,7 +42,9 @@ def cluster(tmp_path_factory, ray_head, mlflow_server):
 
     root = tmp_path_factory.mktemp("tune")
     store = make_ball_store(root / "s.zarr", train=6, val=1, size=16, seed=1)
-    VolumeStore.open(store, mode="r+").set_clean(["case000", "case001", "case002"])
+    # five of six flagged clean: clean_fraction 0.5 and 0.8 draw 3 and 5 cases (at least 3 are
+    # always drawn, DEFAULT_CLEAN_MIN_CASES), so the grid's points train on different data
+    VolumeStore.open(store, mode="r+").set_clean([f"case{i:03d}" for i in range(5)])
     return {"root": root, "store": store, "head": ray_head, "server": mlflow_server}
 
 
@@ -115,7 +117,7 @@ def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> N
         "--space",
         "entropy_weight=grid(0.05, 0.9)",
         "--space",
-        "clean_fraction=grid(0.2, 0.4)",
+        "clean_fraction=grid(0.5, 0.8)",
         "--metric",
         "train_loss",
         "--metric-mode",
@@ -144,7 +146,7 @@ def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> N
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert len({c.data.tags["noisyseg.trial_id"] for c in children}) == 4
     points = {(c.data.params["entropy_weight"], c.data.params["clean_fraction"]) for c in children}
-    assert points == {("0.05", "0.2"), ("0.05", "0.4"), ("0.9", "0.2"), ("0.9", "0.4")}
+    assert points == {("0.05", "0.5"), ("0.05", "0.8"), ("0.9", "0.5"), ("0.9", "0.8")}
     for child in children:
         assert child.data.tags["noisyseg.sweep"] == "grid"
         assert child.data.params["loss"] == "lopsided" and child.data.params["reweight"] == "meta"
