@@ -31,12 +31,12 @@ from noisyseg.noise.params import check_rate, resolve_boundary_params
 
 
 @dataclass(frozen=True)
-class BoundaryChange:
-    """What boundary noise did to one lesion.
+class BoundaryChange(LesionRecord):
+    """What boundary noise did to one lesion: the original lesion's record plus the change.
 
     Attributes:
         case, label, voxels, volume_mm3, centroid, bbox, equivalent_diameter_mm: the original
-            lesion (:class:`~noisyseg.lesions.LesionRecord`).
+            lesion (inherited from :class:`~noisyseg.lesions.LesionRecord`).
         mode: the boundary mode applied (``dilate_erode`` records the drawn op in ``params``).
         voxels_after: voxel count of the noisy lesion.
         voxels_added: voxels in the noisy lesion but not in the original lesion.
@@ -47,26 +47,12 @@ class BoundaryChange:
             ``fallback`` when the lesion kept its outline).
     """
 
-    case: int
-    label: int
-    voxels: int
-    volume_mm3: float
-    centroid: tuple[float, ...]
-    bbox: tuple[tuple[int, int], ...]
-    equivalent_diameter_mm: float
     mode: str
     voxels_after: int
     voxels_added: int
     voxels_removed: int
     dice: float
     params: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Flat JSON-friendly dict (tuples become lists, ``params`` stays a dict)."""
-        out = asdict(self)
-        out["centroid"] = list(self.centroid)
-        out["bbox"] = [list(b) for b in self.bbox]
-        return out
 
 
 def corrupt_boundaries(
