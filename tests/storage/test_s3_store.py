@@ -19,18 +19,17 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster_utils import free_port, stop_process_group
+from cluster_utils import S3_BUCKET, MotoS3Server
 
 pytestmark = pytest.mark.integration
 
 VENV_BIN = Path(sys.executable).parent
-BUCKET = "noisyseg-test"
+BUCKET = S3_BUCKET
 SHAPE_XYZ = (24, 20, 16)
 TRAIN_IDS = ["mets_001", "mets_002", "mets_003"]
 TEST_IDS = ["mets_101"]
@@ -76,62 +75,15 @@ def _make_source(root: Path, seed: int = 0) -> None:
             _write_nifti(root / labels / f"{cid}.nii.gz", label)
 
 
-class S3Server:
-    def __init__(self, root: Path) -> None:
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.log = open(root / "moto.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"moto_server exited ({self.process.returncode})")
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=2)
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError("moto_server did not answer") from None
-                time.sleep(0.2)
-
-    def env(self) -> dict[str, str]:
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-
-    def stop(self) -> None:
-        stop_process_group(self.process)
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory):
-    server = S3Server(tmp_path_factory.mktemp("moto"))
-    saved = {k: os.environ.get(k) for k in (*server.env(), "AWS_PROFILE", "RAY_ADDRESS")}
-    os.environ.update(server.env())
-    os.environ.pop("AWS_PROFILE", None)
-    os.environ.pop("RAY_ADDRESS", None)
+def s3(s3_server: MotoS3Server) -> Iterator[MotoS3Server]:
+    """conftest's moto server and bucket; the commands run without a Ray cluster address."""
+    saved = os.environ.pop("RAY_ADDRESS", None)
     try:
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield server
+        yield s3_server
     finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
 
 
 def _noisyseg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -148,7 +100,7 @@ def _noisyseg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def stores(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def stores(s3: MotoS3Server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     work = tmp_path_factory.mktemp("s3work")
     _make_source(work / "src")
     urls = {"local": str(work / "local.zarr"), "s3": f"s3://{BUCKET}/ds.zarr"}
