@@ -25,9 +25,11 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from noisyseg.distributed.config import TrainConfig, make_config
 from noisyseg.distributed.mlflow_server import LocalMlflowServer, free_port
 
 VENV_BIN = Path(sys.executable).parent
@@ -40,6 +42,7 @@ __all__ = [
     "RayHead",
     "free_port",
     "make_ball_store",
+    "tiny_train_config",
     "ray_env",
     "ray_job_submit",
     "start_mlflow_server",
@@ -367,3 +370,22 @@ def ray_job_submit(
         if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
             return done
         time.sleep(2)
+
+
+def tiny_train_config(store: str, experiment: str, **fields: Any) -> TrainConfig:
+    """A TrainConfig of the smallest network on a ball store (``noisy`` labels, BCE, 16³
+    patches, channels 4, 8, no validation, a log line per step); ``fields`` override."""
+    base: dict[str, Any] = dict(
+        store=store,
+        labels="noisy",
+        loss="bce",
+        patch_size=16,
+        batch_size=1,
+        channels=[4, 8],
+        num_res_units=0,
+        val_cases=0,
+        log_interval=1,
+        experiment=experiment,
+    )
+    base.update(fields)
+    return make_config(base)

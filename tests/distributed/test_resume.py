@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster_utils import make_ball_store
+from cluster_utils import make_ball_store, tiny_train_config
 from mlflow import MlflowClient
 
 from noisyseg.cli import main
@@ -38,20 +38,7 @@ def store(tmp_path_factory) -> str:
 
 
 def small(store: str, **fields):
-    base = dict(
-        store=store,
-        labels="noisy",
-        loss="bce",
-        patch_size=16,
-        batch_size=1,
-        channels=[4, 8],
-        num_res_units=0,
-        val_cases=0,
-        log_interval=1,
-        experiment="resume-test",
-    )
-    base.update(fields)
-    return make_config(base)
+    return tiny_train_config(store, "resume-test", **fields)
 
 
 def loop_config(config, *, run_dir=None, tracking=None) -> dict:

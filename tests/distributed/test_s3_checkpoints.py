@@ -21,7 +21,7 @@ from pathlib import Path
 import boto3
 import pyarrow.fs as pafs
 import pytest
-from cluster_utils import S3_BUCKET
+from cluster_utils import S3_BUCKET, tiny_train_config
 from mlflow import MlflowClient
 
 from noisyseg.distributed.checkpoints import (
@@ -30,7 +30,7 @@ from noisyseg.distributed.checkpoints import (
     checkpoint_dirs,
     latest_checkpoint_state,
 )
-from noisyseg.distributed.config import check_against_store, make_config
+from noisyseg.distributed.config import check_against_store
 from noisyseg.distributed.run_storage import RunLocation, resolve_filesystem
 from noisyseg.distributed.tracking import open_run
 from noisyseg.distributed.train_loop import LocalContext, run_worker
@@ -40,22 +40,9 @@ from noisyseg.tuning.sweep import sweep_root
 
 
 def _config(store: str, **fields):
-    base = dict(
-        store=store,
-        labels="noisy",
-        loss="bce",
-        patch_size=16,
-        batch_size=1,
-        channels=[4, 8],
-        num_res_units=0,
-        val_cases=0,
-        log_interval=1,
-        experiment="s3-resume-test",
-        steps=6,
-        checkpoint_interval=2,
+    return tiny_train_config(
+        store, "s3-resume-test", **{"steps": 6, "checkpoint_interval": 2, **fields}
     )
-    base.update(fields)
-    return make_config(base)
 
 
 def _loop_config(config, tracking=None, run_location=None) -> dict:
