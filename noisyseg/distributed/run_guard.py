@@ -111,12 +111,12 @@ def guard(
     from noisyseg.distributed.tracking import finish_run, run_status  # the launcher died
 
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
+    while True:  # one last look at the deadline, then the guard closes the run
         if run_status(tracking_uri, run_id) != "RUNNING":
             return "ended by the workers"
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.5)
-    if run_status(tracking_uri, run_id) != "RUNNING":
-        return "ended by the workers"
     finish_run(
         tracking_uri, run_id, "KILLED", reason=lost_launcher_reason(tracking_uri, run_id, run_dir)
     )
