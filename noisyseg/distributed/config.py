@@ -39,6 +39,15 @@ from noisyseg.storage.store import VolumeStore
 
 LossName = Literal["bce", "dicebce", "bootstrap", "lopsided"]
 ReweightName = Literal["none", "meta", "meta-head"]
+#: nnU-Net clips every step's gradient norm at 12 (``nnUNetTrainer.train_step``); mean-loss
+#: gradients here stay far below it (0.006-0.09 on the brain phantoms), so it only stops spikes.
+NNUNET_GRAD_CLIP_NORM = 12.0
+#: Meta reweighting puts the unit weight mass on the few voxels whose gradients agree with the
+#: clean one, so its update is 30-300x the mean loss's (median norm 0.2-2.6, spikes to 16, on
+#: the brain phantoms); unclipped, nnU-Net's SGD (lr 1e-2, momentum 0.99) drives the network to
+#: a constant output within ~150 steps, from which first-order weights cannot recover
+#: (benchmarks/RESULTS.md, issue 12). Clipping at 1 keeps it training.
+META_GRAD_CLIP_NORM = 1.0
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -126,6 +135,13 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.99, ge=0.0, lt=1.0, description="SGD momentum")
     nesterov: bool = Field(True, description="Nesterov momentum (SGD)")
     weight_decay: float = Field(3e-5, ge=0.0, description="weight decay")
+    grad_clip_norm: float | None = Field(
+        None,
+        gt=0.0,
+        description="clip the gradient's global L2 norm before each step; default: "
+        "12 (nnU-Net) for standard steps, 1 for meta reweighting (its weighted gradients are "
+        "30-300x the mean loss's: docs/training.md)",
+    )
     lr_schedule: Literal["poly", "constant", "cosine"] = Field("poly", description="LR schedule")
     poly_exponent: float = Field(0.9, gt=0.0, description="poly schedule exponent")
     steps: int = Field(1000, ge=1, description="total optimiser steps")
@@ -250,6 +266,13 @@ class TrainConfig(BaseModel):
     def unet_strides(self) -> tuple[int, ...]:
         """Strides of the network (2 per level transition unless given)."""
         return self.strides if self.strides is not None else (2,) * (len(self.channels) - 1)
+
+    def effective_grad_clip_norm(self) -> float:
+        """The gradient-norm clip in force: ``grad_clip_norm``, else the default of the step
+        kind (:data:`NNUNET_GRAD_CLIP_NORM` standard, :data:`META_GRAD_CLIP_NORM` meta)."""
+        if self.grad_clip_norm is not None:
+            return self.grad_clip_norm
+        return NNUNET_GRAD_CLIP_NORM if self.reweight == "none" else META_GRAD_CLIP_NORM
 
     def patch_shape(self, spatial_dims: int) -> tuple[int, ...]:
         """Patch size per spatial axis (an int is broadcast to every axis)."""

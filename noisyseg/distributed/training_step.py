@@ -105,7 +105,8 @@ def train_step(
     """One optimiser step on a batch (``images (B, C, *P)``, ``labels (B, 1, *P)``).
 
     Standard losses: mean loss over every voxel of this rank's batch, backward (DDP averages the
-    gradients over ranks, so the update equals one step on the concatenated batch), step.
+    gradients over ranks, so the update equals one step on the concatenated batch), gradient
+    norm clipped at :meth:`TrainConfig.effective_grad_clip_norm`, step.
     ``reweight=meta|meta-head``: :func:`noisyseg.reweight.meta_reweighted_step` with the clean
     batch ``clean = (images, labels)``.
     """
@@ -123,6 +124,7 @@ def train_step(
             inner_lr=config.inner_lr,
             method="head" if config.reweight == "meta-head" else "fast",
             class_balanced_clean=config.class_balanced_clean,
+            clip_grad_norm=config.effective_grad_clip_norm(),
         )
         # Logged every step: the lesion share of both batches and of the weight, so a
         # collapse (lesion voxels switched off) is visible while it happens.
@@ -133,11 +135,15 @@ def train_step(
     with autocast(images.device, config.amp):
         logits = model(images)
     loss = loss_fn(logits.float(), labels)
+    clip = config.effective_grad_clip_norm()
     if scaler is not None:
         scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
     return StepOutput(float(loss.detach()), {})

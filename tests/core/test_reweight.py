@@ -259,6 +259,28 @@ def test_step_applies_the_weighted_gradient(method: str, share) -> None:
     assert result.loss == pytest.approx(float((result.weights * per_pixel).sum()), rel=1e-12)
 
 
+@pytest.mark.parametrize("method", ["fast", "reference"])
+def test_step_clips_the_weighted_gradient_to_the_given_norm(method: str) -> None:
+    """Independent: the unclipped SGD(lr=1) update g, rescaled by hand to norm c = |g| / 4."""
+    model = small_unet()
+    x, y = mixed_batch(1)
+    xc, yc = mixed_batch(2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    unclipped = _expected_sgd_update(model, x, y, xc, yc, None, method)
+    steps = {n: before[n] - unclipped[n] for n in before}  # g per parameter
+    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in steps.values())))
+    clip = norm / 4
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    meta_reweighted_step(model, optimizer, x, y, xc, yc, method=method, clip_grad_norm=clip)
+    for name, parameter in model.named_parameters():
+        # torch's documented rule: g * max_norm / (|g| + 1e-6)
+        expected = before[name] - steps[name] * (clip / (norm + 1e-6))
+        torch.testing.assert_close(parameter.detach(), expected, rtol=1e-9, atol=1e-12)
+    applied = torch.sqrt(sum(((before[n] - p.detach()).double() ** 2).sum()
+                             for n, p in model.named_parameters()))
+    assert float(applied) == pytest.approx(clip, rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ DDP
 @pytest.fixture
 def gloo_group(tmp_path):

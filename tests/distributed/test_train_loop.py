@@ -161,6 +161,33 @@ def test_meta_reweighting_step_updates_the_model(store: str) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_grad_clip_defaults_follow_the_step_kind(store: str) -> None:
+    assert small(store, loss="bce").effective_grad_clip_norm() == 12.0  # nnU-Net's
+    assert small(store, reweight="meta", clean_count=1).effective_grad_clip_norm() == 1.0
+    assert small(store, grad_clip_norm=3.0).effective_grad_clip_norm() == 3.0
+
+
+def test_standard_step_clips_the_gradient_norm(store: str) -> None:
+    """Independent: plain autograd mean BCE gradient g, SGD(lr=1) update g · c / (|g| + 1e-6)."""
+    config = small(store, loss="bce", optimizer="sgd", lr=1.0, momentum=0.0, weight_decay=0.0,
+                   grad_clip_norm=1e-3)  # fmt: skip
+    torch.manual_seed(0)
+    model = build_unet(config.unet_spec(3, 1))
+    twin = build_unet(config.unet_spec(3, 1))
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(2, 1, 16, 16, 16), (torch.rand(2, 1, 16, 16, 16) > 0.8).float()
+    grads = torch.autograd.grad(
+        torch.nn.functional.binary_cross_entropy_with_logits(twin(x), y), list(twin.parameters())
+    )
+    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+    assert norm > 1e-3  # so the clip is in force
+    optimizer = make_optimizer(config, model.parameters())
+    train_step(model, optimizer, make_step_loss(config), x, y, config=config)
+    for parameter, before, g in zip(model.parameters(), twin.parameters(), grads):
+        expected = before.detach() - g * (1e-3 / (norm + 1e-6))
+        torch.testing.assert_close(parameter.detach(), expected, rtol=1e-4, atol=1e-7)
+
+
 def test_output_prior_starts_training_near_the_background_rate(store: str) -> None:
     """The first step's BCE: ~ln 2 from MONAI's init (p ≈ 0.5); from logit(0.1) about
     f·ln 10 + (1-f)·ln(10/9) ≈ 0.37 with this store's ~12 % lesion voxels per patch."""
