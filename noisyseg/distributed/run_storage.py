@@ -156,6 +156,20 @@ class RunLocation:
             with self.filesystem.open_input_stream(path) as stream:
                 return stream.read()
 
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write the file ``<self>/<name>``, whole or not at all: locally a temporary file
+        renamed over it; on an object store one PUT (a reader sees the old or the new object)."""
+        path = f"{self.path}/{name}"
+        with storage_errors(self.url, f"writing {name}"):
+            if self.remote:
+                with self.filesystem.open_output_stream(path) as stream:
+                    stream.write(data)
+                return
+            self.filesystem.create_dir(path.rpartition("/")[0], recursive=True)
+            with self.filesystem.open_output_stream(f"{path}.tmp") as stream:
+                stream.write(data)
+            self.filesystem.move(f"{path}.tmp", path)
+
     def upload(self, local_dir: str, name: str) -> RunLocation:
         """Copy the local directory ``local_dir`` to ``<self>/<name>``; the new location."""
         target = self.child(name)

@@ -188,23 +188,21 @@ def _register_best(args: argparse.Namespace) -> int:
     """Register the best trial of a finished sweep (the parent run's ``best_run_id`` tag) on the
     sweep's tracking server: ``MLFLOW_TRACKING_URI``, else the sweep's own server, restarted on
     its database for the call."""
-    import json
-
     from mlflow import MlflowClient
 
     from noisyseg.distributed.registry import check_registry_names, register_run
-    from noisyseg.tuning.sweep import STATE_FILE, find_sweep_dir, resolve_sweep_tracking
+    from noisyseg.tuning.sweep import find_sweep_dir, read_state, resolve_sweep_tracking
 
     check_registry_names(args.register, args.alias)
     sweep_dir = find_sweep_dir(args.best, getattr(args, "storage_path", None))
-    state = json.loads((sweep_dir / STATE_FILE).read_text())
+    state = read_state(sweep_dir)
     uri, server = resolve_sweep_tracking(sweep_dir, 1)
     try:
         parent = MlflowClient(uri).get_run(state["parent_run_id"])
         run_id = parent.data.tags.get("best_run_id")
         if not run_id:
             raise NoisysegInputError(
-                f"sweep {args.best!r} has no best trial yet (unfinished?)", path=str(sweep_dir)
+                f"sweep {args.best!r} has no best trial yet (unfinished?)", path=sweep_dir.url
             )
         done = register_run(run_id, args.register, alias=args.alias, tracking_uri=uri)
     finally:

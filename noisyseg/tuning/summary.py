@@ -70,8 +70,12 @@ def trial_rows(
     search_fields: Sequence[str],
     steps: int,
     tracking: tuple[str, str, str] | None = None,
+    storage_filesystem: Any = None,
 ) -> list[dict[str, Any]]:
     """One row per trial of the Tune experiment saved at ``experiment_path``.
+
+    ``storage_filesystem``: the pyarrow filesystem ``experiment_path`` is on (object storage:
+    the prefix-stripped path and its filesystem); ``None`` for a local folder.
 
     Rows (sorted by trial id): ``trial_id``, ``run_id`` (its MLflow child run, found through
     ``tracking = (uri, experiment_id, parent_run_id)``; ``None`` without), ``status``,
@@ -80,7 +84,7 @@ def trial_rows(
     """
     from ray.tune import ExperimentAnalysis  # Ray loads only where a sweep is summarised
 
-    analysis = ExperimentAnalysis(experiment_path)
+    analysis = ExperimentAnalysis(experiment_path, storage_filesystem=storage_filesystem)
     frames = analysis.trial_dataframes
     rows = []
     for trial in analysis.trials:
@@ -116,6 +120,9 @@ def _first_error_line(trial: Any) -> str | None:
     path = getattr(trial, "error_file", None)
     if path and Path(path).is_file():
         text = Path(path).read_text(errors="replace")
+    else:  # not staged on this machine (object storage): read it from the trial's storage
+        error = trial.get_error()
+        text = str(error) if error is not None else ""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:300] if lines else "the trial failed (no error file)"
 

@@ -1,7 +1,8 @@
 """Ray Tune sweeps: a ``Tuner`` whose trials each launch a ``TorchTrainer`` (Train V2 + Tune).
 
 Layout of a sweep named ``S`` under the storage root ``R`` (``--storage-path``, default
-``~/ray_results``)::
+``~/ray_results``; a local or shared path, or any filesystem :mod:`~noisyseg.distributed.run_storage`
+resolves: ``s3://``, ``gs://``, ...)::
 
     R/S/                       the Tune experiment (experiment_state-*.json, one dir per trial)
     R/S/noisyseg_sweep.json    parent MLflow run id, tracking URI, settings, status
@@ -9,6 +10,17 @@ Layout of a sweep named ``S`` under the storage root ``R`` (``--storage-path``, 
     R/S/mlflow/                the sweep's own MLflow server (only without MLFLOW_TRACKING_URI)
     R/S/summary/               trials.csv, trials.md, metric_vs_search.png
     R/S/best.yaml              the best trial's full config, ready for ``noisyseg train --config``
+
+Object storage (``R`` a URL): Tune gets ``RunConfig(storage_path=<path>,
+storage_filesystem=<pyarrow filesystem>)`` and resumes with ``Tuner.can_restore`` /
+``Tuner.restore(..., storage_filesystem=...)``; Tune's experiment state is uploaded every
+:data:`REMOTE_SYNC_PERIOD_S` seconds (Ray's default is 300). The state file and ``best.yaml`` are
+written with one PUT each, the summary is written in a local temporary folder and uploaded. A
+sweep there needs ``MLFLOW_TRACKING_URI`` (it starts no MLflow server of its own: a server whose
+database sits on the launching machine would be lost to a re-launch from another pod), refused in
+one line before any work. Trial actors get the launcher's ``AWS_*`` storage variables
+(:func:`storage_env`, through Ray's object store, not the dashboard-visible runtime env), so the
+sweep's storage works on nodes that lack them.
 
 :func:`run_sweep` runs the steps in order: check everything (:func:`noisyseg.tuning.plan.prepare`:
 no Ray, MLflow or file work before that); connect to Ray and bound the trials running at once by
@@ -42,6 +54,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +77,7 @@ from noisyseg.distributed.ray_utils import (
     ensure_ray,
     largest_node_cpus,
 )
+from noisyseg.distributed.run_storage import RunLocation, storage_errors
 from noisyseg.distributed.trainer import run_training
 from noisyseg.errors import NoisysegInputError
 from noisyseg.tuning import summary
@@ -81,6 +95,19 @@ DEFAULT_ROOT = "~/ray_results"
 #: Worker-group placement failures (Ray Train's start-up timeout) a trial retries before failing.
 PLACEMENT_RETRIES = 1
 INTERRUPTED = "interrupted (Ctrl-C); re-run the same command to resume the sweep"
+#: Seconds between uploads of Tune's experiment state to object storage (Ray's default, 300 s,
+#: would lose up to five minutes of trial progress to a killed driver).
+REMOTE_SYNC_PERIOD_S = 10
+#: The environment variables :func:`noisyseg.distributed.run_storage.s3_filesystem` reads.
+STORAGE_ENV = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
 
 
 @dataclass
@@ -98,50 +125,70 @@ class SweepOutcome:
 
 
 # ---------------------------------------------------------------------------------- paths
-def sweep_root(storage_path: str | None) -> Path:
-    """The local directory sweeps live in (``--storage-path``, default ``~/ray_results``).
-
-    Object storage is refused (one line, before any work): the sweep's state file, summary,
-    ``best.yaml`` and its own MLflow server are files in this folder, read and written with
-    ``pathlib``. Single training runs do resume on any filesystem (``noisyseg train``).
-    """
+def sweep_root(storage_path: str | None) -> RunLocation:
+    """Where sweeps live (``--storage-path``, default ``~/ray_results``): a local or shared
+    folder, or a URL on any filesystem :class:`RunLocation` resolves (``s3://`` from the AWS_*
+    environment). Nothing is read or written here."""
     path = storage_path or DEFAULT_ROOT
-    if "://" in path:
+    with storage_errors(path, "resolving --storage-path"):
+        return RunLocation.resolve(path)
+
+
+def check_sweep_tracking(location: RunLocation) -> None:
+    """Refuse (one line) a sweep on object storage without ``MLFLOW_TRACKING_URI``: its own
+    MLflow server would keep the runs on the launching machine, out of reach of a re-launch."""
+    if location.remote and not os.environ.get("MLFLOW_TRACKING_URI", "").strip():
         raise NoisysegInputError(
-            "sweeps on object storage are not supported yet: `noisyseg tune` keeps its state, "
-            "summary and MLflow server in a folder, so give a local or shared-filesystem "
-            "--storage-path (NFS, a mounted bucket); `noisyseg train --storage-path` does take "
-            "s3:// and resumes there",
-            path=path,
+            "a sweep on object storage needs MLFLOW_TRACKING_URI (an MLflow server every node "
+            "and every re-launch reaches); the sweep starts its own server only beside a local "
+            "--storage-path",
+            path=location.url,
         )
-    return Path(path).expanduser().resolve()
 
 
-def find_sweep_dir(sweep: str, storage_path: str | None = None) -> Path:
-    """``sweep`` as a directory holding ``noisyseg_sweep.json``, else ``<root>/<sweep>``."""
-    as_path = Path(sweep).expanduser()
-    if (as_path / STATE_FILE).is_file():
-        return as_path.resolve()
-    candidate = sweep_root(storage_path) / sweep
-    if not (candidate / STATE_FILE).is_file():
+def _ray_storage(location: RunLocation) -> dict[str, Any]:
+    """``storage_path`` (and ``storage_filesystem`` when remote) as Ray takes them."""
+    if location.remote:
+        return {"storage_path": location.path, "storage_filesystem": location.filesystem}
+    return {"storage_path": location.path}
+
+
+def storage_env(location: RunLocation) -> dict[str, str]:
+    """The launcher's AWS_* variables for a sweep on object storage (trial actors resolve the
+    trials' ``s3://`` storage with them); empty for a local sweep."""
+    if not location.remote:
+        return {}
+    return {name: os.environ[name] for name in STORAGE_ENV if os.environ.get(name, "").strip()}
+
+
+def find_sweep_dir(sweep: str, storage_path: str | None = None) -> RunLocation:
+    """``sweep`` as a folder or URL holding ``noisyseg_sweep.json``, else ``<root>/<sweep>``."""
+    if "://" in sweep:
+        candidate = sweep_root(sweep)
+    else:
+        as_path = Path(sweep).expanduser()
+        if (as_path / STATE_FILE).is_file():
+            return RunLocation.resolve(str(as_path))
+        candidate = sweep_root(storage_path).child(sweep)
+    if candidate.read_bytes(STATE_FILE) is None:
         raise NoisysegInputError(
             f"no sweep named {sweep!r} (no {STATE_FILE}); give --storage-path where it ran or the "
             "sweep directory",
-            path=str(candidate),
+            path=candidate.url,
         )
     return candidate
 
 
-def _read_state(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def read_state(location: RunLocation) -> dict[str, Any]:
+    """The sweep's state file (empty when there is none yet)."""
+    data = location.read_bytes(STATE_FILE)
+    return json.loads(data) if data is not None else {}
 
 
-def _write_state(path: Path, **update: Any) -> None:
-    state = _read_state(path)
+def _write_state(location: RunLocation, **update: Any) -> None:
+    state = read_state(location)
     state.update(update, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    tmp.replace(path)
+    location.write_bytes(STATE_FILE, json.dumps(state, indent=2, default=str).encode())
 
 
 # ---------------------------------------------------------------------------------- the trial
@@ -154,8 +201,13 @@ def trial_function(
     tracking_uri: str,
     experiment_id: str,
     parent_run_id: str,
+    env: dict[str, str] | None = None,
 ) -> None:
-    """One Tune trial: train the base config at ``point`` with a TorchTrainer, report to Tune."""
+    """One Tune trial: train the base config at ``point`` with a TorchTrainer, report to Tune.
+
+    ``env``: variables set in the trial actor first (:func:`storage_env`).
+    """
+    os.environ.update(env or {})
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"{sweep}-{trial_id}"
     config = make_config({**base, **point, "run_name": run_name, "storage_path": train_root})
@@ -182,14 +234,18 @@ def trial_function(
 
 # ---------------------------------------------------------------------------------- steps
 def resolve_sweep_tracking(
-    sweep_dir: str | Path, max_concurrent: int | None
+    sweep_dir: str | Path | RunLocation, max_concurrent: int | None
 ) -> tuple[str, LocalMlflowServer | None]:
     """The tracking URI for a sweep, and the server started for it (``None``: not ours).
 
     ``MLFLOW_TRACKING_URI`` when set; a file store (``sqlite:``, ``file:``) only when one trial
     runs at a time (concurrent trials must log over HTTP to one server). Without it, a local
-    ``mlflow server`` under ``<sweep dir>/mlflow`` (stopped by the caller).
+    ``mlflow server`` under ``<sweep dir>/mlflow`` (stopped by the caller); a sweep on object
+    storage is refused instead (:func:`check_sweep_tracking`).
     """
+    if isinstance(sweep_dir, RunLocation):
+        check_sweep_tracking(sweep_dir)
+        sweep_dir = sweep_dir.path
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if uri:
         if tracking.is_local_file_store(uri) and max_concurrent != 1:
@@ -240,31 +296,41 @@ def _parent_params(settings: SweepSettings, plan: SweepPlan, concurrent: int) ->
 def _make_tuner(
     settings: SweepSettings,
     plan: SweepPlan,
-    sweep_dir: Path,
+    sweep_dir: RunLocation,
     concurrent: int,
     parent: tracking.RunHandle,
     print_fn: Callable[[str], None],
 ) -> tune.Tuner:
-    """A new Tuner for the sweep, or the saved one restored (unfinished and errored trials go on)."""
+    """A new Tuner for the sweep, or the saved one restored (unfinished and errored trials go on).
+
+    The same calls for a local folder and for object storage: the experiment is found, written
+    and restored through ``sweep_dir``'s pyarrow filesystem (``storage_filesystem``).
+    """
     trainable = tune.with_resources(
         tune.with_parameters(
             trial_function,
             base=plan.base,
             sweep=settings.name,
-            train_root=str(sweep_dir / "train"),
+            train_root=sweep_dir.child("train").url,
             tracking_uri=parent.tracking_uri,
             experiment_id=parent.experiment_id,
             parent_run_id=parent.run_id,
+            env=storage_env(sweep_dir),
         ),
         {"CPU": settings.trial_cpus},
     )
-    if tune.Tuner.can_restore(str(sweep_dir)):
+    filesystem = _ray_storage(sweep_dir).get("storage_filesystem")
+    if tune.Tuner.can_restore(sweep_dir.path, storage_filesystem=filesystem):
         print_fn(
             f"[noisyseg tune] resuming sweep {settings.name!r} (unfinished and errored trials "
             "continue)"
         )
         return tune.Tuner.restore(
-            str(sweep_dir), trainable=trainable, resume_unfinished=True, restart_errored=True
+            sweep_dir.path,
+            trainable=trainable,
+            resume_unfinished=True,
+            restart_errored=True,
+            storage_filesystem=filesystem,
         )
     if settings.scheduler == "asha":
         scheduler: Any = ASHAScheduler(
@@ -287,10 +353,19 @@ def _make_tuner(
         ),
         run_config=tune.RunConfig(
             name=settings.name,
-            storage_path=str(sweep_dir.parent),
             failure_config=tune.FailureConfig(max_failures=0),
+            sync_config=(
+                tune.SyncConfig(sync_period=REMOTE_SYNC_PERIOD_S) if sweep_dir.remote else None
+            ),
+            **_ray_storage(_parent_of(sweep_dir)),
         ),
     )
+
+
+def _parent_of(location: RunLocation) -> RunLocation:
+    """The folder holding ``location`` (Tune takes the storage root and the experiment name)."""
+    path, url = location.path.rpartition("/")[0], location.url.rpartition("/")[0]
+    return RunLocation(url, location.filesystem, path)
 
 
 def _remove_orphan_children(parent: tracking.RunHandle, rows: list[dict[str, Any]]) -> None:
@@ -306,21 +381,22 @@ def _remove_orphan_children(parent: tracking.RunHandle, rows: list[dict[str, Any
 def _summarise(
     settings: SweepSettings,
     plan: SweepPlan,
-    sweep_dir: Path,
+    sweep_dir: RunLocation,
     parent: tracking.RunHandle,
     print_fn: Callable[[str], None],
 ) -> SweepOutcome:
     """Rows, best trial, summary files and MLflow tags of the sweep that just ran."""
     rows = summary.trial_rows(
-        str(sweep_dir),
+        sweep_dir.path,
         metric=settings.metric,
         mode=settings.mode,
         search_fields=settings.space.names,
         steps=plan.sample.steps,
         tracking=(parent.tracking_uri, parent.experiment_id, parent.run_id),
+        storage_filesystem=_ray_storage(sweep_dir).get("storage_filesystem"),
     )
     outcome = SweepOutcome(
-        str(sweep_dir), parent.tracking_uri, parent.experiment_id, parent.run_id, rows
+        sweep_dir.url, parent.tracking_uri, parent.experiment_id, parent.run_id, rows
     )
     expected = settings.space.grid_size() * settings.num_samples
     if any(r["status"] == "unfinished" for r in rows) or len(rows) < expected:
@@ -334,7 +410,7 @@ def _summarise(
             sweep_status="KILLED",
             reason=INTERRUPTED,
         )
-        _write_state(sweep_dir / STATE_FILE, status="interrupted")
+        _write_state(sweep_dir, status="interrupted")
         print_fn(
             f"[noisyseg tune] sweep {settings.name!r} interrupted with {done} of {expected} "
             "trials done; re-run the same command to resume it"
@@ -343,38 +419,61 @@ def _summarise(
         return outcome
     _remove_orphan_children(parent, rows)
     outcome.best = summary.pick_best(rows, settings.mode)
-    files = summary.write_summary(
-        rows,
-        sweep_dir / "summary",
-        metric=settings.metric,
-        mode=settings.mode,
-        search_fields=settings.space.names,
-    )
     if outcome.best is not None:
         outcome.best["best"] = True
         outcome.best_yaml = summary.best_config_yaml(
             plan.base, outcome.best, sweep=settings.name, metric=settings.metric
         )
-        (sweep_dir / BEST_FILE).write_text(outcome.best_yaml)
-        files.append(sweep_dir / BEST_FILE)
     failed = any(r["status"] == "error" for r in rows)
-    summary.finish_sweep_runs(
-        parent.tracking_uri,
-        parent.run_id,
-        rows,
-        files,
-        metric=settings.metric,
-        sweep_status="FAILED" if failed else "FINISHED",
-        reason="a trial failed" if failed else None,
-    )
+    with tempfile.TemporaryDirectory(prefix="noisyseg-sweep-") as staging:
+        files = _write_sweep_files(settings, rows, outcome.best_yaml, sweep_dir, Path(staging))
+        summary.finish_sweep_runs(
+            parent.tracking_uri,
+            parent.run_id,
+            rows,
+            files,
+            metric=settings.metric,
+            sweep_status="FAILED" if failed else "FINISHED",
+            reason="a trial failed" if failed else None,
+        )
     _write_state(
-        sweep_dir / STATE_FILE,
+        sweep_dir,
         status="failed" if failed else "finished",
         best_trial_id=outcome.best["trial_id"] if outcome.best else None,
     )
     for row in rows:
         print_fn(_row_line(row, settings.metric))
     return outcome
+
+
+def _write_sweep_files(
+    settings: SweepSettings,
+    rows: list[dict[str, Any]],
+    best_yaml: str | None,
+    sweep_dir: RunLocation,
+    staging: Path,
+) -> list[Path]:
+    """``summary/`` and ``best.yaml`` in the sweep folder; the local copies (for MLflow).
+
+    A local sweep writes them in place; one on object storage writes them in ``staging`` (a
+    local temporary folder) and uploads them.
+    """
+    local = Path(sweep_dir.path) if not sweep_dir.remote else staging
+    files = summary.write_summary(
+        rows,
+        local / "summary",
+        metric=settings.metric,
+        mode=settings.mode,
+        search_fields=settings.space.names,
+    )
+    if sweep_dir.remote:
+        sweep_dir.upload(str(local / "summary"), "summary")
+    if best_yaml is not None:
+        sweep_dir.write_bytes(BEST_FILE, best_yaml.encode())
+        if sweep_dir.remote:
+            (local / BEST_FILE).write_text(best_yaml)
+        files.append(local / BEST_FILE)
+    return files
 
 
 def _row_line(row: dict[str, Any], metric: str) -> str:
@@ -397,13 +496,17 @@ def run_sweep(settings: SweepSettings, *, print_fn: Callable[[str], None] = prin
     MLflow server and a Ray instance this call started are always stopped.
     """
     plan = prepare(settings)
-    sweep_dir = sweep_root(plan.sample.storage_path) / settings.name
+    sweep_dir = sweep_root(plan.sample.storage_path).child(settings.name)
+    check_sweep_tracking(sweep_dir)
+    if sweep_dir.remote:
+        sweep_dir.check_reachable()
     footprint = TrialFootprint.of(plan.sample, settings.trial_cpus)
     owned_ray = ensure_ray(footprint.cpus * (settings.max_concurrent or 1))
     server = None
     try:
         concurrent = _concurrency(settings, plan, print_fn)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if not sweep_dir.remote:
+            Path(sweep_dir.path).mkdir(parents=True, exist_ok=True)
         uri, server = resolve_sweep_tracking(sweep_dir, concurrent)
         return _run_tracked(settings, plan, sweep_dir, uri, concurrent, print_fn)
     finally:
@@ -416,22 +519,21 @@ def run_sweep(settings: SweepSettings, *, print_fn: Callable[[str], None] = prin
 def _run_tracked(
     settings: SweepSettings,
     plan: SweepPlan,
-    sweep_dir: Path,
+    sweep_dir: RunLocation,
     uri: str,
     concurrent: int,
     print_fn: Callable[[str], None],
 ) -> SweepOutcome:
     """Open (or re-open) the parent run, run the Tuner, summarise; end the parent on failure."""
-    state_file = sweep_dir / STATE_FILE
     parent = tracking.open_parent_run(
         uri,
         plan.sample.experiment,
         settings.name,
         _parent_params(settings, plan, concurrent),
-        run_id=_read_state(state_file).get("parent_run_id"),
+        run_id=read_state(sweep_dir).get("parent_run_id"),
     )
     _write_state(
-        state_file,
+        sweep_dir,
         name=settings.name,
         parent_run_id=parent.run_id,
         experiment_id=parent.experiment_id,
@@ -442,7 +544,7 @@ def _run_tracked(
         base=plan.base,
         status="running",
     )
-    print_fn(f"[noisyseg tune] sweep {settings.name!r} in {sweep_dir}")
+    print_fn(f"[noisyseg tune] sweep {settings.name!r} in {sweep_dir.url}")
     print_fn(
         f"[noisyseg tune] MLflow tracking URI: {uri}; parent run {parent.run_id}"
         + (" (resumed)" if parent.resumed else "")
@@ -452,25 +554,25 @@ def _run_tracked(
         return _summarise(settings, plan, sweep_dir, parent, print_fn)
     except KeyboardInterrupt:
         tracking.finish_run(uri, parent.run_id, "KILLED", reason=INTERRUPTED)
-        _write_state(state_file, status="interrupted")
+        _write_state(sweep_dir, status="interrupted")
         raise
     except BaseException as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         tracking.finish_run(uri, parent.run_id, "FAILED", reason=reason)
-        _write_state(state_file, status="failed")
+        _write_state(sweep_dir, status="failed")
         raise
 
 
 def best_yaml_of(sweep: str, storage_path: str | None = None) -> str:
     """The finished sweep's best config YAML (checked with ``make_config``)."""
     sweep_dir = find_sweep_dir(sweep, storage_path)
-    path = sweep_dir / BEST_FILE
-    if not path.is_file():
+    data = sweep_dir.read_bytes(BEST_FILE)
+    if data is None:
         raise NoisysegInputError(
             f"sweep {sweep!r} has no best trial yet (unfinished?): re-run the same `noisyseg tune "
             "--name ...` command to resume it",
-            path=str(sweep_dir),
+            path=sweep_dir.url,
         )
-    text = path.read_text()
-    make_config(yaml.safe_load(text), source=str(path))
+    text = data.decode()
+    make_config(yaml.safe_load(text), source=f"{sweep_dir.url}/{BEST_FILE}")
     return text

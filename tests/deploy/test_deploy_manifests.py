@@ -503,6 +503,111 @@ def test_tune_entrypoint_is_a_valid_noisyseg_tune_command() -> None:
     assert "entropy_weight=" in spaces and "clean_fraction=" in spaces
 
 
+# ------------------------------------------------------------------------- s3:// commands
+#: What ``local-cluster.sh up --object-store`` puts in cluster.env for the README's examples.
+_README_VARS = {
+    "$NOISYSEG_BUCKET": "s3://"
+    + re.search(r"^BUCKET=(\S+)$", (DEPLOY / "local-cluster.sh").read_text(), re.M).group(1)
+}
+_COMMAND = re.compile(r"\bnoisyseg\s+(?:train|tune)\b")
+
+
+def _readme_commands() -> Iterator[tuple[str, str]]:
+    """``(where, command line)`` of every ``noisyseg train|tune`` in deploy/README.md, with
+    backslash continuations joined and cluster.env variables expanded."""
+    logical, start = "", 0
+    for number, line in enumerate((DEPLOY / "README.md").read_text().splitlines(), 1):
+        start = start or number
+        if line.rstrip().endswith("\\"):
+            logical += line.rstrip()[:-1] + " "
+            continue
+        logical += line
+        match = _COMMAND.search(logical)
+        if match:
+            text = logical[match.start() :]
+            for name, value in _README_VARS.items():
+                text = text.replace(name, value)
+            yield f"README.md:{start}", text
+        logical, start = "", 0
+
+
+def _s3_commands() -> list[tuple[str, list[str]]]:
+    """Every shipped ``noisyseg train|tune`` command that passes an ``s3://`` path: the RayJob
+    entrypoints and deploy/README.md, as argv words (``noisyseg`` first)."""
+    found = [
+        (f"{d['metadata']['name']}.entrypoint", d["spec"]["entrypoint"]) for d in _by_kind("RayJob")
+    ]
+    found += list(_readme_commands())
+    commands = []
+    for where, text in found:
+        words = shlex.split(text, comments=True)
+        if words[0] == "noisyseg" and any(w.startswith("s3://") for w in words):
+            commands.append((where, words))
+    return commands
+
+
+S3_COMMANDS = _s3_commands()
+
+
+def test_the_shipped_s3_commands_are_found() -> None:
+    verbs = [words[1] for _, words in S3_COMMANDS]
+    wheres = {where for where, _ in S3_COMMANDS}
+    assert {"noisyseg-train.entrypoint", "noisyseg-tune.entrypoint"} <= wheres
+    assert verbs.count("tune") >= 3 and verbs.count("train") >= 3, S3_COMMANDS
+    storage = [
+        w for _, words in S3_COMMANDS for w in words[words.index("--storage-path") + 1 :][:1]
+    ]
+    assert len(storage) == len(S3_COMMANDS) and all(s.startswith("s3://") for s in storage)
+
+
+def test_tune_commands_run_where_mlflow_tracking_is_configured() -> None:
+    """A sweep on s3:// needs MLFLOW_TRACKING_URI: the RayJob's entrypoint runs on the head pod,
+    whose env has it from the Secret; local-cluster.sh puts it in cluster.env."""
+    head = _by_kind("RayCluster")[0]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "MLFLOW_TRACKING_URI" in {e["name"] for e in head["env"]}
+    assert 'echo "export MLFLOW_TRACKING_URI=' in (DEPLOY / "local-cluster.sh").read_text()
+
+
+def _check_train(args: object) -> str:
+    """``noisyseg train``'s own checks that need no store or cluster; the storage URL."""
+    from noisyseg.distributed.config import config_from_args
+    from noisyseg.distributed.run_storage import RunLocation
+    from noisyseg.distributed.trainer import storage_path
+
+    config = config_from_args(args)
+    location = RunLocation.resolve(storage_path(config)).child(config.run_name or "run")
+    return location.url
+
+
+def _check_tune(args: object) -> str:
+    """``noisyseg tune``'s own checks that need no store or cluster (settings, space, where the
+    sweep lives and what that needs); the sweep's URL."""
+    from noisyseg.tuning import sweep
+    from noisyseg.tuning.commands import settings_from_args
+    from noisyseg.tuning.plan import _check_options
+
+    settings = settings_from_args(args)
+    _check_options(settings)
+    settings.space.validate(settings.base, source=settings.source, check_store=False)
+    location = sweep.sweep_root(settings.base.get("storage_path")).child(settings.name)
+    sweep.check_sweep_tracking(location)
+    return location.url
+
+
+@pytest.mark.parametrize("where,words", S3_COMMANDS, ids=[w for w, _ in S3_COMMANDS])
+def test_every_shipped_s3_command_passes_its_commands_validation(
+    where: str, words: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from noisyseg.cli import build_parser
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.noisyseg.svc:5000")  # the Secret's
+    args = build_parser().parse_args(words[1:])
+    url = _check_train(args) if args.command == "train" else _check_tune(args)
+    assert url.startswith(args.storage_path.rstrip("/") + "/"), (where, url)
+
+
 # ------------------------------------------------------------------------- Dockerfiles
 DOCKERFILES = [DEPLOY / "docker" / "Dockerfile", DEPLOY / "docker" / "mlflow.Dockerfile"]
 
