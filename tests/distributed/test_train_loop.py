@@ -163,7 +163,7 @@ def test_meta_reweighting_step_updates_the_model(store: str) -> None:
 
 def test_grad_clip_defaults_follow_the_step_kind(store: str) -> None:
     assert small(store, loss="bce").effective_grad_clip_norm() == 12.0  # nnU-Net's
-    assert small(store, reweight="meta", clean_count=1).effective_grad_clip_norm() == 1.0
+    assert small(store, reweight="meta", clean_count=1).effective_grad_clip_norm() == 0.1
     assert small(store, grad_clip_norm=3.0).effective_grad_clip_norm() == 3.0
 
 
