@@ -58,19 +58,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from noisyseg.errors import NoisysegInputError
+from noisyseg.storage.chunk_source import ChunkCache
 from noisyseg.storage.clean_subset import (
     DEFAULT_CLEAN_MIN_CASES,
     open_store,
     select_clean_cases,
 )
+from noisyseg.storage.filesystems import is_remote
 from noisyseg.storage.normalise import case_stats
+from noisyseg.storage.readahead import read_ahead
 from noisyseg.storage.reader import RegionReader
 from noisyseg.storage.store import VolumeStore
 
@@ -82,6 +85,20 @@ DEFAULT_CLEAN_FOREGROUND_FRACTION = 2 / 3
 FOREGROUND_SAMPLING: tuple[str, ...] = ("lesion", "voxel")
 #: The clean stream's rule: lesion voxels uniformly, so large lesions fill the clean batches.
 DEFAULT_CLEAN_FOREGROUND_SAMPLING = "voxel"
+#: Patches read ahead by background threads on an object store (``read_ahead=None``); local
+#: stores read on demand (their reads take milliseconds and already use decoding threads).
+DEFAULT_REMOTE_READ_AHEAD = 4
+#: Chunk cache per stream process on an object store (``chunk_cache_mb=None``), MB of stored
+#: (compressed) chunk objects; 0 on local stores (the OS page cache does it there).
+DEFAULT_REMOTE_CHUNK_CACHE_MB = 512.0
+
+
+class PatchRequest(NamedTuple):
+    """One drawn patch, before it is read: the case, the origin and the axes to flip."""
+
+    case_id: str
+    origin: np.ndarray
+    flips: tuple[int, ...]
 
 
 def shard_cases(
@@ -118,13 +135,21 @@ class _ShardReader:
         self.ds = ds
         self.store = VolumeStore.open(ds.store_url, mode="r")
         self.cases = cases
+        mb = ds.resolved_chunk_cache_mb()
+        #: Stored chunk objects kept for this stream (remote stores; None: nothing kept).
+        self.cache = ChunkCache(int(mb * (1 << 20))) if mb > 0 else None
         if arrays is None:
             # RegionReader: direct chunk decoding for patch boxes (see its docstring); in a
-            # DataLoader worker process the processes are the parallelism: decode in-thread.
-            threads = 1 if get_worker_info() is not None else None
-            self.images = {cid: RegionReader(self.store.image(cid), threads) for cid in cases}
+            # DataLoader worker process or with read-ahead threads those are the parallelism:
+            # decode in-thread.
+            parallel = get_worker_info() is not None or ds.resolved_read_ahead() > 0
+            threads = 1 if parallel else None
+            self.images = {
+                cid: RegionReader(self.store.image(cid), threads, self.cache) for cid in cases
+            }
             self.labels = {
-                cid: RegionReader(self.store.labels(cid, ds.label_set), threads) for cid in cases
+                cid: RegionReader(self.store.labels(cid, ds.label_set), threads, self.cache)
+                for cid in cases
             }
         else:
             self.images = {cid: arrays[cid][0] for cid in cases}
@@ -242,6 +267,17 @@ class PatchDataset(IterableDataset):
         augment: random flips along every spatial axis (image and label together).
         stream: extra seed component, so two datasets with the same seed (e.g. the noisy and the
             clean stream) draw independently.
+        read_ahead: patches read ahead by background threads while the current one is consumed
+            (:func:`~noisyseg.storage.readahead.read_ahead`); 0 reads each patch on demand.
+            None: :data:`DEFAULT_REMOTE_READ_AHEAD` on an object store, 0 on a local one.
+        chunk_cache_mb: stored chunk objects of an object store kept per stream process, in MB
+            (:class:`~noisyseg.storage.chunk_source.ChunkCache`); 0 keeps none. None:
+            :data:`DEFAULT_REMOTE_CHUNK_CACHE_MB` on an object store, 0 on a local one.
+
+    Read-ahead and the cache change where and when chunks are read, never what is yielded: the
+    stream is bitwise the same with them on or off (the patches are drawn in order in the
+    consumer's thread; only the reads run ahead), and every chunk is checked against its
+    manifest when it is fetched.
 
     Yields:
         ``dict(image=float32 tensor (C, *P), label=float32 tensor (1, *P) in {0, 1},
@@ -264,6 +300,8 @@ class PatchDataset(IterableDataset):
         world_size: int = 1,
         augment: bool = False,
         stream: int = 0,
+        read_ahead: int | None = None,
+        chunk_cache_mb: float | None = None,
     ) -> None:
         super().__init__()
         if not case_ids:
@@ -292,7 +330,21 @@ class PatchDataset(IterableDataset):
         self.world_size = int(world_size)
         self.augment = bool(augment)
         self.stream = int(stream)
+        self.read_ahead = None if read_ahead is None else max(0, int(read_ahead))
+        self.chunk_cache_mb = None if chunk_cache_mb is None else max(0.0, float(chunk_cache_mb))
         self.epoch = 0
+
+    def resolved_read_ahead(self) -> int:
+        """Patches read ahead (``read_ahead``, or its default for this store's location)."""
+        if self.read_ahead is not None:
+            return self.read_ahead
+        return DEFAULT_REMOTE_READ_AHEAD if is_remote(self.store_url) else 0
+
+    def resolved_chunk_cache_mb(self) -> float:
+        """Chunk cache budget in MB (``chunk_cache_mb``, or its default for this store)."""
+        if self.chunk_cache_mb is not None:
+            return self.chunk_cache_mb
+        return DEFAULT_REMOTE_CHUNK_CACHE_MB if is_remote(self.store_url) else 0.0
 
     def set_epoch(self, epoch: int) -> None:
         """Start a fresh stream on the next ``iter()`` (like ``DistributedSampler.set_epoch``).
@@ -327,6 +379,11 @@ class PatchDataset(IterableDataset):
         return self._generate(reader, rng)
 
     def _generate(self, reader: _ShardReader, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+        requests = self._requests(reader, rng)
+        return read_ahead(requests, lambda r: self._patch(reader, r), self.resolved_read_ahead())
+
+    def _requests(self, reader: _ShardReader, rng: np.random.Generator) -> Iterator[PatchRequest]:
+        """The drawn patches, in stream order (every random draw of the stream happens here)."""
         size = np.asarray(self.patch_size)
         half = size // 2
         nd = len(size)
@@ -343,18 +400,23 @@ class PatchDataset(IterableDataset):
                 low = np.minimum(0, shape - size)
                 high = np.maximum(0, shape - size)
                 origin = rng.integers(low, high + 1)
-            image, label = reader.read(cid, origin)
+            flips: tuple[int, ...] = ()
             if self.augment:
                 flips = tuple(1 + d for d in range(nd) if rng.random() < 0.5)
-                if flips:
-                    image = np.ascontiguousarray(np.flip(image, axis=flips))
-                    label = np.ascontiguousarray(np.flip(label, axis=flips))
-            yield {
-                "image": torch.from_numpy(image),
-                "label": torch.from_numpy(label),
-                "case_id": cid,
-                "origin": tuple(int(o) for o in origin),
-            }
+            yield PatchRequest(cid, origin, flips)
+
+    def _patch(self, reader: _ShardReader, request: PatchRequest) -> dict[str, Any]:
+        """Read (and flip) one drawn patch: the stream's item."""
+        image, label = reader.read(request.case_id, request.origin)
+        if request.flips:
+            image = np.ascontiguousarray(np.flip(image, axis=request.flips))
+            label = np.ascontiguousarray(np.flip(label, axis=request.flips))
+        return {
+            "image": torch.from_numpy(image),
+            "label": torch.from_numpy(label),
+            "case_id": request.case_id,
+            "origin": tuple(int(o) for o in request.origin),
+        }
 
 
 @dataclass
@@ -389,6 +451,8 @@ def make_train_loaders(
     stream_seed: int | None = None,
     augment: bool = False,
     multiprocessing_context: str | None = None,
+    read_ahead: int | None = None,
+    chunk_cache_mb: float | None = None,
 ) -> TrainLoaders:
     """DataLoaders over the training split: ``label_set`` patches, plus a ``truth`` clean stream.
 
@@ -406,7 +470,9 @@ def make_train_loaders(
     baseline). ``seed`` draws the clean subset; ``stream_seed`` (default ``seed``) seeds the patch
     streams, so a resumed run can move its streams on while keeping the same clean subset.
     Batches: ``image (B, C, *P)``, ``label (B, 1, *P)``, ``case_id`` list of B strings,
-    ``origin`` list of ``nd`` int tensors of shape (B,).
+    ``origin`` list of ``nd`` int tensors of shape (B,). ``read_ahead`` and ``chunk_cache_mb``
+    (per stream process; None: the defaults for the store's location) are
+    :class:`PatchDataset`'s.
     """
     store = open_store(store_url)
     clean_batch = _check_loader_inputs(store, label_set, patch_size, batch_size, clean_batch_size)
@@ -418,6 +484,8 @@ def make_train_loaders(
         "rank": rank,
         "world_size": world_size,
         "augment": augment,
+        "read_ahead": read_ahead,
+        "chunk_cache_mb": chunk_cache_mb,
     }
     noisy_ds = PatchDataset(
         store.url,

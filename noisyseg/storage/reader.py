@@ -16,13 +16,9 @@ from zarr.core.chunk_grids import RegularChunkGrid
 
 from noisyseg.errors import NoisysegInputError
 from noisyseg.storage import validate as V
+from noisyseg.storage.chunk_source import ChunkCache, LocalChunks, RemoteChunks
 from noisyseg.storage.files import StoreFiles
-from noisyseg.storage.integrity import (
-    ArrayContext,
-    Manifest,
-    VerifiedStore,
-    open_verified_array,
-)
+from noisyseg.storage.integrity import ArrayContext, VerifiedStore, open_verified_array
 from noisyseg.storage.layout import CASES_DIR, VERSION_SEP, image_rel, label_rel, prediction_rel
 
 #: Decoding threads of :class:`RegionReader` (environment ``NOISYSEG_READ_THREADS``).
@@ -40,32 +36,28 @@ def read_pool(workers: int) -> ThreadPoolExecutor:
 
 
 class _Plan:
-    """What the fast path needs to read an array's chunk files itself."""
+    """What the fast path needs to read an array's chunk objects itself."""
 
     def __init__(
         self,
-        base: str,
         chunks: tuple[int, ...],
         dtype: np.dtype,
         key_encoding: Any,
         compressed: bool,
         fill: Any,
-        manifest: Manifest | None,
-        context: ArrayContext | None,
+        source: LocalChunks | RemoteChunks,
     ) -> None:
-        self.base = base
         self.chunks = chunks
         self.dtype = dtype
         self.key_encoding = key_encoding
         self.compressed = compressed
         self.fill = fill
-        self.manifest = manifest
-        self.context = context
+        self.source = source
 
 
-def _make_plan(array: Any) -> _Plan | None:
-    """The fast-path plan of an unsharded local array with ``bytes`` (+ Blosc) codecs, else
-    None (zarr's own path)."""
+def _make_plan(array: Any, cache: ChunkCache | None = None) -> _Plan | None:
+    """The fast-path plan of an unsharded array of a local or fsspec store with ``bytes``
+    (+ Blosc) codecs, else None (zarr's own path). ``cache``: kept chunks of a remote array."""
     try:
         meta = array.metadata
         if getattr(meta, "zarr_format", None) != 3:
@@ -81,13 +73,9 @@ def _make_plan(array: Any) -> _Plan | None:
             compressed = True
         else:
             return None
-        store = array.store_path.store
-        manifest = context = None
-        if isinstance(store, VerifiedStore):
-            manifest, context, store = store.manifest, store.context, store.inner
-        if not isinstance(store, zarr.storage.LocalStore):
+        source = _chunk_source(array, cache)
+        if source is None:
             return None
-        base = os.path.join(str(store.root), array.store_path.path)
         dtype = np.dtype(array.dtype)
         endian = getattr(codecs[0], "endian", None)
         if dtype.itemsize > 1 and endian is not None:
@@ -95,54 +83,67 @@ def _make_plan(array: Any) -> _Plan | None:
                 "<" if str(getattr(endian, "value", endian)) == "little" else ">"
             )
         chunks = tuple(int(c) for c in meta.chunk_grid.chunk_shape)
-        return _Plan(
-            base,
-            chunks,
-            dtype,
-            meta.chunk_key_encoding,
-            compressed,
-            meta.fill_value,
-            manifest,
-            context,
-        )
+        return _Plan(chunks, dtype, meta.chunk_key_encoding, compressed, meta.fill_value, source)
     except (AttributeError, TypeError, ValueError):  # unknown metadata: zarr path
         return None
+
+
+def _chunk_source(array: Any, cache: ChunkCache | None) -> LocalChunks | RemoteChunks | None:
+    """Where the array's chunk objects come from (local files or an fsspec filesystem), with
+    its manifest when opened through the store; None for any other store."""
+    store = array.store_path.store
+    manifest = context = None
+    if isinstance(store, VerifiedStore):
+        manifest, context, store = store.manifest, store.context, store.inner
+    rel = array.store_path.path
+    if isinstance(store, zarr.storage.LocalStore):
+        return LocalChunks(os.path.join(str(store.root), rel), manifest, context)
+    if isinstance(store, zarr.storage.FsspecStore):
+        base = f"{str(store.path).rstrip('/')}/{rel}" if rel else str(store.path)
+        return RemoteChunks(store.fs, base, manifest, context, cache)
+    return None
 
 
 class RegionReader:
     """Array-like view of a Zarr array with a fast path for reading boxes (patches).
 
     ``reader[box]`` with ``box`` a tuple of unit-step slices equals ``array[box]``. For an
-    unsharded array of a local store whose codecs are ``bytes`` (+ one Blosc compressor, or
-    none) it reads the chunk files that the box touches directly and decodes them with Blosc in
-    the calling thread: zarr's asynchronous pipeline costs two thread hand-offs per chunk, which
-    made it 2-3x slower than the decoding itself (96³ float32 patches of 64³ chunks: 6.9 ms of
-    CPU through ``array[box]``, 2.4 ms here). Every other array (sharded, remote stores, other
-    codecs) and every other selection (steps, integers) goes through ``array[...]`` unchanged,
-    where zarr fetches the chunks concurrently (what object stores need).
+    unsharded array whose codecs are ``bytes`` (+ one Blosc compressor, or none) it gets the
+    chunk objects that the box touches itself and decodes them with Blosc in the calling
+    thread(s): zarr's asynchronous pipeline costs two thread hand-offs per chunk, which made it
+    2-3x slower than the decoding itself (96³ float32 patches of 64³ chunks: 6.9 ms of CPU
+    through ``array[box]``, 2.4 ms here). On a local store the chunk files are read one after
+    the other; on an fsspec store (``s3://`` ...) all the box's objects are fetched at once and
+    optionally kept in a :class:`~noisyseg.storage.chunk_source.ChunkCache`
+    (:mod:`~noisyseg.storage.chunk_source`). Every other array (sharded, other codecs or stores)
+    and every other selection (steps, integers) goes through ``array[...]`` unchanged.
 
     Integrity: when the array was opened through the store (a
-    :class:`~noisyseg.storage.integrity.VerifiedStore`), every chunk file the fast path reads is
-    checked against the array's manifest, and a missing or damaged chunk raises
+    :class:`~noisyseg.storage.integrity.VerifiedStore`), every chunk object the fast path reads
+    is checked against the array's manifest, and a missing or damaged chunk raises
     :class:`~noisyseg.storage.files.StoreDamageError` (never read as the fill value).
 
     The chunks of one box are decoded by a small per-process thread pool (Blosc and numpy's
     copies release the GIL): ``threads`` workers, default :data:`READ_THREADS` (environment
     ``NOISYSEG_READ_THREADS``, else ``min(4, CPU count)``); 1 decodes in the calling thread
-    (what DataLoader worker processes use: there the processes are the parallelism).
+    (what DataLoader worker processes and read-ahead threads use: there they are the
+    parallelism).
 
     Args:
         array: a ``zarr.Array`` (anything with ``shape`` and ``__getitem__`` is passed through).
         threads: decoding threads for one box (see above).
+        cache: verified chunk objects kept between reads of a remote array (None: none kept).
     """
 
-    def __init__(self, array: Any, threads: int | None = None) -> None:
+    def __init__(
+        self, array: Any, threads: int | None = None, cache: ChunkCache | None = None
+    ) -> None:
         self.array = array
         self.threads = max(1, int(READ_THREADS if threads is None else threads))
         self.shape = tuple(int(s) for s in array.shape)
         self.ndim = len(self.shape)
         self.dtype = np.dtype(array.dtype)
-        self._plan = _make_plan(array)
+        self._plan = _make_plan(array, cache)
 
     def __getitem__(self, selection: Any) -> np.ndarray:
         box = self._box(selection)
@@ -167,25 +168,36 @@ class RegionReader:
         return start, stop
 
     def _read_box(self, start: list[int], stop: list[int]) -> np.ndarray | None:
-        chunks = self._plan.chunks
+        plan = self._plan
         out = np.empty([b - a for a, b in zip(start, stop)], dtype=self.dtype)
         if out.size == 0:
             return out
-        ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(start, stop, chunks)]
+        ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(start, stop, plan.chunks)]
         keys = list(itertools.product(*ranges))
+        objects = None
+        if isinstance(plan.source, RemoteChunks):  # every object of the box in one round trip
+            objects = plan.source.fetch([plan.key_encoding.encode_chunk_key(i) for i in keys])
         if self.threads > 1 and len(keys) > 1:
             pool = read_pool(self.threads)
             n = min(self.threads, len(keys))
             parts = [keys[i::n] for i in range(n)]
-            ok = list(pool.map(lambda part: self._read_chunks(part, start, stop, out), parts))
+            ok = list(
+                pool.map(lambda part: self._read_chunks(part, start, stop, out, objects), parts)
+            )
         else:
-            ok = [self._read_chunks(keys, start, stop, out)]
+            ok = [self._read_chunks(keys, start, stop, out, objects)]
         return out if all(ok) else None
 
     def _read_chunks(
-        self, keys: list[tuple[int, ...]], start: list[int], stop: list[int], out: np.ndarray
+        self,
+        keys: list[tuple[int, ...]],
+        start: list[int],
+        stop: list[int],
+        out: np.ndarray,
+        objects: dict[str, bytes | None] | None,
     ) -> bool:
-        """Decode the chunks ``keys`` into their parts of ``out``; False: not a plain chunk."""
+        """Decode the chunks ``keys`` into their parts of ``out`` (their stored objects from
+        ``objects``, else read here); False: not a plain chunk."""
         plan = self._plan
         chunks = plan.chunks
         buf = np.empty(chunks, dtype=plan.dtype)
@@ -200,37 +212,29 @@ class RegionReader:
                 for a, b, l, c in zip(start, stop, lo, chunks)
             )
             key = plan.key_encoding.encode_chunk_key(idx)
-            data = self._read_object(key)
-            if data is None:  # never-written chunk (checked above): the fill value
+            data = objects[key] if objects is not None else plan.source.fetch([key])[key]
+            if data is None:  # never-written chunk (checked against the manifest): fill value
                 out[dst] = plan.fill
                 continue
-            if plan.compressed:
-                # Blosc header: bytes 4-8 hold the uncompressed size (little-endian uint32)
-                if len(data) < 16 or int.from_bytes(data[4:8], "little") != buf.nbytes:
-                    return False  # not a plain chunk of this shape: let zarr decide
-                numcodecs.blosc.decompress(data, buf)
-                chunk = buf
-            else:
-                if len(data) != buf.nbytes:
-                    return False
-                chunk = np.frombuffer(data, dtype=plan.dtype).reshape(chunks)
+            chunk = self._decode(data, buf)
+            if chunk is None:
+                return False
             out[dst] = chunk[src]
         return True
 
-    def _read_object(self, key: str) -> bytes | None:
-        """The stored object of chunk ``key`` (None: absent), checked against the manifest."""
+    def _decode(self, data: bytes, buf: np.ndarray) -> np.ndarray | None:
+        """The chunk stored as ``data`` (decoded into ``buf`` when compressed); None: not a
+        plain chunk of this shape (zarr's path decides)."""
         plan = self._plan
-        stat = None
-        try:
-            with open(os.path.join(plan.base, key), "rb") as fh:
-                if plan.manifest is not None:
-                    stat = os.fstat(fh.fileno())
-                data = fh.read()
-        except FileNotFoundError:
-            data = None
-        if plan.manifest is not None:
-            plan.manifest.check_file(key, data, stat, plan.context)
-        return data
+        if plan.compressed:
+            # Blosc header: bytes 4-8 hold the uncompressed size (little-endian uint32)
+            if len(data) < 16 or int.from_bytes(data[4:8], "little") != buf.nbytes:
+                return None
+            numcodecs.blosc.decompress(data, buf)
+            return buf
+        if len(data) != buf.nbytes:
+            return None
+        return np.frombuffer(data, dtype=plan.dtype).reshape(plan.chunks)
 
 
 class CaseArrays:
