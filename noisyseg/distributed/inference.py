@@ -1,5 +1,6 @@
-"""Prediction over many cases, in-process or in parallel over cases on Ray (one model load per
-worker), writing the maps into the store (``predictions/<name>``) or as NIfTI files.
+"""Prediction over many cases, in-process or in parallel over cases on a Ray Data actor pool (one
+model load per actor, one GPU per actor on GPUs), writing the maps into the store
+(``predictions/<name>``) or as NIfTI files.
 
 The other layers of inference live in their own modules (re-exported here, their old path):
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,8 +82,8 @@ def _open_store(url: str, mode: str = "r") -> VolumeStore:
 class CasePredictor:
     """Holds one model and one open store; predicts and writes cases one at a time.
 
-    Used directly in-process and, wrapped with ``ray.remote``, as one actor per Ray worker so the
-    model is built once per worker (the checkpoint arrives through the object store).
+    Used directly in-process and, inside :class:`CaseBatchPredictor`, once per Ray Data actor so
+    the model is built once per actor.
     """
 
     def __init__(
@@ -149,46 +150,82 @@ class CasePredictor:
         }
 
 
-#: Per Ray worker process: the last CasePredictor built, keyed by checkpoint ref and settings,
-#: so a worker builds the model once and reuses it for every case (and later calls) it runs.
-_WORKER_PREDICTOR: dict[tuple, CasePredictor] = {}
+def wants_gpu(settings: InferenceSettings, gpu: bool | None = None) -> bool:
+    """Whether each Ray actor reserves a GPU: ``gpu`` when given, else whether the settings'
+    device is CUDA (``--device cuda``, or ``predict --gpu`` on Ray, which resolves to it)."""
+    if gpu is not None:
+        return bool(gpu)
+    return str(settings.device).startswith("cuda")
 
 
-def _remote_case(
-    checkpoint_box: list[Any],
-    store_url: str,
-    settings: InferenceSettings,
-    method: str,
-    predictor_kwargs: dict[str, Any],
-    num_threads: int,
-    case_id: str,
-) -> Any:
-    """Body of the Ray task: one case on this worker's cached predictor.
+def actor_settings(settings: InferenceSettings, gpu: bool) -> InferenceSettings:
+    """The settings as an actor runs them: ``cuda`` (its one reserved GPU, which Ray makes the
+    only visible one) when it holds a GPU; the CPU instead of a CUDA device it does not hold."""
+    if gpu:
+        return replace(settings, device="cuda")
+    if str(settings.device).startswith("cuda"):
+        return replace(settings, device="cpu")
+    return settings
 
-    ``checkpoint_box`` is ``[ObjectRef]`` — wrapped in a list so Ray does not resolve it; the
-    checkpoint is fetched from the object store only when this worker has no predictor yet.
+
+def _column(values: list[Any]) -> np.ndarray:
+    """One output column of a batch: stacked arrays (tensor column), or a plain array."""
+    if values and all(isinstance(v, np.ndarray) for v in values):
+        if len({v.shape for v in values}) == 1:
+            return np.stack(values)
+        return np.array(values, dtype=object)  # variable-shaped tensors
+    return np.asarray(values)
+
+
+class CaseBatchPredictor:
+    """Ray Data UDF (callable class) of :func:`map_cases`: one :class:`CasePredictor` per actor,
+    built once in the constructor; each batch (one case) runs ``CasePredictor.<method>``.
+
+    Output columns: ``predict`` — ``case_id``, ``shape``, ``output``, ``seconds``;
+    ``probability`` — ``case_id`` and ``probability`` (the ``(*S)`` float32 map, a tensor
+    column), turned back into what ``CasePredictor`` returns by :func:`_result_from_row`.
     """
-    import ray
 
-    key = (
-        checkpoint_box[0].hex(),
-        store_url,
-        settings,
-        repr(sorted(predictor_kwargs.items())),
-        num_threads,
-    )
-    predictor = _WORKER_PREDICTOR.get(key)
-    if predictor is None:
-        _WORKER_PREDICTOR.clear()
-        predictor = CasePredictor(
-            ray.get(checkpoint_box[0]),
-            store_url,
-            settings,
-            num_threads=num_threads,
-            **predictor_kwargs,
+    def __init__(
+        self,
+        checkpoint: dict[str, Any],
+        store_url: str,
+        settings: InferenceSettings,
+        method: Literal["predict", "probability"],
+        predictor_kwargs: dict[str, Any],
+        num_threads: int | None = None,
+    ) -> None:
+        self.method = method
+        self.predictor = CasePredictor(
+            checkpoint, store_url, settings, num_threads=num_threads, **predictor_kwargs
         )
-        _WORKER_PREDICTOR[key] = predictor
-    return getattr(predictor, method)(case_id)
+
+    def row(self, case_id: str) -> dict[str, Any]:
+        """One case's output row."""
+        if self.method == "probability":
+            _, probability = self.predictor.probability(case_id)
+            return {"case_id": case_id, "probability": probability}
+        record = self.predictor.predict(case_id)
+        return {**record, "shape": np.asarray(record["shape"], dtype=np.int64)}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self.row(str(case_id)) for case_id in batch["case_id"]]
+        return {key: _column([r[key] for r in rows]) for key in rows[0]}
+
+
+def _result_from_row(method: str, row: dict[str, Any]) -> Any:
+    """A Ray Data output row as ``CasePredictor.<method>`` returns it."""
+    if method == "probability":
+        probability = np.asarray(row["probability"], dtype=np.float32)
+        if not probability.flags.writeable:  # a zero-copy view of the block
+            probability = probability.copy()
+        return str(row["case_id"]), probability
+    return {
+        "case_id": str(row["case_id"]),
+        "shape": [int(n) for n in row["shape"]],
+        "output": str(row["output"]),
+        "seconds": float(row["seconds"]),
+    }
 
 
 def map_cases(
@@ -200,15 +237,20 @@ def map_cases(
     method: Literal["predict", "probability"],
     workers: int = 1,
     use_ray: bool | None = None,
+    gpu: bool | None = None,
     **predictor_kwargs: Any,
 ) -> Iterator[Any]:
     """Run ``CasePredictor.<method>(case_id)`` for every case; yields results as they finish.
 
-    In-process (one model) or on Ray: at most ``workers`` tasks in flight (one CPU each); the
-    checkpoint is put once into the object store and each worker process builds the model once
-    and keeps it for the following cases. ``use_ray`` defaults to ``workers > 1`` or
-    ``RAY_ADDRESS`` set. Ray is started (and shut down at the end) only when it is not
-    initialised already.
+    In-process (one model, ``settings.device``) or on Ray Data:
+    ``ray.data.from_items(cases).map_batches(CaseBatchPredictor, batch_size=1, num_gpus=1 if
+    gpu else 0)`` on an actor pool of up to ``workers`` actors, each building the model once
+    (:func:`noisyseg.distributed.ray_utils.stream_actor_pool`). ``gpu`` (default: whether
+    ``settings.device`` is CUDA, :func:`wants_gpu`) makes each actor reserve one GPU and run on
+    it; without it the actors run on CPU. ``probability`` maps travel back through the Ray
+    object store as a tensor column, one case at a time. ``use_ray`` defaults to
+    ``workers > 1`` or ``RAY_ADDRESS`` set. Ray is started (and shut down at the end) only
+    when it is not initialised already.
     """
     case_ids = list(case_ids)
     if use_ray is None:
@@ -219,32 +261,24 @@ def map_cases(
             yield getattr(predictor, method)(case_id)
         return
 
-    import ray
+    from noisyseg.distributed.ray_utils import stream_actor_pool
 
-    from noisyseg.distributed.ray_utils import ensure_ray
-
-    workers = max(1, min(workers, len(case_ids)))
-    started = ensure_ray(workers, dashboard=False, log_to_driver=False)
-    pending: list[Any] = []
-    try:
-        threads = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
-        task = ray.remote(num_cpus=1, max_retries=1)(_remote_case)
-        box = [ray.put(checkpoint)]
-        queue = list(reversed(case_ids))
-        while queue or pending:
-            while queue and len(pending) < workers:
-                pending.append(
-                    task.remote(
-                        box, store_url, settings, method, predictor_kwargs, threads, queue.pop()
-                    )
-                )
-            ready, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(ready[0])
-    finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        if started:
-            ray.shutdown()
+    on_gpu = wants_gpu(settings, gpu)
+    rows = stream_actor_pool(
+        [{"case_id": case_id} for case_id in case_ids],
+        CaseBatchPredictor,
+        {
+            "checkpoint": checkpoint,
+            "store_url": store_url,
+            "settings": actor_settings(settings, on_gpu),
+            "method": method,
+            "predictor_kwargs": predictor_kwargs,
+        },
+        workers=workers,
+        gpu=on_gpu,
+    )
+    for row in rows:
+        yield _result_from_row(method, row)
 
 
 def predict_cases(
@@ -257,6 +291,7 @@ def predict_cases(
     nifti_dir: str | None = None,
     workers: int = 1,
     use_ray: bool | None = None,
+    gpu: bool | None = None,
     progress: Callable[[dict[str, Any], int, int], None] | None = None,
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
@@ -270,8 +305,9 @@ def predict_cases(
         settings: sliding-window settings.
         name: prediction name (``<case>/predictions/<name>`` or ``<case>_<name>.nii.gz``).
         nifti_dir: write NIfTI files there instead of into the store.
-        workers: parallel workers (Ray actors, one model each).
+        workers: parallel workers (Ray Data actors, one model each).
         use_ray: force Ray on/off; default: Ray when ``workers > 1`` or ``RAY_ADDRESS`` is set.
+        gpu: on Ray, one GPU per actor; default: when ``settings.device`` is CUDA.
         progress: called as ``progress(record, done, total)`` after each case.
         overwrite: replace maps of that name already in the store (else refused).
         metadata: kept with each map in the store (model, run id, threshold).
@@ -289,6 +325,7 @@ def predict_cases(
         method="predict",
         workers=workers,
         use_ray=use_ray,
+        gpu=gpu,
         name=name,
         nifti_dir=nifti_dir,
         overwrite=overwrite,
@@ -304,6 +341,7 @@ def predict_cases(
 __all__ = [
     "FINAL_CHECKPOINT_ARTIFACT",
     "BlendName",
+    "CaseBatchPredictor",
     "CasePredictor",
     "EvaluationResult",
     "InferenceSettings",
@@ -324,5 +362,6 @@ __all__ = [
     "read_prediction",
     "roi_from_config",
     "write_nifti",
+    "wants_gpu",
     "write_prediction",
 ]

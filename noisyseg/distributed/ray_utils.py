@@ -8,15 +8,23 @@ trial, a benchmark driving several runs) it does nothing and returns ``False``.
 
 :func:`cluster_cpus` and :func:`largest_node_cpus` read what the connected cluster offers
 (``ray.cluster_resources()``, ``ray.nodes()``), for callers that size their work to it.
+
+:func:`stream_actor_pool` runs a callable class over many items on a Ray Data actor pool
+(``map_batches``, one item per batch, one model per actor, ``num_gpus=1`` per actor on GPUs) and
+yields the rows as they finish; :func:`actor_pool_map_kwargs` is the ``map_batches`` arguments it
+uses. Prediction over NIfTI folders (:mod:`~noisyseg.distributed.scan_prediction`) and over
+store cases (:func:`noisyseg.distributed.inference.map_cases`) both go through it.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
+import numpy as np
 import ray
 
 
@@ -94,3 +102,67 @@ def largest_node_cpus() -> float:
         if node.get("Alive", node.get("alive", False))
     ]
     return max(sizes, default=0.0)
+
+
+def actor_pool_map_kwargs(
+    workers: int, *, gpu: bool, constructor_kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """Keyword arguments of ``Dataset.map_batches`` for a callable-class UDF on an actor pool.
+
+    One case per batch (``batch_size=1``), one CPU per actor, and one GPU per actor when
+    ``gpu`` (Ray then sets each actor's ``CUDA_VISIBLE_DEVICES`` to its own GPU, so ``cuda``
+    there is that GPU). The pool has ``workers`` actors on CPUs; on GPUs it starts with one and
+    grows to ``workers`` as the cluster's free GPUs allow, so fewer free GPUs than ``workers``
+    slows the run down instead of stalling it. The UDF class is built once per actor with
+    ``constructor_kwargs`` (the model is loaded there, once).
+    """
+    from ray.data import ActorPoolStrategy  # heavy: only when a dataset is built
+
+    workers = max(1, int(workers))
+    pool = (
+        ActorPoolStrategy(min_size=1, max_size=workers) if gpu else ActorPoolStrategy(size=workers)
+    )
+    return {
+        "fn_constructor_kwargs": dict(constructor_kwargs),
+        "compute": pool,
+        "batch_size": 1,
+        "num_cpus": 1,
+        "num_gpus": 1 if gpu else 0,
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A Ray Data row value as the driver wants it: numpy scalars become Python scalars."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def stream_actor_pool(
+    items: Sequence[dict[str, Any]],
+    udf: type,
+    constructor_kwargs: dict[str, Any],
+    *,
+    workers: int,
+    gpu: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """Rows of ``ray.data.from_items(items).map_batches(udf, ...)`` yielded as they finish.
+
+    ``udf`` is a callable class, built once per actor with ``constructor_kwargs`` plus
+    ``num_threads`` (the cluster's CPUs shared among the actors); see
+    :func:`actor_pool_map_kwargs` for the pool. Results come back in completion order, not
+    input order. Ray is joined or started by :func:`ray_connection` (and shut down at the end
+    when this call started it).
+    """
+    items = list(items)
+    if not items:
+        return
+    workers = max(1, min(int(workers), len(items)))
+    with ray_connection(workers, dashboard=False, log_to_driver=False):
+        threads = max(1, int(cluster_cpus()) // workers)
+        dataset = ray.data.from_items(items).map_batches(
+            udf,
+            **actor_pool_map_kwargs(
+                workers, gpu=gpu, constructor_kwargs={**constructor_kwargs, "num_threads": threads}
+            ),
+        )
+        for row in dataset.iter_rows():
+            yield {key: _plain(value) for key, value in row.items()}

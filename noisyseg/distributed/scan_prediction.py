@@ -258,8 +258,9 @@ def write_map(path: Path, data: np.ndarray, affine: np.ndarray, header: Any = No
 class ScanPredictor:
     """One model, predicting cases one at a time and writing their outputs.
 
-    Used in-process and as the Ray Data UDF (``map_batches(ScanPredictor, concurrency=N,
-    batch_size=1, fn_constructor_kwargs=...)``): one model per actor, built once.
+    Used in-process and as the Ray Data UDF (``map_batches(ScanPredictor, batch_size=1,
+    fn_constructor_kwargs=...)`` on an actor pool, see
+    :func:`noisyseg.distributed.ray_utils.stream_actor_pool`): one model per actor, built once.
     """
 
     def __init__(
@@ -413,9 +414,10 @@ def predict_scans(
     """Predict every case and write its outputs plus ``<output_dir>/summary.<format>``.
 
     In-process (one model) or with Ray Data: ``ray.data.from_items(cases).map_batches(
-    ScanPredictor, concurrency=workers, num_gpus=1 if gpu else 0, batch_size=1)`` — an actor
-    pool of ``workers`` models, results streamed back as cases finish (``progress`` is called
-    for each). Ray is started when not running (and shut down at the end).
+    ScanPredictor, batch_size=1, num_gpus=1 if gpu else 0)`` on an actor pool of up to
+    ``workers`` models (:func:`noisyseg.distributed.ray_utils.stream_actor_pool`), results
+    streamed back as cases finish (``progress`` is called for each). Ray is started when not
+    running (and shut down at the end).
 
     Returns:
         The summary table, one row per case in ``cases`` order.
@@ -452,20 +454,6 @@ def _ray_rows(
     cases: Sequence[ScanCase], kwargs: dict[str, Any], *, workers: int, gpu: bool
 ) -> Iterator[dict[str, Any]]:
     """Summary rows from a Ray Data actor pool of ``workers`` models, yielded as cases finish."""
-    import ray  # heavy (Ray Data): only when predicting on Ray
+    from noisyseg.distributed.ray_utils import stream_actor_pool  # heavy (Ray): only on Ray
 
-    from noisyseg.distributed.ray_utils import cluster_cpus, ray_connection
-
-    workers = max(1, min(workers, len(cases)))
-    with ray_connection(workers, dashboard=False, log_to_driver=False):
-        threads = max(1, int(cluster_cpus()) // workers)
-        dataset = ray.data.from_items(_case_items(cases)).map_batches(
-            ScanPredictor,
-            fn_constructor_kwargs={**kwargs, "num_threads": threads},
-            concurrency=workers,
-            batch_size=1,
-            num_cpus=1,
-            num_gpus=1 if gpu else 0,
-        )
-        for row in dataset.iter_rows():
-            yield {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
+    return stream_actor_pool(_case_items(cases), ScanPredictor, kwargs, workers=workers, gpu=gpu)

@@ -6,6 +6,8 @@ set weights: the blended sliding-window output must equal ``sigmoid(w . x + b)``
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -233,3 +235,129 @@ def test_load_from_mlflow_run(mlflow_sqlite):
         load_trained_model(empty_run.info.run_id)
     with pytest.raises(NoisysegInputError, match="no MLflow run"):
         load_trained_model("0123456789abcdef0123456789abcdef")
+
+
+# ------------------------------------------------------------------ many cases: Ray Data pool
+SPEC_3D = UNetSpec(spatial_dims=3, in_channels=1, channels=(4, 8), num_res_units=0, norm="batch")
+#: cases of different shapes: their probability maps are tensor columns of different shapes
+CASE_SHAPES = {"c0": (12, 10, 9), "c1": (9, 13, 11), "c2": (10, 10, 10)}
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory) -> str:
+    from noisyseg.storage.store import VolumeStore
+
+    url = str(tmp_path_factory.mktemp("pool") / "s.zarr")
+    store = VolumeStore.create(url, spatial_dims=3, channel_names=["t1"])
+    rng = np.random.default_rng(3)
+    for case_id, shape in CASE_SHAPES.items():
+        label = (rng.random(shape) > 0.9).astype(np.uint8)
+        image = (label + rng.normal(0, 0.3, shape)).astype(np.float32)[None]
+        store.write_case(case_id, image, {"truth": label}, spacing=(1.0, 1.0, 1.0), split="test")
+    return url
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance for the module (2 logical CPUs): ``map_cases`` joins it."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        num_cpus=2,
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+
+
+def _checkpoint_3d() -> dict:
+    torch.manual_seed(4)
+    model = build_unet(SPEC_3D).eval()
+    return {"model": model.state_dict(), "unet_spec": SPEC_3D.to_dict(), "config": {}, "step": 1}
+
+
+@pytest.mark.integration
+def test_map_cases_on_ray_data_matches_in_process(small_store, ray_local):
+    """The Ray Data actor pool (2 actors on the module's Ray) gives every case
+    what the in-process path gives: the probability maps (back through the object store as
+    tensor columns of different shapes) and the written predictions and their records."""
+    from noisyseg.distributed.inference import InferenceSettings, map_cases, predict_cases
+    from noisyseg.distributed.prediction_io import read_prediction
+    from noisyseg.storage.store import VolumeStore
+
+    checkpoint = _checkpoint_3d()
+    settings = InferenceSettings(roi_size=(8, 8, 8), overlap=0.5, device="cpu")
+    cases = list(CASE_SHAPES)
+    local = dict(
+        map_cases(
+            checkpoint,
+            small_store,
+            cases,
+            settings,
+            method="probability",
+            use_ray=False,
+            write=False,
+        )
+    )
+    pooled = list(
+        map_cases(
+            checkpoint, small_store, cases, settings, method="probability", workers=2, write=False
+        )
+    )
+    assert sorted(case_id for case_id, _ in pooled) == sorted(cases)
+    for case_id, probability in pooled:
+        assert probability.shape == CASE_SHAPES[case_id] and probability.dtype == np.float32
+        assert probability.flags.writeable  # callers may change it in place
+        np.testing.assert_allclose(probability, local[case_id], rtol=0, atol=1e-6)
+
+    done: list[tuple[str, int, int]] = []
+    records = predict_cases(
+        checkpoint,
+        small_store,
+        cases,
+        settings,
+        name="pooled",
+        workers=2,
+        progress=lambda record, n, total: done.append((record["case_id"], n, total)),
+    )
+    assert [r["case_id"] for r in records] == cases  # input order
+    assert sorted(c for c, _, _ in done) == cases and [n for _, n, _ in done] == [1, 2, 3]
+    store = VolumeStore.open(small_store)
+    for record in records:
+        case_id = record["case_id"]
+        assert record["shape"] == list(CASE_SHAPES[case_id])
+        assert isinstance(record["output"], str) and isinstance(record["seconds"], float)
+        written = read_prediction(store, case_id, "pooled")
+        np.testing.assert_allclose(written, local[case_id], rtol=0, atol=1e-6)
+
+
+def test_actor_pool_requests_one_gpu_per_actor():
+    """What ``map_batches`` is given: one case per batch, one CPU per actor, and one GPU per
+    actor exactly when the prediction runs on GPUs (``--gpu``, or a CUDA ``--device``)."""
+    from ray.data import ActorPoolStrategy
+
+    from noisyseg.distributed.inference import InferenceSettings, actor_settings, wants_gpu
+    from noisyseg.distributed.ray_utils import actor_pool_map_kwargs
+
+    on_gpu = actor_pool_map_kwargs(3, gpu=True, constructor_kwargs={"a": 1})
+    assert on_gpu["num_gpus"] == 1 and on_gpu["num_cpus"] == 1 and on_gpu["batch_size"] == 1
+    assert on_gpu["fn_constructor_kwargs"] == {"a": 1}
+    pool = on_gpu["compute"]
+    assert isinstance(pool, ActorPoolStrategy)
+    assert (pool.min_size, pool.max_size) == (1, 3)  # grows with the GPUs the cluster gives
+    on_cpu = actor_pool_map_kwargs(3, gpu=False, constructor_kwargs={})
+    assert on_cpu["num_gpus"] == 0 and on_cpu["num_cpus"] == 1 and on_cpu["batch_size"] == 1
+    assert (on_cpu["compute"].min_size, on_cpu["compute"].max_size) == (3, 3)
+
+    cuda = InferenceSettings(roi_size=(8, 8, 8), device="cuda:1")
+    cpu = InferenceSettings(roi_size=(8, 8, 8), device="cpu")
+    assert wants_gpu(cuda) and not wants_gpu(cpu)
+    assert wants_gpu(cpu, gpu=True) and not wants_gpu(cuda, gpu=False)
+    # an actor sees only its own GPU (as "cuda"); one without a GPU runs on the CPU
+    assert actor_settings(cuda, True).device == "cuda"
+    assert actor_settings(cuda, False).device == "cpu"
+    assert actor_settings(cpu, False) == cpu
