@@ -145,7 +145,18 @@ auth_token() {
   fi
 }
 
-pgid_of() { ps -o pgid= -p "$1" 2>/dev/null | tr -d ' '; }
+# The process group of a child started as `setsid CMD &`: setsid makes the child the leader of a
+# new group whose id is its pid, but only once it has run; reading the group at once can catch the
+# child before that and return *this* shell's group (which `down` would then kill). So wait (up to
+# 5 s) until the child leads its own group, and name that group by the child's pid either way.
+pgid_of() {
+  local i
+  for i in $(seq 50); do
+    [[ "$(ps -o pgid= -p "$1" 2>/dev/null | tr -d ' ')" == "$1" ]] && break
+    sleep 0.1
+  done
+  echo "$1"
+}
 
 # pids whose command line names TEMP_ROOT, plus every member of the recorded process groups
 our_pids() {
