@@ -126,13 +126,9 @@ class CasePredictor:
         start = time.perf_counter()
         _, probability = self.probability(case_id)
         if self.nifti_dir:
-            output = str(
-                write_nifti(
-                    Path(self.nifti_dir) / f"{case_id}_{self.name}.nii.gz",
-                    probability,
-                    case_affine(self.store, case_id),
-                )
-            )
+            path = Path(self.nifti_dir) / f"{case_id}_{self.name}.nii.gz"
+            write_nifti(path, probability, case_affine(self.store, case_id))  # returns nothing
+            output = str(path)
         else:
             output = write_prediction(
                 self.store,
