@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from noisyseg.audit import DEFAULT_THRESHOLD
 from noisyseg.distributed.inference_args import add_window_args
 from noisyseg.distributed.inference_args import select_cases as store_cases
 from noisyseg.errors import NoisysegInputError
@@ -48,7 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     audit.add_argument("--top", type=int, default=20, help="pictures for the top K (default 20)")
     audit.add_argument("--output", help="output folder (default ./audit-<labels>-<time>)")
     audit.add_argument(
-        "--threshold", type=float, default=0.5, help="candidate probability threshold (0.5)"
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"candidate probability threshold ({DEFAULT_THRESHOLD}; low on purpose: docs/audit.md)",
     )
     audit.add_argument("--accept", nargs="+", metavar="ID", help="candidate ids <case>:<n>")
     audit.add_argument("--name", help="the new label set written with --accept")

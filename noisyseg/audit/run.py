@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from noisyseg.audit import DEFAULT_THRESHOLD
 from noisyseg.audit.figures import display_channel, save_candidate_figure
 from noisyseg.candidates import (
     Candidate,
@@ -100,7 +101,7 @@ def find_candidates(
     settings: InferenceSettings,
     *,
     label_set: str,
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
     workers: int = 1,
     use_ray: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -357,7 +358,7 @@ def accept_candidates(
     label_set: str,
     new_name: str,
     candidate_ids: Iterable[str],
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
     overwrite: bool = False,
     workers: int = 1,
     use_ray: bool | None = None,

@@ -169,7 +169,7 @@ class AuditBenchmark:
         *,
         tracking_uri: str | None = None,
         print_fn: Callable[[str], None] = print,
-        threshold: float = 0.5,
+        threshold: float = audit_run.DEFAULT_THRESHOLD,
         top_figures: int = 5,
     ) -> None:
         self.training = RobustnessBenchmark(
