@@ -258,18 +258,13 @@ def small_store(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray instance for the module (2 logical CPUs): ``map_cases`` joins it."""
+def ray_local(ray_head):
+    """This process joined to a real ``ray start --head`` (every port a free one, so another
+    Ray instance on the machine does not collide with it); ``map_cases`` uses that connection."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        address="local",
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        num_cpus=2,
-        log_to_driver=False,
-    )
+    ray.init(address=ray_head.address, log_to_driver=False)
     yield
     ray.shutdown()
 
