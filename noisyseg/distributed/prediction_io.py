@@ -104,6 +104,7 @@ def write_nifti(path: str | os.PathLike, probabilities: np.ndarray, affine: np.n
     data = np.asarray(probabilities, dtype=np.float32)
     data = data.T if data.ndim == 3 else data.T[:, :, None]
     nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
 
 
 __all__ = [
