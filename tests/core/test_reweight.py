@@ -276,8 +276,9 @@ def test_step_clips_the_weighted_gradient_to_the_given_norm(method: str) -> None
         # torch's documented rule: g * max_norm / (|g| + 1e-6)
         expected = before[name] - steps[name] * (clip / (norm + 1e-6))
         torch.testing.assert_close(parameter.detach(), expected, rtol=1e-9, atol=1e-12)
-    applied = torch.sqrt(sum(((before[n] - p.detach()).double() ** 2).sum()
-                             for n, p in model.named_parameters()))
+    applied = torch.sqrt(
+        sum(((before[n] - p.detach()).double() ** 2).sum() for n, p in model.named_parameters())
+    )
     assert float(applied) == pytest.approx(clip, rel=1e-5)
 
 
