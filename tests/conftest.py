@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import boto3
 import pytest
+import s3fs
 from cluster_utils import (
     S3_BUCKET,
     LocalMlflowServer,
@@ -70,11 +71,15 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3Server
     os.environ.update(server.env())
     os.environ.pop("AWS_PROFILE", None)
     os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    # fsspec caches S3FileSystem instances by their arguments, not the environment: an instance
+    # made for an earlier module's server would keep its (dead) endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
         yield server
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -4,9 +4,11 @@ A real Ray head, a real MLflow server and a real S3-compatible server (moto), th
 subprocess. The Ray head starts before the S3 server, so it (and every trial actor) lacks the
 AWS_* variables: the sweep's storage must reach the trials through what the launcher hands them.
 
-Two trials (a grid of two, FIFO, one at a time, 12 steps, a Train checkpoint every 4 steps, two
-seconds per step): the driver is SIGKILLed once Tune's experiment state and the first trial's
-Train checkpoint are in the bucket, before that trial's last step; the same command then resumes
+Two trials (a grid of two, FIFO, one at a time, 24 steps, a Train checkpoint every 4 steps, two
+seconds per step in the first launch): the driver is SIGKILLed once Tune's experiment state and the
+first trial's Train checkpoint are in the bucket, before that trial's last step (Tune uploads its
+experiment state on its own sync period, so the trial must outlast a few of those: on a loaded
+2-core machine 12 steps did not); the same command then resumes
 the sweep from the bucket (``Tuner.restore`` through the pyarrow S3 filesystem) and the trial
 continues from its checkpoint there. Nothing of the sweep is written locally.
 """
@@ -30,7 +32,7 @@ from mlflow import MlflowClient
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 RAY_HEAD_CPUS = 4
 NAME = "s3resume"
-STEPS = 12
+STEPS = 24
 ROOT = f"s3://{S3_BUCKET}/sweeps"
 NOISYSEG = [sys.executable, "-m", "noisyseg.cli"]
 
@@ -77,7 +79,7 @@ def _kill_after_first_checkpoint(command: list[str], env: dict[str, str], log: P
                 time.sleep(1)
             else:
                 pytest.fail("the sweep never checkpointed to S3: " + log.read_text()[-3000:])
-            time.sleep(4)  # a step or two more: the kill lands between checkpoints
+            time.sleep(1)  # the kill lands mid-step, between checkpoints
             checkpoints = [k for k in _keys(f"sweeps/{NAME}/train/") if k.endswith("/state.pt")]
             os.kill(first.pid, signal.SIGKILL)  # the driver only; Ray cleans up its actors
             first.wait(timeout=30)
