@@ -4,6 +4,8 @@
 #   deploy/local-cluster.sh up     [--dir DIR] [--head-cpus N] [--worker-cpus N] [--object-store]
 #   deploy/local-cluster.sh status [--dir DIR]
 #   deploy/local-cluster.sh down   [--dir DIR]
+#   deploy/local-cluster.sh kill-worker    [--dir DIR]
+#   deploy/local-cluster.sh restart-worker [--dir DIR]
 #
 # `up` starts, each in its own process group (setsid):
 #   * MLflow:       mlflow server on SQLite (DIR/mlflow.db), artifacts served from DIR/artifacts
@@ -18,6 +20,15 @@
 # socket paths must stay under ~107 characters, so DIR itself is not used). `down` stops exactly
 # those process groups, then anything whose command line still names the unique temp dir.
 # It never runs `ray stop` and never kills by process name.
+#
+# Fault drills (the node-loss test, tests/deploy/test_local_cluster_faults.py):
+#   kill-worker     SIGKILL the worker node's process group and every process whose command line
+#                   names that node's temp dir (raylet, agents, the trial/Train workers it ran):
+#                   a lost machine, not a graceful stop. Returns once the head has marked the
+#                   node DEAD (its health check; typically 10-30 s).
+#   restart-worker  start the worker node again with the settings of `up` (CPUs, {"node2": 1},
+#                   object store, the cluster.env environment), on fresh ports and a fresh temp
+#                   dir under the same /tmp/nsr-<id>/; returns once the head counts it ALIVE.
 #
 # It writes DIR/cluster.env to `source`:
 #   RAY_ADDRESS=http://127.0.0.1:<dashboard>   (for `ray job submit` / JobSubmissionClient)
@@ -37,7 +48,7 @@
 #   STARTUP_TIMEOUT      seconds to wait for each service (default 90)
 set -euo pipefail
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 
 die() { echo "local-cluster: $*" >&2; exit 1; }
 
@@ -158,12 +169,13 @@ pgid_of() {
   echo "$1"
 }
 
-# pids whose command line names TEMP_ROOT, plus every member of the recorded process groups
-our_pids() {
-  "$PYTHON" - "${TEMP_ROOT:-}" "${HEAD_PGID:-}" "${WORKER_PGID:-}" "${MLFLOW_PGID:-}" \
-    "${S3_PGID:-}" <<'EOF'
-import os, sys
-temp_root = sys.argv[1].encode()
+# pids_of TEMP_DIR PGID...: pids whose command line names TEMP_DIR (followed by "/" or the end of
+# an argument: .../w does not match .../w2), plus every member of the given process groups
+pids_of() {
+  "$PYTHON" - "$@" <<'EOF'
+import os, re, sys
+temp = sys.argv[1].encode()
+pattern = re.compile(re.escape(temp) + rb"(/|\x00|$)") if temp else None
 pgids = {int(g) for g in sys.argv[2:] if g}
 me = {os.getpid(), os.getppid()}
 for entry in os.listdir("/proc"):
@@ -180,23 +192,30 @@ for entry in os.listdir("/proc"):
     fields = stat[stat.rindex(b")") + 2:].split()
     if fields[0] == b"Z":  # zombie: already dead, waiting for its parent
         continue
-    if int(fields[2]) in pgids or (temp_root and temp_root in cmdline):
+    if int(fields[2]) in pgids or (pattern is not None and pattern.search(cmdline)):
         print(pid)
 EOF
 }
 
+# pids whose command line names TEMP_ROOT, plus every member of the recorded process groups
+our_pids() {
+  pids_of "${TEMP_ROOT:-}" "${HEAD_PGID:-}" "${WORKER_PGID:-}" "${MLFLOW_PGID:-}" "${S3_PGID:-}"
+}
+
+# On a failed start wait_for calls $ON_START_FAILURE: stop_all (`up`: nothing half-started is left)
+# or stop_worker_node (`restart-worker`: the rest of the cluster stays up).
 wait_for() {  # wait_for DESCRIPTION PID LOG COMMAND...
   local what=$1 pid=$2 log=$3; shift 3
   local deadline=$((SECONDS + STARTUP_TIMEOUT))
   until "$@"; do
     if ! kill -0 "$pid" 2>/dev/null; then
       tail -n 30 "$log" >&2 || true
-      stop_all
+      "${ON_START_FAILURE:-stop_all}"
       die "$what exited during start-up (log: $log)"
     fi
     if (( SECONDS > deadline )); then
       tail -n 30 "$log" >&2 || true
-      stop_all
+      "${ON_START_FAILURE:-stop_all}"
       die "$what not ready after ${STARTUP_TIMEOUT}s (log: $log)"
     fi
     sleep 0.5
@@ -262,6 +281,45 @@ stop_all() {
   [[ -z "$pids" ]] || die "processes still running after down:" $pids
 }
 
+# The state file (sourced by every verb): what `down` needs to stop everything, and what
+# `restart-worker` needs to start the worker node again as `up` did.
+write_state() {
+  cat > "$STATE" <<EOF
+TEMP_ROOT=$TEMP_ROOT
+GCS_PORT=$GCS_PORT
+DASH_PORT=$DASH_PORT
+MLFLOW_PORT=$MLFLOW_PORT
+RAY_AUTH_MODE=$RAY_AUTH_MODE
+RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-}
+MLFLOW_PGID=${MLFLOW_PGID:-}
+HEAD_PGID=${HEAD_PGID:-}
+WORKER_PGID=${WORKER_PGID:-}
+WORKER_TEMP=${WORKER_TEMP:-}
+WORKER_STARTS=${WORKER_STARTS:-0}
+S3_PGID=${S3_PGID:-}
+S3_PORT=${S3_PORT:-}
+OBJECT_STORE=$OBJECT_STORE
+HEAD_CPUS=$HEAD_CPUS
+WORKER_CPUS=$WORKER_CPUS
+OBJECT_STORE_BYTES=$OBJECT_STORE_BYTES
+EOF
+}
+
+# The worker node only (a restart that failed): SIGTERM to its group, then SIGKILL to what is left
+# of it (by group and by its temp dir).
+stop_worker_node() {
+  local pids
+  if [[ -n "${WORKER_PGID:-}" ]]; then
+    kill -TERM -- "-$WORKER_PGID" 2>/dev/null || true
+    wait_gone 20 "$WORKER_PGID" || true
+  fi
+  pids=$(pids_of "${WORKER_TEMP:-}" "${WORKER_PGID:-}")
+  # shellcheck disable=SC2086
+  [[ -z "$pids" ]] || { kill -KILL $pids 2>/dev/null || true; wait_gone 10 $pids || true; }
+  WORKER_PGID=""
+  write_state
+}
+
 # The S3-compatible server, its credentials in the environment (inherited by MLflow and both
 # Ray nodes), and the bucket. Credentials are random per cluster, like a KubeRay Secret's.
 start_object_store() {
@@ -279,6 +337,43 @@ start_object_store() {
     eval 'http_get "$AWS_ENDPOINT_URL" > /dev/null'
   "$PYTHON" -c "import boto3; boto3.client('s3').create_bucket(Bucket='$BUCKET')" \
     || die "could not create bucket $BUCKET at $AWS_ENDPOINT_URL"
+}
+
+# The environment and flags both Ray nodes start with.
+node_env() {
+  export RAY_USAGE_STATS_ENABLED=0
+  # A local node has nothing to drain: SIGTERM tears it down at once instead of waiting 30 s.
+  export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
+  # Jobs run `noisyseg ...` from the same environment as ray itself.
+  export PATH="$BIN_DIR:$PATH"
+  RAY_COMMON=(--block --node-ip-address 127.0.0.1 --disable-usage-stats
+              --object-store-memory "$OBJECT_STORE_BYTES" --num-gpus 0)
+}
+
+# start_worker_node "NM OM AGENT AGENT_GRPC RTENV METRICS MIN:MAX": the worker node (`ray start
+# --block --address <head>`, {"node2": 1}) in its own process group and its own temp dir
+# ($TEMP_ROOT/w, then w2, w3, ... on restarts); returns once the head counts 2 ALIVE nodes.
+# Expects the environment of `up` (PATH, AWS_*, MLFLOW_TRACKING_URI, RAY_* knobs).
+start_worker_node() {
+  local nm om agent agent_grpc rtenv metrics range ww_min ww_max
+  read -r nm om agent agent_grpc rtenv metrics range <<< "$1"
+  IFS=: read -r ww_min ww_max <<< "$range"
+  WORKER_STARTS=$(( ${WORKER_STARTS:-0} + 1 ))
+  WORKER_TEMP="$TEMP_ROOT/w"
+  (( WORKER_STARTS > 1 )) && WORKER_TEMP="$TEMP_ROOT/w$WORKER_STARTS"
+  mkdir -p "$WORKER_TEMP"
+  local log="$DIR/logs/ray-worker.log"
+  (( WORKER_STARTS > 1 )) && log="$DIR/logs/ray-worker-$WORKER_STARTS.log"
+  setsid "$RAY" start "${RAY_COMMON[@]}" --address "127.0.0.1:$GCS_PORT" \
+    --node-manager-port "$nm" --object-manager-port "$om" \
+    --dashboard-agent-listen-port "$agent" --dashboard-agent-grpc-port "$agent_grpc" \
+    --runtime-env-agent-port "$rtenv" --metrics-export-port "$metrics" \
+    --min-worker-port "$ww_min" --max-worker-port "$ww_max" \
+    --temp-dir "$WORKER_TEMP" --num-cpus "$WORKER_CPUS" --resources '{"node2": 1}' \
+    > "$log" 2>&1 < /dev/null &
+  local worker_pid=$!
+  WORKER_PGID=$(pgid_of "$worker_pid"); write_state
+  wait_for "ray worker node" "$worker_pid" "$log" eval '[[ "$(alive_nodes)" -ge 2 ]]'
 }
 
 # ----------------------------------------------------------------------------------- verbs
@@ -303,9 +398,6 @@ cmd_up() {
       unset RAY_AUTH_TOKEN ;;
     *) die "RAY_AUTH_MODE must be 'disabled' or 'token', got '$RAY_AUTH_MODE'" ;;
   esac
-  export RAY_USAGE_STATS_ENABLED=0
-  # A local node has nothing to drain: SIGTERM tears it down at once instead of waiting 30 s.
-  export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 
   local ports
   ports=$(pick_ports 17 2 40) || die "could not find free ports"
@@ -313,25 +405,10 @@ cmd_up() {
     H_NM H_OM H_AGENT H_AGENT_GRPC H_RTENV H_METRICS \
     W_NM W_OM W_AGENT W_AGENT_GRPC W_RTENV W_METRICS H_WORKERS W_WORKERS <<< "$ports"
   TEMP_ROOT="/tmp/nsr-$("$PYTHON" -c 'import secrets; print(secrets.token_hex(4))')"
-  mkdir -p "$TEMP_ROOT/h" "$TEMP_ROOT/w" "$DIR/logs" "$DIR/artifacts"
+  mkdir -p "$TEMP_ROOT/h" "$DIR/logs" "$DIR/artifacts"
+  WORKER_STARTS=0
 
   # Written before anything starts so that `down` can always clean up a half start.
-  write_state() {
-    cat > "$STATE" <<EOF
-TEMP_ROOT=$TEMP_ROOT
-GCS_PORT=$GCS_PORT
-DASH_PORT=$DASH_PORT
-MLFLOW_PORT=$MLFLOW_PORT
-RAY_AUTH_MODE=$RAY_AUTH_MODE
-RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-}
-MLFLOW_PGID=${MLFLOW_PGID:-}
-HEAD_PGID=${HEAD_PGID:-}
-WORKER_PGID=${WORKER_PGID:-}
-S3_PGID=${S3_PGID:-}
-S3_PORT=${S3_PORT:-}
-OBJECT_STORE=$OBJECT_STORE
-EOF
-  }
   write_state
 
   local artifacts="$DIR/artifacts"
@@ -350,12 +427,9 @@ EOF
   local mlflow_pid=$!
   MLFLOW_PGID=$(pgid_of "$mlflow_pid"); write_state
 
-  # Jobs run `noisyseg ...` from the same environment as ray itself.
-  export PATH="$BIN_DIR:$PATH"
-  local common=(--block --node-ip-address 127.0.0.1 --disable-usage-stats
-                --object-store-memory "$OBJECT_STORE_BYTES" --num-gpus 0)
+  node_env
   IFS=: read -r hw_min hw_max <<< "$H_WORKERS"
-  setsid "$RAY" start --head "${common[@]}" --port "$GCS_PORT" \
+  setsid "$RAY" start --head "${RAY_COMMON[@]}" --port "$GCS_PORT" \
     --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" \
     --ray-client-server-port "$CLIENT_PORT" \
     --node-manager-port "$H_NM" --object-manager-port "$H_OM" \
@@ -372,18 +446,7 @@ EOF
   wait_for "ray head" "$head_pid" "$DIR/logs/ray-head.log" \
     eval '[[ "$(alive_nodes)" -ge 1 ]]'
 
-  IFS=: read -r ww_min ww_max <<< "$W_WORKERS"
-  setsid "$RAY" start "${common[@]}" --address "127.0.0.1:$GCS_PORT" \
-    --node-manager-port "$W_NM" --object-manager-port "$W_OM" \
-    --dashboard-agent-listen-port "$W_AGENT" --dashboard-agent-grpc-port "$W_AGENT_GRPC" \
-    --runtime-env-agent-port "$W_RTENV" --metrics-export-port "$W_METRICS" \
-    --min-worker-port "$ww_min" --max-worker-port "$ww_max" \
-    --temp-dir "$TEMP_ROOT/w" --num-cpus "$WORKER_CPUS" --resources '{"node2": 1}' \
-    > "$DIR/logs/ray-worker.log" 2>&1 < /dev/null &
-  local worker_pid=$!
-  WORKER_PGID=$(pgid_of "$worker_pid"); write_state
-  wait_for "ray worker node" "$worker_pid" "$DIR/logs/ray-worker.log" \
-    eval '[[ "$(alive_nodes)" -ge 2 ]]'
+  start_worker_node "$W_NM $W_OM $W_AGENT $W_AGENT_GRPC $W_RTENV $W_METRICS $W_WORKERS"
 
   {
     echo "export RAY_ADDRESS=http://127.0.0.1:$DASH_PORT"
@@ -427,6 +490,52 @@ cmd_status() {
   [[ "$nodes" -ge 2 && "$mlflow" == up ]]
 }
 
+cmd_kill_worker() {
+  load_state || die "nothing recorded in $DIR (run: $0 up --dir $DIR)"
+  [[ -n "${WORKER_PGID:-}" && -n "${WORKER_TEMP:-}" ]] \
+    || die "no worker node is running in $DIR (run: $0 restart-worker --dir $DIR)"
+  export RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH
+  local before pids
+  before=$(alive_nodes)
+  # The whole group at once, then whatever it started elsewhere (the raylet's workers): nothing
+  # of the node gets to say goodbye to the head.
+  kill -KILL -- "-$WORKER_PGID" 2>/dev/null || true
+  pids=$(pids_of "$WORKER_TEMP" "$WORKER_PGID")
+  # shellcheck disable=SC2086
+  [[ -z "$pids" ]] || kill -KILL $pids 2>/dev/null || true
+  # shellcheck disable=SC2086
+  wait_gone 10 $pids || die "worker node processes survived SIGKILL:" $(pids_of "$WORKER_TEMP" "$WORKER_PGID")
+  echo "local-cluster: worker node killed (process group $WORKER_PGID, temp dir $WORKER_TEMP)"
+  WORKER_PGID=""
+  write_state
+  local deadline=$((SECONDS + STARTUP_TIMEOUT))
+  until (( $(alive_nodes) < before )); do
+    (( SECONDS > deadline )) && die "the head still counts $before ALIVE nodes after ${STARTUP_TIMEOUT}s"
+    sleep 0.5
+  done
+  echo "local-cluster: the head marked the worker node DEAD ($(alive_nodes) node(s) alive)"
+}
+
+cmd_restart_worker() {
+  load_state || die "nothing recorded in $DIR (run: $0 up --dir $DIR)"
+  [[ -n "${HEAD_PGID:-}" ]] || die "no head recorded in $DIR (run: $0 up --dir $DIR)"
+  if [[ -n "${WORKER_PGID:-}" && -n "$(pids_of "" "$WORKER_PGID")" ]]; then
+    die "the worker node is still running (process group $WORKER_PGID; run: $0 kill-worker)"
+  fi
+  # The environment `up` gave the nodes: cluster.env (MLflow, auth, object store), without the
+  # client-side addresses, which `up` never put in a node's environment.
+  # shellcheck disable=SC1090
+  source "$ENV_FILE"
+  unset RAY_ADDRESS RAY_GCS_ADDRESS
+  [[ "$RAY_AUTH_MODE" == token ]] || unset RAY_AUTH_TOKEN_PATH RAY_AUTH_TOKEN
+  node_env
+  ON_START_FAILURE=stop_worker_node
+  local ports
+  ports=$(pick_ports 6 1 40) || die "could not find free ports"
+  start_worker_node "$ports"
+  echo "local-cluster: worker node restarted ({\"node2\": 1}, $WORKER_CPUS CPU, temp dir $WORKER_TEMP)"
+}
+
 cmd_down() {
   if ! load_state; then
     echo "local cluster: nothing recorded in $DIR"
@@ -440,6 +549,8 @@ case "$CMD" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
+  kill-worker) cmd_kill_worker ;;
+  restart-worker) cmd_restart_worker ;;
   -h|--help|help) usage ;;
   *) usage >&2; exit 2 ;;
 esac

@@ -3,7 +3,8 @@
 Every ``noisyseg train`` flag is accepted and fixed for all trials; ``--space NAME=EXPR`` (or the
 ``search_space:`` section of the ``--config`` YAML) makes a field searched. A ``tune:`` section
 of the YAML may hold the sweep options (``name``, ``metric``, ``metric_mode`` (or ``mode``), ``num_samples``,
-``max_concurrent``, ``scheduler``, ``grace_period``, ``reduction_factor``, ``trial_cpus``);
+``max_concurrent``, ``scheduler``, ``grace_period``, ``reduction_factor``, ``trial_cpus``,
+``trial_max_failures``);
 flags override it.
 """
 
@@ -29,6 +30,7 @@ _TUNE_OPTIONS = {
     "grace_period": int,
     "reduction_factor": float,
     "trial_cpus": float,
+    "trial_max_failures": int,
 }
 
 
@@ -122,6 +124,15 @@ def _add_search_args(group: argparse._ArgumentGroup) -> None:
         default=None,
         help="CPUs reserved by each trial's driver actor (default 1; the Train "
         "workers reserve workers x cpus_per_worker themselves)",
+    )
+    group.add_argument(
+        "--trial-max-failures",
+        type=int,
+        default=None,
+        help="times Tune restarts a trial whose actor died, e.g. with its node (-1: without "
+        "limit; default 0: the trial fails and re-running the command resumes it); a restarted "
+        "trial resumes from its newest checkpoint. Fixed when the sweep starts. (--max-failures "
+        "is Ray Train's: worker-group restarts inside a trial.)",
     )
 
 

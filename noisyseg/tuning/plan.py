@@ -45,7 +45,9 @@ class SweepSettings:
     ``base``: TrainConfig fields shared by every trial (search fields excluded). ``grace_period``
     in optimiser steps (``None``: derived, see :func:`grace_period_for`). ``max_concurrent``
     (``None``: as many as the cluster can place). ``trial_cpus``: CPUs the Tune trial actor (the
-    trial's driver) reserves; the Train workers reserve their own.
+    trial's driver) reserves; the Train workers reserve their own. ``trial_max_failures``: times
+    Tune restarts a trial whose actor died (a lost node; Tune's ``FailureConfig.max_failures``,
+    -1: without limit); the restarted trial resumes from its newest Train checkpoint.
     """
 
     name: str
@@ -59,6 +61,7 @@ class SweepSettings:
     grace_period: int | None = None
     reduction_factor: float = 2.0
     trial_cpus: float = 1.0
+    trial_max_failures: int = 0
     source: str | None = None
 
 
@@ -168,6 +171,11 @@ def _check_options(settings: SweepSettings) -> None:
             f"--reduction-factor must be > 1, got {settings.reduction_factor}",
         ),
         (settings.trial_cpus >= 0, f"--trial-cpus must be >= 0, got {settings.trial_cpus}"),
+        (
+            settings.trial_max_failures >= -1,
+            f"--trial-max-failures must be >= -1 (-1: without limit), got "
+            f"{settings.trial_max_failures}",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -288,6 +288,7 @@ def _parent_params(settings: SweepSettings, plan: SweepPlan, concurrent: int) ->
         "grace_period": plan.grace_period,
         "reduction_factor": settings.reduction_factor,
         "trial_cpus": settings.trial_cpus,
+        "trial_max_failures": settings.trial_max_failures,
         **{f"space.{k}": v for k, v in settings.space.describe().items()},
         **{f"base.{k}": v for k, v in plan.sample.flat_params().items() if k not in settings.space},
     }
@@ -351,14 +352,22 @@ def _make_tuner(
             num_samples=settings.num_samples,
             max_concurrent_trials=concurrent,
         ),
-        run_config=tune.RunConfig(
-            name=settings.name,
-            failure_config=tune.FailureConfig(max_failures=0),
-            sync_config=(
-                tune.SyncConfig(sync_period=REMOTE_SYNC_PERIOD_S) if sweep_dir.remote else None
-            ),
-            **_ray_storage(_parent_of(sweep_dir)),
+        run_config=run_config(settings, sweep_dir),
+    )
+
+
+def run_config(settings: SweepSettings, sweep_dir: RunLocation) -> tune.RunConfig:
+    """The new sweep's ``RunConfig``: its name and storage, Tune's experiment-state sync period
+    on object storage, and ``FailureConfig(max_failures=trial_max_failures)`` (a trial whose actor
+    died, e.g. with its node, is restarted that many times and resumes from its Train
+    checkpoint). A restored sweep keeps the one it started with."""
+    return tune.RunConfig(
+        name=settings.name,
+        failure_config=tune.FailureConfig(max_failures=settings.trial_max_failures),
+        sync_config=(
+            tune.SyncConfig(sync_period=REMOTE_SYNC_PERIOD_S) if sweep_dir.remote else None
         ),
+        **_ray_storage(_parent_of(sweep_dir)),
     )
 
 
