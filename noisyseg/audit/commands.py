@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from noisyseg.audit import DEFAULT_THRESHOLD
-from noisyseg.distributed.inference_args import add_window_args
+from noisyseg.distributed.inference_args import (
+    add_parallel_args,
+    add_window_args,
+    resolve_device,
+    uses_ray,
+)
 from noisyseg.distributed.inference_args import select_cases as store_cases
 from noisyseg.errors import NoisysegInputError
 
@@ -60,8 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     audit.add_argument("--experiment", help="MLflow experiment (default: the model run's)")
     audit.add_argument("--no-log", action="store_true", help="do not log to MLflow")
     add_window_args(audit)
-    audit.add_argument("--workers", type=int, default=1, help="parallel Ray workers (1: local)")
-    audit.add_argument("--ray", action="store_true", help="run on Ray even with one worker")
+    add_parallel_args(audit)
     audit.set_defaults(func=run_audit)
 
 
@@ -89,16 +92,6 @@ def absolute_store(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def resolve_device(device: str | None) -> str:
-    import torch  # heavy: imported by the verb only, so `noisyseg --help` stays fast
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NoisysegInputError(f"device {device!r} requested but no CUDA GPU is available")
-    return device
-
-
 def inference_settings(args: argparse.Namespace, model: Any, store: Any):
     """Sliding-window settings from the flags and the training config (as ``predict``)."""
     from noisyseg.distributed.checkpoints import model_from_checkpoint
@@ -118,7 +111,7 @@ def inference_settings(args: argparse.Namespace, model: Any, store: Any):
         roi_size=check_roi(roi, spec),
         overlap=overlap,
         sw_batch_size=args.sw_batch_size,
-        device=resolve_device(args.device),
+        device=resolve_device(args.device, args.gpu, uses_ray(args)),
         amp=args.amp,
     )
 
@@ -149,7 +142,7 @@ def run_audit(args: argparse.Namespace) -> int:
         run.parse_ids(args.accept)
     model = run.load_model(args.model)
     settings = inference_settings(args, model, store)
-    use_ray = bool(args.ray) or args.workers > 1 or bool(os.environ.get("RAY_ADDRESS"))
+    use_ray = uses_ray(args)
     if args.accept:
         return _accept(args, model, store_url, settings, use_ray)
     return _review(args, model, store, settings, use_ray)

@@ -1,5 +1,6 @@
 """What the inference verbs (``evaluate``, ``predict``, ``audit``) share on the command line: the
-sliding-window flags and the choice of store cases.
+sliding-window flags, where the forward passes run (in-process, Ray Data actors, GPUs) and the
+choice of store cases.
 
 Light on purpose: the CLI loads every verb module for ``noisyseg --help``.
 """
@@ -7,6 +8,7 @@ Light on purpose: the CLI loads every verb module for ``noisyseg --help``.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +47,58 @@ def add_window_args(parser: argparse.ArgumentParser, *, sw_batch_size: int | Non
     )
 
 
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--workers``, ``--ray`` and ``--gpu``: how many models predict at once, and where."""
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="models predicting in parallel (Ray Data actors); "
+        "1 runs in-process unless RAY_ADDRESS is set or --ray is given",
+    )
+    parser.add_argument("--ray", action="store_true", help="run on Ray even with one worker")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="one GPU per worker (on Ray: each actor reserves one; the driver needs none)",
+    )
+
+
+def uses_ray(args: argparse.Namespace) -> bool:
+    """Whether the cases are predicted on Ray: ``--ray``, ``--workers > 1`` or ``RAY_ADDRESS``."""
+    return bool(args.ray) or args.workers > 1 or bool(os.environ.get("RAY_ADDRESS"))
+
+
+def resolve_device(device: str | None, gpu: bool = False, use_ray: bool = False) -> str:
+    """The torch device of the forward passes.
+
+    ``--gpu`` on a Ray cluster (``RAY_ADDRESS`` set) gives ``cuda`` unchecked: each actor
+    reserves one GPU of the cluster (an autoscaler may still have to add the GPU nodes), the
+    driver need not have one. Otherwise the GPUs are this machine's (in-process, or a local Ray
+    instance) and the device is checked here, before any work: ``--gpu`` or ``--device cuda``
+    without a local GPU, or a name torch does not know, is refused. Default (no flag): ``cuda``
+    when this process sees a GPU, else ``cpu``.
+
+    Raises:
+        NoisysegInputError: the device is unknown or not present.
+    """
+    import torch  # heavy: imported by the verb only, so `noisyseg --help` stays fast
+
+    if gpu and use_ray and os.environ.get("RAY_ADDRESS", "").strip():
+        return "cuda"
+    if gpu:
+        device = "cuda"
+    elif device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise NoisysegInputError(f"device {device!r} requested but no CUDA GPU is available")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise NoisysegInputError(f"unknown torch device {device!r}") from None
+    return device
+
+
 def select_cases(store: Any, cases: Sequence[str] | None, split: str) -> list[str]:
     """The given ``cases`` (checked: in the store, none twice), else every case of ``split``.
 
@@ -59,4 +113,10 @@ def select_cases(store: Any, cases: Sequence[str] | None, split: str) -> list[st
     return list(found)
 
 
-__all__ = ["add_window_args", "select_cases"]
+__all__ = [
+    "add_parallel_args",
+    "add_window_args",
+    "resolve_device",
+    "select_cases",
+    "uses_ray",
+]

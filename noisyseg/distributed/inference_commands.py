@@ -12,13 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from noisyseg.distributed.inference_args import add_window_args, select_cases
+from noisyseg.distributed.inference_args import (
+    add_parallel_args,
+    add_window_args,
+    resolve_device,
+    select_cases,
+    uses_ray,
+)
 from noisyseg.errors import NoisysegInputError
 from noisyseg.metrics import REPORT_CANDIDATE_THRESHOLD
 
@@ -67,32 +72,11 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="do not log to the MLflow run even when --run-id is given",
     )
-    evaluate.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="predict cases in parallel on this many Ray workers (default 1: "
-        "in-process unless RAY_ADDRESS is set or --ray is given)",
-    )
-    evaluate.add_argument("--ray", action="store_true", help="predict on Ray even with 1 worker")
+    add_parallel_args(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 
 
 # ---------------------------------------------------------------------------------- shared
-def _resolve_device(device: str | None) -> str:
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NoisysegInputError(f"device {device!r} requested but no CUDA GPU is available")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise NoisysegInputError(f"unknown torch device {device!r}") from None
-    return device
-
-
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
     """Checkpoint dict, model and spec from --checkpoint or --run-id (validated)."""
     from noisyseg.distributed.checkpoints import model_from_checkpoint
@@ -147,7 +131,7 @@ def _settings(args: argparse.Namespace, checkpoint: dict[str, Any], spec: Any):
         roi_size=roi,
         overlap=overlap,
         sw_batch_size=args.sw_batch_size,
-        device=_resolve_device(args.device),
+        device=resolve_device(args.device, args.gpu, uses_ray(args)),
         amp=args.amp,
     )
 
@@ -292,7 +276,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise NoisysegInputError("output directory does not exist", path=args.output)
     if args.workers < 1:
         raise NoisysegInputError(f"--workers must be >= 1, got {args.workers}")
-    use_ray = bool(args.ray) or args.workers > 1 or bool(os.environ.get("RAY_ADDRESS"))
+    use_ray = uses_ray(args)
     model.to(settings.device)
     maps = _ray_maps(console, checkpoint, store, cases, settings, args.workers) if use_ray else None
     result = _evaluate(console, model, store, cases, settings, maps, args)

@@ -25,7 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from noisyseg.distributed.inference_args import add_window_args, select_cases
+from noisyseg.distributed.inference_args import (
+    add_parallel_args,
+    add_window_args,
+    resolve_device,
+    select_cases,
+    uses_ray,
+)
 from noisyseg.errors import NoisysegInputError
 
 _MODEL_HELP = (
@@ -67,15 +73,7 @@ def _add_predict(subparsers: Any) -> None:
         "--threshold", type=float, default=None, help="mask threshold (default: the model's, 0.5)"
     )
     parser.add_argument("--table-format", choices=("csv", "parquet"), default="csv")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="models predicting in parallel (Ray Data actors); "
-        "1 runs in-process unless RAY_ADDRESS is set or --ray is given",
-    )
-    parser.add_argument("--ray", action="store_true", help="run on Ray even with one worker")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    add_parallel_args(parser)
     add_window_args(parser, sw_batch_size=None)
     parser.set_defaults(func=run_predict)
 
@@ -178,24 +176,6 @@ def _preprocessing(args: argparse.Namespace, resolved: Any) -> Any:
     return dataclasses.replace(prep, **changes)
 
 
-def _resolve_device(device: str | None, gpu: bool, use_ray: bool = False) -> str:
-    """The torch device of the forward passes. ``--gpu`` on Ray: ``cuda`` in the actors (each
-    reserves one GPU; the driver need not have one); otherwise checked here."""
-    import torch
-
-    if gpu and use_ray:
-        return "cuda"
-    if gpu or device is None:
-        device = "cuda" if (gpu or torch.cuda.is_available()) else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NoisysegInputError(f"device {device!r} requested but no CUDA GPU is available")
-    return device
-
-
-def _use_ray(args: argparse.Namespace) -> bool:
-    return bool(args.ray) or args.workers > 1 or bool(os.environ.get("RAY_ADDRESS"))
-
-
 def run_predict(args: argparse.Namespace) -> int:
     from noisyseg.storage.validate import check_label_set_name
 
@@ -251,8 +231,8 @@ def _predict_to_files(args: argparse.Namespace, kind: str, source: str, referenc
         cases = [ScanCase(c, [], store_url=store.url) for c in cases_ids]
     else:
         cases = discover_scans(source, in_channels=prep.in_channels)
-    use_ray = _use_ray(args)
-    device = _resolve_device(args.device, args.gpu, use_ray)
+    use_ray = uses_ray(args)
+    device = resolve_device(args.device, args.gpu, use_ray)
     out = _output_dir(args.output, args.overwrite)
     start = time.perf_counter()
     with progress_bar(
@@ -347,10 +327,10 @@ def _predict_into_store(args: argparse.Namespace, source: str, reference: str) -
         roi_size=prep.roi_size,
         overlap=prep.overlap,
         sw_batch_size=prep.sw_batch_size,
-        device=_resolve_device(args.device, args.gpu, _use_ray(args)),
+        device=resolve_device(args.device, args.gpu, uses_ray(args)),
         amp=args.amp,
     )
-    use_ray = _use_ray(args)
+    use_ray = uses_ray(args)
     metadata = {
         "model": reference,
         "run_id": resolved.run_id,
