@@ -46,6 +46,8 @@
 #                        else python3 on PATH)
 #   OBJECT_STORE_BYTES   object store per node (default 200000000)
 #   STARTUP_TIMEOUT      seconds to wait for each service (default 90)
+#   NODE_START_ATTEMPTS  tries of each Ray node start (default 3): Ray gives a starting node a
+#                        fixed 30 s to register, which a loaded machine can miss
 set -euo pipefail
 
 usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -90,6 +92,7 @@ MLFLOW="$BIN_DIR/mlflow"
 MOTO="$BIN_DIR/moto_server"
 BUCKET=noisyseg
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-90}
+NODE_START_ATTEMPTS=${NODE_START_ATTEMPTS:-3}
 OBJECT_STORE_BYTES=${OBJECT_STORE_BYTES:-200000000}
 
 # ----------------------------------------------------------------------------------- helpers
@@ -204,22 +207,26 @@ our_pids() {
 
 # On a failed start wait_for calls $ON_START_FAILURE: stop_all (`up`: nothing half-started is left)
 # or stop_worker_node (`restart-worker`: the rest of the cluster stays up).
-wait_for() {  # wait_for DESCRIPTION PID LOG COMMAND...
-  local what=$1 pid=$2 log=$3; shift 3
+# await_ready PID COMMAND...: 0 once COMMAND succeeds, 1 if PID exits first, 2 after
+# STARTUP_TIMEOUT seconds
+await_ready() {
+  local pid=$1; shift
   local deadline=$((SECONDS + STARTUP_TIMEOUT))
   until "$@"; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      tail -n 30 "$log" >&2 || true
-      "${ON_START_FAILURE:-stop_all}"
-      die "$what exited during start-up (log: $log)"
-    fi
-    if (( SECONDS > deadline )); then
-      tail -n 30 "$log" >&2 || true
-      "${ON_START_FAILURE:-stop_all}"
-      die "$what not ready after ${STARTUP_TIMEOUT}s (log: $log)"
-    fi
+    kill -0 "$pid" 2>/dev/null || return 1
+    (( SECONDS > deadline )) && return 2
     sleep 0.5
   done
+}
+
+wait_for() {  # wait_for DESCRIPTION PID LOG COMMAND...: await_ready, or clean up and die
+  local what=$1 pid=$2 log=$3 rc=0; shift 3
+  await_ready "$pid" "$@" || rc=$?
+  (( rc == 0 )) && return 0
+  tail -n 30 "$log" >&2 || true
+  "${ON_START_FAILURE:-stop_all}"
+  (( rc == 1 )) && die "$what exited during start-up (log: $log)"
+  die "$what not ready after ${STARTUP_TIMEOUT}s (log: $log)"
 }
 
 load_state() {
@@ -350,30 +357,92 @@ node_env() {
               --object-store-memory "$OBJECT_STORE_BYTES" --num-gpus 0)
 }
 
-# start_worker_node "NM OM AGENT AGENT_GRPC RTENV METRICS MIN:MAX": the worker node (`ray start
-# --block --address <head>`, {"node2": 1}) in its own process group and its own temp dir
-# ($TEMP_ROOT/w, then w2, w3, ... on restarts); returns once the head counts 2 ALIVE nodes.
-# Expects the environment of `up` (PATH, AWS_*, MLFLOW_TRACKING_URI, RAY_* knobs).
-start_worker_node() {
+# Ray gives a starting node 30 s to register with the GCS (hard-coded in ray/_private/node.py);
+# on a loaded machine a node can miss that and its `ray start` exits. retry_node_start cleans such
+# a start up (its process group and whatever names its temp dir) and tries again, with a fresh
+# temp dir, NODE_START_ATTEMPTS times in all; a node that is still starting after
+# STARTUP_TIMEOUT is not retried.
+#   retry_node_start WHAT PGID_VAR TEMP_VAR LAUNCH READY...
+# LAUNCH ATTEMPT starts the node in the background (setsid) and sets NODE_PID, NODE_TEMP, NODE_LOG.
+retry_node_start() {
+  local what=$1 pgid_var=$2 temp_var=$3 launch=$4 attempt rc pids; shift 4
+  for (( attempt = 1; attempt <= NODE_START_ATTEMPTS; attempt++ )); do
+    "$launch" "$attempt"
+    printf -v "$pgid_var" '%s' "$(pgid_of "$NODE_PID")"
+    printf -v "$temp_var" '%s' "$NODE_TEMP"
+    write_state
+    rc=0
+    await_ready "$NODE_PID" "$@" || rc=$?
+    (( rc == 0 )) && return 0
+    if (( rc == 1 && attempt < NODE_START_ATTEMPTS )); then
+      echo "local-cluster: $what exited during start-up (attempt $attempt of" \
+        "$NODE_START_ATTEMPTS; log: $NODE_LOG): $(tail -n 1 "$NODE_LOG")" >&2
+      kill -KILL -- "-${!pgid_var}" 2>/dev/null || true
+      pids=$(pids_of "$NODE_TEMP" "${!pgid_var}")
+      # shellcheck disable=SC2086
+      [[ -z "$pids" ]] || { kill -KILL $pids 2>/dev/null || true; wait_gone 10 $pids || true; }
+      continue
+    fi
+    tail -n 30 "$NODE_LOG" >&2 || true
+    "${ON_START_FAILURE:-stop_all}"
+    (( rc == 1 )) && die "$what exited during start-up $attempt times (log: $NODE_LOG)"
+    die "$what not ready after ${STARTUP_TIMEOUT}s (log: $NODE_LOG)"
+  done
+}
+
+# launch_head ATTEMPT: the head node (`ray start --head --block`, {"node1": 1}, dashboard and job
+# server on 127.0.0.1) in its own process group, temp dir $TEMP_ROOT/h (h2, h3 on retries).
+launch_head() {
+  local hw_min hw_max
+  IFS=: read -r hw_min hw_max <<< "$H_WORKERS"
+  NODE_TEMP="$TEMP_ROOT/h"
+  (( $1 > 1 )) && NODE_TEMP="$TEMP_ROOT/h$1"
+  NODE_LOG="$DIR/logs/ray-head.log"
+  mkdir -p "$NODE_TEMP"
+  setsid "$RAY" start --head "${RAY_COMMON[@]}" --port "$GCS_PORT" \
+    --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" \
+    --ray-client-server-port "$CLIENT_PORT" \
+    --node-manager-port "$H_NM" --object-manager-port "$H_OM" \
+    --dashboard-agent-listen-port "$H_AGENT" --dashboard-agent-grpc-port "$H_AGENT_GRPC" \
+    --runtime-env-agent-port "$H_RTENV" --metrics-export-port "$H_METRICS" \
+    --min-worker-port "$hw_min" --max-worker-port "$hw_max" \
+    --temp-dir "$NODE_TEMP" --num-cpus "$HEAD_CPUS" --resources '{"node1": 1}' \
+    >> "$NODE_LOG" 2>&1 < /dev/null &
+  NODE_PID=$!
+}
+
+# launch_worker ATTEMPT: the worker node (`ray start --block --address <head>`, {"node2": 1})
+# in its own process group, temp dir $TEMP_ROOT/w (w2, w3, ... on restarts and retries), on the
+# ports in WORKER_PORTS ("NM OM AGENT AGENT_GRPC RTENV METRICS MIN:MAX").
+launch_worker() {
   local nm om agent agent_grpc rtenv metrics range ww_min ww_max
-  read -r nm om agent agent_grpc rtenv metrics range <<< "$1"
+  read -r nm om agent agent_grpc rtenv metrics range <<< "$WORKER_PORTS"
   IFS=: read -r ww_min ww_max <<< "$range"
   WORKER_STARTS=$(( ${WORKER_STARTS:-0} + 1 ))
-  WORKER_TEMP="$TEMP_ROOT/w"
-  (( WORKER_STARTS > 1 )) && WORKER_TEMP="$TEMP_ROOT/w$WORKER_STARTS"
-  mkdir -p "$WORKER_TEMP"
-  local log="$DIR/logs/ray-worker.log"
-  (( WORKER_STARTS > 1 )) && log="$DIR/logs/ray-worker-$WORKER_STARTS.log"
+  NODE_TEMP="$TEMP_ROOT/w"
+  NODE_LOG="$DIR/logs/ray-worker.log"
+  if (( WORKER_STARTS > 1 )); then
+    NODE_TEMP="$TEMP_ROOT/w$WORKER_STARTS"
+    NODE_LOG="$DIR/logs/ray-worker-$WORKER_STARTS.log"
+  fi
+  mkdir -p "$NODE_TEMP"
   setsid "$RAY" start "${RAY_COMMON[@]}" --address "127.0.0.1:$GCS_PORT" \
     --node-manager-port "$nm" --object-manager-port "$om" \
     --dashboard-agent-listen-port "$agent" --dashboard-agent-grpc-port "$agent_grpc" \
     --runtime-env-agent-port "$rtenv" --metrics-export-port "$metrics" \
     --min-worker-port "$ww_min" --max-worker-port "$ww_max" \
-    --temp-dir "$WORKER_TEMP" --num-cpus "$WORKER_CPUS" --resources '{"node2": 1}' \
-    > "$log" 2>&1 < /dev/null &
-  local worker_pid=$!
-  WORKER_PGID=$(pgid_of "$worker_pid"); write_state
-  wait_for "ray worker node" "$worker_pid" "$log" eval '[[ "$(alive_nodes)" -ge 2 ]]'
+    --temp-dir "$NODE_TEMP" --num-cpus "$WORKER_CPUS" --resources '{"node2": 1}' \
+    > "$NODE_LOG" 2>&1 < /dev/null &
+  NODE_PID=$!
+}
+
+# start_worker_node "NM OM AGENT AGENT_GRPC RTENV METRICS MIN:MAX": the worker node; returns once
+# the head counts 2 ALIVE nodes. Expects the environment of `up` (PATH, AWS_*,
+# MLFLOW_TRACKING_URI, RAY_* knobs).
+start_worker_node() {
+  WORKER_PORTS=$1
+  retry_node_start "ray worker node" WORKER_PGID WORKER_TEMP launch_worker \
+    eval '[[ "$(alive_nodes)" -ge 2 ]]'
 }
 
 # ----------------------------------------------------------------------------------- verbs
@@ -427,24 +496,11 @@ cmd_up() {
   local mlflow_pid=$!
   MLFLOW_PGID=$(pgid_of "$mlflow_pid"); write_state
 
-  node_env
-  IFS=: read -r hw_min hw_max <<< "$H_WORKERS"
-  setsid "$RAY" start --head "${RAY_COMMON[@]}" --port "$GCS_PORT" \
-    --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" \
-    --ray-client-server-port "$CLIENT_PORT" \
-    --node-manager-port "$H_NM" --object-manager-port "$H_OM" \
-    --dashboard-agent-listen-port "$H_AGENT" --dashboard-agent-grpc-port "$H_AGENT_GRPC" \
-    --runtime-env-agent-port "$H_RTENV" --metrics-export-port "$H_METRICS" \
-    --min-worker-port "$hw_min" --max-worker-port "$hw_max" \
-    --temp-dir "$TEMP_ROOT/h" --num-cpus "$HEAD_CPUS" --resources '{"node1": 1}' \
-    > "$DIR/logs/ray-head.log" 2>&1 < /dev/null &
-  local head_pid=$!
-  HEAD_PGID=$(pgid_of "$head_pid"); write_state
-
+  # MLflow ready before the head starts: both at once can starve the head past Ray's 30 s.
   wait_for "mlflow server" "$mlflow_pid" "$DIR/logs/mlflow.log" \
     eval 'http_get "$MLFLOW_TRACKING_URI/health" > /dev/null'
-  wait_for "ray head" "$head_pid" "$DIR/logs/ray-head.log" \
-    eval '[[ "$(alive_nodes)" -ge 1 ]]'
+  node_env
+  retry_node_start "ray head" HEAD_PGID HEAD_TEMP launch_head eval '[[ "$(alive_nodes)" -ge 1 ]]'
 
   start_worker_node "$W_NM $W_OM $W_AGENT $W_AGENT_GRPC $W_RTENV $W_METRICS $W_WORKERS"
 
