@@ -513,10 +513,16 @@ _COMMAND = re.compile(r"\bnoisyseg\s+(?:train|tune)\b")
 
 
 def _readme_commands() -> Iterator[tuple[str, str]]:
-    """``(where, command line)`` of every ``noisyseg train|tune`` in deploy/README.md, with
-    backslash continuations joined and cluster.env variables expanded."""
-    logical, start = "", 0
+    """``(where, command line)`` of every ``noisyseg train|tune`` in the code blocks of
+    deploy/README.md, with backslash continuations joined and cluster.env variables expanded
+    (prose that names a command is not a command line)."""
+    logical, start, in_code = "", 0, False
     for number, line in enumerate((DEPLOY / "README.md").read_text().splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            in_code, logical, start = not in_code, "", 0
+            continue
+        if not in_code:
+            continue
         start = start or number
         if line.rstrip().endswith("\\"):
             logical += line.rstrip()[:-1] + " "
@@ -531,6 +537,9 @@ def _readme_commands() -> Iterator[tuple[str, str]]:
         logical, start = "", 0
 
 
+_SHELL_OPERATORS = frozenset({"&", "&&", "||", "|", ";", ">", ">>"})
+
+
 def _s3_commands() -> list[tuple[str, list[str]]]:
     """Every shipped ``noisyseg train|tune`` command that passes an ``s3://`` path: the RayJob
     entrypoints and deploy/README.md, as argv words (``noisyseg`` first)."""
@@ -541,6 +550,8 @@ def _s3_commands() -> list[tuple[str, list[str]]]:
     commands = []
     for where, text in found:
         words = shlex.split(text, comments=True)
+        ends = [i for i, w in enumerate(words) if w in _SHELL_OPERATORS]
+        words = words[: ends[0]] if ends else words  # `cmd &`, `cmd && next`: cmd's argv only
         if words[0] == "noisyseg" and any(w.startswith("s3://") for w in words):
             commands.append((where, words))
     return commands
