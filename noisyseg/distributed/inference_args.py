@@ -60,7 +60,8 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gpu",
         action="store_true",
-        help="one GPU per worker (on Ray: each actor reserves one; the driver needs none)",
+        help="one GPU per worker (joining a Ray cluster: each actor reserves one there, this "
+        "machine needs none)",
     )
 
 
