@@ -41,7 +41,9 @@ __all__ = [
     "MotoS3Server",
     "RayHead",
     "free_port",
+    "local_cluster_env",
     "make_ball_store",
+    "read_env_file",
     "tiny_train_config",
     "ray_env",
     "ray_job_submit",
@@ -57,6 +59,33 @@ def ray_env(**extra: str) -> dict[str, str]:
     env["RAY_AUTH_MODE"] = "disabled"
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """Parse ``KEY=VALUE`` / ``export KEY=VALUE`` lines (deploy/local-cluster.sh's state and
+    cluster.env files)."""
+    out: dict[str, str] = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip().removeprefix("export ").strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            out[key] = value
+    return out
+
+
+def local_cluster_env(**extra: str) -> dict[str, str]:
+    """Environment for running deploy/local-cluster.sh: none of an outer cluster's addresses,
+    tokens or object-store variables (the script writes its own into cluster.env), auth off, the
+    test's Python for ray/mlflow/noisyseg, then ``extra``."""
+    env = dict(os.environ)
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(key, None)
+    for key in [k for k in env if k.startswith("AWS_")]:
+        env.pop(key)
+    env["RAY_AUTH_MODE"] = "disabled"
+    env["NOISYSEG_PYTHON"] = sys.executable
     env.update(extra)
     return env
 

@@ -21,37 +21,17 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_utils import local_cluster_env, read_env_file
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "deploy" / "local-cluster.sh"
 VENV_BIN = Path(sys.executable).parent
 
 
-def _read_env(path: Path) -> dict[str, str]:
-    """Parse ``KEY=VALUE`` / ``export KEY=VALUE`` lines."""
-    out: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip().removeprefix("export ").strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            out[key] = value
-    return out
-
-
-def _script_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        env.pop(key, None)
-    env["RAY_AUTH_MODE"] = "disabled"
-    env["NOISYSEG_PYTHON"] = sys.executable
-    env.update(extra)
-    return env
-
-
 def _script(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
     return subprocess.run(
         ["bash", str(SCRIPT), *args],
-        env=env or _script_env(),
+        env=env or local_cluster_env(),
         check=False,
         capture_output=True,
         text=True,
@@ -91,7 +71,9 @@ def test_down_without_state_is_a_no_op(tmp_path: Path) -> None:
 
 
 def test_rejects_unknown_auth_mode_before_starting_anything(tmp_path: Path) -> None:
-    done = _script("up", "--dir", str(tmp_path), env=_script_env(RAY_AUTH_MODE="open"), timeout=30)
+    done = _script(
+        "up", "--dir", str(tmp_path), env=local_cluster_env(RAY_AUTH_MODE="open"), timeout=30
+    )
     assert done.returncode != 0
     assert "RAY_AUTH_MODE must be 'disabled' or 'token'" in done.stderr
     assert not (tmp_path / "state").exists()
@@ -113,8 +95,8 @@ def test_status_reports_down_when_nothing_runs(tmp_path: Path) -> None:
 class LocalCluster:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.state = _read_env(root / "state")
-        self.env = _read_env(root / "cluster.env")
+        self.state = read_env_file(root / "state")
+        self.env = read_env_file(root / "cluster.env")
         self.dashboard = self.env["RAY_ADDRESS"]
         self.tracking_uri = self.env["MLFLOW_TRACKING_URI"]
         self.down_result: subprocess.CompletedProcess | None = None
@@ -258,7 +240,7 @@ def test_two_worker_training_job_runs_on_both_nodes(cluster: LocalCluster, tmp_p
         "--",
         *entrypoint,
     ]
-    env = _script_env()
+    env = local_cluster_env()
     deadline = time.monotonic() + 60
     while True:  # the dashboard answers a moment before its job agent registers
         job = subprocess.run(
@@ -319,10 +301,10 @@ def test_token_mode_rejects_requests_without_the_token(tmp_path: Path) -> None:
     import urllib.error
     import urllib.request
 
-    up = _script("up", "--dir", str(tmp_path), env=_script_env(RAY_AUTH_MODE="token"))
+    up = _script("up", "--dir", str(tmp_path), env=local_cluster_env(RAY_AUTH_MODE="token"))
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        env = _read_env(tmp_path / "cluster.env")
+        env = read_env_file(tmp_path / "cluster.env")
         assert env["RAY_AUTH_MODE"] == "token"
         token_file = Path(env["RAY_AUTH_TOKEN_PATH"])
         assert token_file.parent == tmp_path and oct(token_file.stat().st_mode & 0o777) == "0o600"
@@ -340,7 +322,7 @@ def test_token_mode_rejects_requests_without_the_token(tmp_path: Path) -> None:
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
     finally:
-        state = _read_env(tmp_path / "state") if (tmp_path / "state").exists() else None
+        state = read_env_file(tmp_path / "state") if (tmp_path / "state").exists() else None
         down = _script("down", "--dir", str(tmp_path), timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
     assert state is not None and _live_groups(state) == []

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_utils import local_cluster_env, read_env_file
 
 from noisyseg.cli import build_parser
 from noisyseg.distributed.run_storage import RunLocation
@@ -81,27 +82,10 @@ def test_trial_max_failures_below_minus_one_is_refused() -> None:
 
 
 # ---------------------------------------------------------------------------------- integration
-def _read_env(path: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip().removeprefix("export ").strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            out[key] = value
-    return out
-
-
-def _script_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        env.pop(key, None)
-    for key in [k for k in env if k.startswith("AWS_")]:
-        env.pop(key)
-    env["RAY_AUTH_MODE"] = "disabled"
-    env["NOISYSEG_PYTHON"] = sys.executable
+def _script_env() -> dict[str, str]:
+    env = local_cluster_env()
     # the script's wait for each service (default 90 s): a loaded 2-core machine needs more
     env.setdefault("STARTUP_TIMEOUT", "300")
-    env.update(extra)
     return env
 
 
@@ -202,7 +186,7 @@ def test_sweep_survives_the_loss_of_its_worker_node(cluster: Path) -> None:
     from ray.job_submission import JobSubmissionClient
 
     started = time.monotonic()
-    env = _read_env(cluster / "cluster.env")
+    env = read_env_file(cluster / "cluster.env")
     dashboard, tracking_uri, bucket = (
         env["RAY_ADDRESS"],
         env["MLFLOW_TRACKING_URI"],
