@@ -22,6 +22,7 @@ from noisyseg.audit import DEFAULT_THRESHOLD
 from noisyseg.distributed.inference_args import (
     add_parallel_args,
     add_window_args,
+    check_parallel_args,
     resolve_device,
     uses_ray,
 )
@@ -75,8 +76,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise NoisysegInputError(f"--threshold must be in (0, 1], got {args.threshold}")
     if args.top < 0:
         raise NoisysegInputError(f"--top must be >= 0, got {args.top}")
-    if args.workers < 1:
-        raise NoisysegInputError(f"--workers must be >= 1, got {args.workers}")
+    check_parallel_args(args)
     if args.sw_batch_size < 1:
         raise NoisysegInputError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
     if args.overlap is not None and not 0.0 <= args.overlap < 1.0:

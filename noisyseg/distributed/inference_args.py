@@ -65,6 +65,12 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_parallel_args(args: argparse.Namespace) -> None:
+    """Refuse a ``--workers`` below 1 (one line, before any work)."""
+    if args.workers < 1:
+        raise NoisysegInputError(f"--workers must be >= 1, got {args.workers}")
+
+
 def uses_ray(args: argparse.Namespace) -> bool:
     """Whether the cases are predicted on Ray: ``--ray``, ``--workers > 1`` or ``RAY_ADDRESS``."""
     return bool(args.ray) or args.workers > 1 or bool(os.environ.get("RAY_ADDRESS"))
@@ -117,6 +123,7 @@ def select_cases(store: Any, cases: Sequence[str] | None, split: str) -> list[st
 __all__ = [
     "add_parallel_args",
     "add_window_args",
+    "check_parallel_args",
     "resolve_device",
     "select_cases",
     "uses_ray",

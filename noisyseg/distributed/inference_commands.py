@@ -20,6 +20,7 @@ import numpy as np
 from noisyseg.distributed.inference_args import (
     add_parallel_args,
     add_window_args,
+    check_parallel_args,
     resolve_device,
     select_cases,
     uses_ray,
@@ -274,8 +275,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     settings = _settings(args, checkpoint, spec)
     if args.output and not Path(args.output).parent.exists():
         raise NoisysegInputError("output directory does not exist", path=args.output)
-    if args.workers < 1:
-        raise NoisysegInputError(f"--workers must be >= 1, got {args.workers}")
+    check_parallel_args(args)
     use_ray = uses_ray(args)
     model.to(settings.device)
     maps = _ray_maps(console, checkpoint, store, cases, settings, args.workers) if use_ray else None

@@ -28,6 +28,7 @@ from typing import Any
 from noisyseg.distributed.inference_args import (
     add_parallel_args,
     add_window_args,
+    check_parallel_args,
     resolve_device,
     select_cases,
     uses_ray,
@@ -143,8 +144,7 @@ def _input_kind(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
-    if args.workers < 1:
-        raise NoisysegInputError(f"--workers must be >= 1, got {args.workers}")
+    check_parallel_args(args)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise NoisysegInputError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
@@ -323,14 +323,14 @@ def _predict_into_store(args: argparse.Namespace, source: str, reference: str) -
                 "choose another --name or pass --overwrite",
                 path=store.url,
             )
+    use_ray = uses_ray(args)
     settings = InferenceSettings(
         roi_size=prep.roi_size,
         overlap=prep.overlap,
         sw_batch_size=prep.sw_batch_size,
-        device=resolve_device(args.device, args.gpu, uses_ray(args)),
+        device=resolve_device(args.device, args.gpu, use_ray),
         amp=args.amp,
     )
-    use_ray = uses_ray(args)
     metadata = {
         "model": reference,
         "run_id": resolved.run_id,
