@@ -100,12 +100,9 @@ def store_and_checkpoint(tmp_path: Path) -> tuple[str, Path]:
     return store, path
 
 
-@pytest.mark.parametrize("verb", ["predict", "evaluate", "audit"])
-def test_every_inference_verb_refuses_gpu_without_one_in_one_line(
-    verb: str, store_and_checkpoint, no_cuda, capsys
-) -> None:
-    store, checkpoint = store_and_checkpoint
-    argv = {
+def _verb_argv(verb: str, store: str, checkpoint: Path) -> list[str]:
+    """A ``verb`` command line on the tiny store that fails only on the flags the test adds."""
+    return {
         "predict": [
             "predict",
             "--store",
@@ -121,7 +118,26 @@ def test_every_inference_verb_refuses_gpu_without_one_in_one_line(
         ],
         "audit": ["audit", "--model", str(checkpoint), "--store", store, "--labels", "noisy"],
     }[verb]
+
+
+@pytest.mark.parametrize("verb", ["predict", "evaluate", "audit"])
+def test_every_inference_verb_refuses_gpu_without_one_in_one_line(
+    verb: str, store_and_checkpoint, no_cuda, capsys
+) -> None:
+    store, checkpoint = store_and_checkpoint
+    argv = _verb_argv(verb, store, checkpoint)
     for extra in (["--gpu"], ["--gpu", "--workers", "2"]):
         assert main([*argv, *extra]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and "no CUDA GPU is available" in err[0], (verb, extra, err)
+
+
+@pytest.mark.parametrize("verb", ["predict", "evaluate", "audit"])
+def test_every_inference_verb_refuses_fewer_than_one_worker(
+    verb: str, store_and_checkpoint, no_cuda, capsys
+) -> None:
+    store, checkpoint = store_and_checkpoint
+    argv = _verb_argv(verb, store, checkpoint)
+    assert main([*argv, "--workers", "0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--workers must be >= 1, got 0" in err[0], (verb, err)
