@@ -205,8 +205,6 @@ our_pids() {
   pids_of "${TEMP_ROOT:-}" "${HEAD_PGID:-}" "${WORKER_PGID:-}" "${MLFLOW_PGID:-}" "${S3_PGID:-}"
 }
 
-# On a failed start wait_for calls $ON_START_FAILURE: stop_all (`up`: nothing half-started is left)
-# or stop_worker_node (`restart-worker`: the rest of the cluster stays up).
 # await_ready PID COMMAND...: 0 once COMMAND succeeds, 1 if PID exits first, 2 after
 # STARTUP_TIMEOUT seconds
 await_ready() {
@@ -219,6 +217,8 @@ await_ready() {
   done
 }
 
+# On a failed start wait_for calls $ON_START_FAILURE: stop_all (`up`: nothing half-started is left)
+# or stop_worker_node (`restart-worker`: the rest of the cluster stays up).
 wait_for() {  # wait_for DESCRIPTION PID LOG COMMAND...: await_ready, or clean up and die
   local what=$1 pid=$2 log=$3 rc=0; shift 3
   await_ready "$pid" "$@" || rc=$?
@@ -312,17 +312,27 @@ OBJECT_STORE_BYTES=$OBJECT_STORE_BYTES
 EOF
 }
 
+# kill_node PGID TEMP_DIR: SIGKILL a Ray node's process group and every process whose command line
+# names its temp dir (what its raylet started elsewhere); true once none of them is left (10 s).
+kill_node() {
+  local pgid=$1 temp=$2 pids
+  [[ -z "$pgid" ]] || kill -KILL -- "-$pgid" 2>/dev/null || true
+  pids=$(pids_of "$temp" "$pgid")
+  [[ -z "$pids" ]] && return 0
+  # shellcheck disable=SC2086
+  kill -KILL $pids 2>/dev/null || true
+  # shellcheck disable=SC2086
+  wait_gone 10 $pids
+}
+
 # The worker node only (a restart that failed): SIGTERM to its group, then SIGKILL to what is left
 # of it (by group and by its temp dir).
 stop_worker_node() {
-  local pids
   if [[ -n "${WORKER_PGID:-}" ]]; then
     kill -TERM -- "-$WORKER_PGID" 2>/dev/null || true
     wait_gone 20 "$WORKER_PGID" || true
   fi
-  pids=$(pids_of "${WORKER_TEMP:-}" "${WORKER_PGID:-}")
-  # shellcheck disable=SC2086
-  [[ -z "$pids" ]] || { kill -KILL $pids 2>/dev/null || true; wait_gone 10 $pids || true; }
+  kill_node "${WORKER_PGID:-}" "${WORKER_TEMP:-}" || true
   WORKER_PGID=""
   write_state
 }
@@ -365,7 +375,7 @@ node_env() {
 #   retry_node_start WHAT PGID_VAR TEMP_VAR LAUNCH READY...
 # LAUNCH ATTEMPT starts the node in the background (setsid) and sets NODE_PID, NODE_TEMP, NODE_LOG.
 retry_node_start() {
-  local what=$1 pgid_var=$2 temp_var=$3 launch=$4 attempt rc pids; shift 4
+  local what=$1 pgid_var=$2 temp_var=$3 launch=$4 attempt rc; shift 4
   for (( attempt = 1; attempt <= NODE_START_ATTEMPTS; attempt++ )); do
     "$launch" "$attempt"
     printf -v "$pgid_var" '%s' "$(pgid_of "$NODE_PID")"
@@ -377,10 +387,7 @@ retry_node_start() {
     if (( rc == 1 && attempt < NODE_START_ATTEMPTS )); then
       echo "local-cluster: $what exited during start-up (attempt $attempt of" \
         "$NODE_START_ATTEMPTS; log: $NODE_LOG): $(tail -n 1 "$NODE_LOG")" >&2
-      kill -KILL -- "-${!pgid_var}" 2>/dev/null || true
-      pids=$(pids_of "$NODE_TEMP" "${!pgid_var}")
-      # shellcheck disable=SC2086
-      [[ -z "$pids" ]] || { kill -KILL $pids 2>/dev/null || true; wait_gone 10 $pids || true; }
+      kill_node "${!pgid_var}" "$NODE_TEMP" || true
       continue
     fi
     tail -n 30 "$NODE_LOG" >&2 || true
@@ -474,7 +481,7 @@ cmd_up() {
     H_NM H_OM H_AGENT H_AGENT_GRPC H_RTENV H_METRICS \
     W_NM W_OM W_AGENT W_AGENT_GRPC W_RTENV W_METRICS H_WORKERS W_WORKERS <<< "$ports"
   TEMP_ROOT="/tmp/nsr-$("$PYTHON" -c 'import secrets; print(secrets.token_hex(4))')"
-  mkdir -p "$TEMP_ROOT/h" "$DIR/logs" "$DIR/artifacts"
+  mkdir -p "$DIR/logs" "$DIR/artifacts"
   WORKER_STARTS=0
 
   # Written before anything starts so that `down` can always clean up a half start.
@@ -551,16 +558,12 @@ cmd_kill_worker() {
   [[ -n "${WORKER_PGID:-}" && -n "${WORKER_TEMP:-}" ]] \
     || die "no worker node is running in $DIR (run: $0 restart-worker --dir $DIR)"
   export RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH
-  local before pids
+  local before
   before=$(alive_nodes)
   # The whole group at once, then whatever it started elsewhere (the raylet's workers): nothing
   # of the node gets to say goodbye to the head.
-  kill -KILL -- "-$WORKER_PGID" 2>/dev/null || true
-  pids=$(pids_of "$WORKER_TEMP" "$WORKER_PGID")
-  # shellcheck disable=SC2086
-  [[ -z "$pids" ]] || kill -KILL $pids 2>/dev/null || true
-  # shellcheck disable=SC2086
-  wait_gone 10 $pids || die "worker node processes survived SIGKILL:" $(pids_of "$WORKER_TEMP" "$WORKER_PGID")
+  kill_node "$WORKER_PGID" "$WORKER_TEMP" \
+    || die "worker node processes survived SIGKILL:" $(pids_of "$WORKER_TEMP" "$WORKER_PGID")
   echo "local-cluster: worker node killed (process group $WORKER_PGID, temp dir $WORKER_TEMP)"
   WORKER_PGID=""
   write_state
