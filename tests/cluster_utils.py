@@ -154,7 +154,31 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+#: Tries of ``ray start --head``: Ray gives a starting node a fixed 30 s to register with its
+#: GCS ("The current node timed out during startup"), which a loaded CI machine sometimes misses;
+#: deploy/local-cluster.sh retries its nodes the same way (NODE_START_ATTEMPTS).
+RAY_HEAD_START_ATTEMPTS = 3
+
+
 def start_ray_head(
+    num_cpus: int = 4, *, timeout: float = 300.0, env: dict[str, str] | None = None
+) -> RayHead:
+    """:func:`start_ray_head_once`, tried up to :data:`RAY_HEAD_START_ATTEMPTS` times when
+    ``ray start`` itself fails (each failed try's processes and temp dir are removed first)."""
+    errors: list[str] = []
+    for _ in range(RAY_HEAD_START_ATTEMPTS):
+        try:
+            return start_ray_head_once(num_cpus, timeout=timeout, env=env)
+        except RayStartError as error:
+            errors.append(str(error))
+    raise RuntimeError("\n---\n".join(errors))
+
+
+class RayStartError(RuntimeError):
+    """``ray start --head`` exited non-zero, or its dashboard never answered."""
+
+
+def start_ray_head_once(
     num_cpus: int = 4, *, timeout: float = 300.0, env: dict[str, str] | None = None
 ) -> RayHead:
     """``ray start --head`` on 127.0.0.1 with the dashboard (job server) on 127.0.0.1.
@@ -218,7 +242,7 @@ def start_ray_head(
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as error:
         said = (temp_dir / "ray-start.log").read_text(errors="replace")[-3000:]
         head.stop()
-        raise RuntimeError(f"{error}; ray start said:\n{said}") from None
+        raise RayStartError(f"{error}; ray start said:\n{said}") from None
     except BaseException:
         head.stop()
         raise

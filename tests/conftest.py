@@ -9,6 +9,7 @@ environment variables. Fixtures of the same name defined in a test module take p
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Iterator
 
@@ -85,3 +86,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3Server
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Kill any multiprocessing child a failed test left behind: the interpreter joins
+    non-daemon children at exit, so one stuck child would hold the whole test run open."""
+    for child in multiprocessing.active_children():
+        child.kill()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from cluster_utils import free_port
+from gloo_ranks import GLOO_TIMEOUT, run_gloo_ranks
 
 from noisyseg.distributed.config import make_config
 from noisyseg.distributed.train_loop import make_optimizer, make_step_loss, train_step
@@ -49,7 +49,11 @@ def _fresh_model() -> torch.nn.Module:
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=GLOO_TIMEOUT,
     )
     try:
         config = _config()
@@ -69,8 +73,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.timeout(300)
 def test_two_ranks_match_one_process_with_double_batch(tmp_path) -> None:
     out = str(tmp_path / "ddp.pt")
-    # fork: the children inherit the imports (spawn re-imports torch + MONAI: ~30 s here)
-    mp.start_processes(_rank, args=(2, free_port(), out), nprocs=2, join=True, start_method="fork")
+    run_gloo_ranks(__file__, "_rank", [2, free_port(), out])
     ddp_state = torch.load(out, weights_only=True)
 
     config = _config()

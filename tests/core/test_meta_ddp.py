@@ -14,8 +14,8 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from cluster_utils import free_port
+from gloo_ranks import GLOO_TIMEOUT, run_gloo_ranks
 from torch import nn
 
 from noisyseg.losses import LopsidedBootstrapLoss
@@ -57,7 +57,11 @@ def _step(model: nn.Module, batches, method: str, share: bool):
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=GLOO_TIMEOUT,
     )
     try:
         x, y, xc, yc = _batches()
@@ -86,8 +90,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.timeout(300)
 def test_two_ranks_give_the_weights_and_update_of_one_process(tmp_path) -> None:
     out = str(tmp_path / "meta")
-    # fork: the children inherit the imports (spawn re-imports torch + MONAI: ~30 s here)
-    mp.start_processes(_rank, args=(2, free_port(), out), nprocs=2, join=True, start_method="fork")
+    run_gloo_ranks(__file__, "_rank", [2, free_port(), out])
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     batches = _batches()
     for method, share in SETTINGS:
