@@ -335,14 +335,7 @@ class RobustnessBenchmark:
         """How many clean cases the run drew (the trainer's own draw, same arguments)."""
         if config.reweight == "none" and config.train_subset != "clean":
             return None
-        chosen = select_clean_cases(
-            config.store,
-            fraction=config.clean_fraction,
-            count=config.clean_count,
-            seed=config.seed,
-            min_count=config.clean_min_cases,
-        )
-        return len(chosen)
+        return len(config.draw_clean_cases())
 
     @staticmethod
     def _operating_point(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -103,8 +103,13 @@ class TrainConfig(BaseModel):
     clean_batch_size: int | None = Field(
         None, ge=1, description="clean patches per worker per step (default, minimum: batch_size)"
     )
+    clean_selection: Literal["lesion-rich", "random"] = Field(
+        "lesion-rich",
+        description="clean subset drawn from the lesion-richer half of the cases flagged clean "
+        "(lesion-rich) or from all of them (random)",
+    )
     clean_foreground_fraction: float = Field(
-        2 / 3, ge=0.0, le=1.0, description="fraction of clean patches centred on a lesion"
+        1.0, ge=0.0, le=1.0, description="fraction of clean patches centred on a lesion"
     )
     clean_foreground_sampling: Literal["lesion", "voxel"] = Field(
         "voxel", description="clean lesion-centred patches: by lesion or by lesion voxel"
@@ -300,6 +305,20 @@ class TrainConfig(BaseModel):
             num_res_units=self.num_res_units,
             norm=self.norm,
             dropout=self.dropout,
+        )
+
+    def draw_clean_cases(self, store: Any = None) -> list[str]:
+        """The clean subset the workers draw from the training split (the run's seed, size,
+        minimum and selection): :func:`select_clean_cases` on ``store`` (an open store, or
+        None for ``self.store``)."""
+        return select_clean_cases(
+            self.store if store is None else store,
+            fraction=self.clean_fraction,
+            count=self.clean_count,
+            seed=self.seed,
+            split="train",
+            min_count=self.clean_min_cases,
+            selection=self.clean_selection,
         )
 
     def flat_params(self) -> dict[str, str]:
@@ -499,14 +518,7 @@ def check_against_store(config: TrainConfig) -> StoreInfo:
     if config.reweight != "none" or config.train_subset == "clean":
         # The same draw the workers make (seed = config.seed): fails when too few cases are
         # flagged clean in the store.
-        clean = select_clean_cases(
-            store,
-            fraction=config.clean_fraction,
-            count=config.clean_count,
-            seed=config.seed,
-            split="train",
-            min_count=config.clean_min_cases,
-        )
+        clean = config.draw_clean_cases(store)
         if config.reweight != "none" and len(clean) >= len(train_ids):
             raise NoisysegInputError(
                 f"clean subset of {len(clean)} cases leaves no noisy cases out of "

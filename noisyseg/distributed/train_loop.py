@@ -254,6 +254,7 @@ def open_batches(
         clean_fraction=config.clean_fraction if uses_clean_subset else None,
         clean_count=config.clean_count if uses_clean_subset else None,
         clean_min_cases=config.clean_min_cases,
+        clean_selection=config.clean_selection,
         clean_foreground_fraction=config.clean_foreground_fraction,
         clean_foreground_sampling=config.clean_foreground_sampling,
         clean_batch_size=config.clean_batch_size,

@@ -7,12 +7,17 @@ from typing import Any
 import numpy as np
 
 from noisyseg.errors import NoisysegInputError
+from noisyseg.storage.layout import TRUTH
 from noisyseg.storage.store import VolumeStore
 from noisyseg.storage.validate import check_split
 
 #: Fewest clean cases a *fraction*-sized clean subset gets, when the store has that many flagged
 #: clean (and keeps a noisy case): one case is too few to represent the lesions.
 DEFAULT_CLEAN_MIN_CASES = 3
+
+#: How the clean subset is drawn from the cases flagged clean (see :func:`select_clean_cases`).
+CLEAN_SELECTIONS = ("lesion-rich", "random")
+DEFAULT_CLEAN_SELECTION = "lesion-rich"
 
 
 def open_store(store_or_url: VolumeStore | Any) -> VolumeStore:
@@ -31,8 +36,17 @@ def select_clean_cases(
     seed: int = 0,
     split: str = "train",
     min_count: int = DEFAULT_CLEAN_MIN_CASES,
+    selection: str = DEFAULT_CLEAN_SELECTION,
 ) -> list[str]:
     """Pick the clean subset for reweighting among the cases flagged clean in ``split``.
+
+    ``selection="random"`` draws the subset uniformly from the flagged cases. The default,
+    ``"lesion-rich"``, draws it uniformly from the lesion-richer half of them: the
+    ``max(n, ceil(F / 2))`` of the ``F`` flagged cases with the most ``truth`` lesion voxels
+    (ties by store order). Meta reweighting needs a clean set that represents the lesions (Ren et
+    al. use a class-balanced one): clean cases that happen to hold only small lesions give clean
+    batches with less lesion than the noisy ones, whatever the patch sampling, and the weights
+    then move away from lesions (measured in ``benchmarks/clean_share.py``).
 
     Args:
         store_or_url: a :class:`VolumeStore` or its URL.
@@ -45,6 +59,7 @@ def select_clean_cases(
             clean and by ``N - 1`` (one case stays for the noisy stream).
         seed: the choice is uniform without replacement, deterministic by seed.
         split: the split to draw from.
+        selection: ``"lesion-rich"`` (default) or ``"random"``, as above.
 
     Returns:
         The chosen case ids, in store order.
@@ -71,6 +86,10 @@ def select_clean_cases(
             raise NoisysegInputError(f"clean count must be a positive integer, got {count!r}")
         n = int(count)
         asked = f"{n}"
+    if selection not in CLEAN_SELECTIONS:
+        raise NoisysegInputError(
+            f"clean selection must be one of {', '.join(CLEAN_SELECTIONS)}, got {selection!r}"
+        )
     clean = list(store.case_ids(split=split, clean=True))
     if n > len(clean):
         raise NoisysegInputError(
@@ -78,9 +97,33 @@ def select_clean_cases(
             f"only {len(clean)} {split} cases are flagged clean",
             path=str(store.url),
         )
+    pool = (
+        clean
+        if selection == "random"
+        else lesion_richest(store, clean, max(n, -(-len(clean) // 2)))
+    )
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC1EA]))
-    chosen = set(rng.choice(len(clean), size=n, replace=False).tolist())
-    return [cid for i, cid in enumerate(clean) if i in chosen]
+    chosen = {pool[i] for i in rng.choice(len(pool), size=n, replace=False).tolist()}
+    return [cid for cid in clean if cid in chosen]
 
 
-__all__ = ["DEFAULT_CLEAN_MIN_CASES", "open_store", "select_clean_cases"]
+def lesion_richest(store: VolumeStore, case_ids: list[str], keep: int) -> list[str]:
+    """The ``keep`` cases of ``case_ids`` with the most ``truth`` lesion voxels (lesions whose
+    status is not ``removed``), in ``case_ids`` order; ties go to the earlier case."""
+    table = store.lesion_table(TRUTH)
+    table = table[table["status"] != "removed"]
+    voxels = table.groupby("case_id")["voxels"].sum()
+    counts = np.array([int(voxels.get(cid, 0)) for cid in case_ids])
+    order = np.argsort(-counts, kind="stable")[:keep]
+    kept = {case_ids[i] for i in order.tolist()}
+    return [cid for cid in case_ids if cid in kept]
+
+
+__all__ = [
+    "CLEAN_SELECTIONS",
+    "DEFAULT_CLEAN_MIN_CASES",
+    "DEFAULT_CLEAN_SELECTION",
+    "lesion_richest",
+    "open_store",
+    "select_clean_cases",
+]

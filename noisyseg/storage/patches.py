@@ -37,21 +37,25 @@ disjoint case sets. The same fallback keeps a 1-case clean subset usable by 8 wo
 Each process opens the store lazily in ``__iter__``: the dataset object itself holds only
 strings and numbers, so it pickles to Ray Train workers and DataLoader worker processes.
 
-The clean stream's defaults (:func:`make_train_loaders`), measured: lesion share of the batches
-(lesion voxels / patch voxels, mean of 150 batches of 2 patches of 40³) on the default brain
-phantom stores (32 cases at 2 mm, seeds 0/1/2; noisy stream ``censor-random-0.50-s<seed>`` at
-foreground fraction 1/3, lesion sampling; clean fraction 0.05 of 21 training cases)::
+The clean stream's defaults (:func:`make_train_loaders`), measured by
+``benchmarks/clean_share.py``: lesion share of the streams (lesion voxels / patch voxels, mean of
+300 patches of 40³) on the default brain phantom stores (32 cases at 2 mm, seeds 0/1/2; noisy
+stream ``censor-random-0.50-s<seed>`` at foreground fraction 1/3, lesion sampling; 3 clean cases
+of the 6 flagged among 21 training cases, lesion-centred patches drawn by voxel)::
 
-    seed   noisy    clean: 1 case, 1/3 lesion   3 cases, 1/3 lesion   3 cases, 2/3 voxel
-    0      0.68 %          0.15 %               0.35 %                0.43 %
-    1      0.15 %          3.28 %               1.09 %                1.93 %
-    2      0.54 %          0.33 %               0.19 %                0.25 %
+                random cases                 lesion-rich cases (default)
+    seed   noisy   clean 2/3   clean 1.0   noisy   clean 2/3   clean 1.0 (default)
+    0      0.68 %  0.43 %      0.47 %      0.73 %  0.49 %      0.51 %
+    1      0.15 %  1.93 %      2.26 %      0.15 %  2.06 %      2.39 %
+    2      0.54 %  0.25 %      0.25 %      0.53 %  0.87 %      1.01 %
 
-The clean share is bounded by the clean cases' own lesions (seeds 0 and 2 drew clean cases
-with small lesions only: even every clean patch on a lesion voxel gives 0.47 % and 0.25 %),
-so no sampling default guarantees the noisy share; 2/3 by voxel raises it 1.2-1.8x over the
-old rule for the same cases. :class:`noisyseg.reweight.MetaStepResult` reports both shares
-per step so a lesion-poor clean stream is visible while it trains.
+(The noisy stream leaves the clean cases out, so it changes with them.) The
+clean share is bounded by the clean cases' own lesions: with the random draw, seed 2's clean
+cases held 74/352/385 lesion voxels and even every patch on a lesion gives 0.25 %. Drawing the
+clean cases from the lesion-richer half of the flagged ones (:func:`select_clean_cases`) lifts
+seed 2 to 1.9x the noisy share; seed 0's lesion-richest flagged cases (764/775/572 voxels)
+still give 0.70x. :class:`noisyseg.reweight.MetaStepResult` reports
+both shares per step so a lesion-poor clean stream is visible while it trains.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ from noisyseg.errors import NoisysegInputError
 from noisyseg.storage.chunk_source import ChunkCache
 from noisyseg.storage.clean_subset import (
     DEFAULT_CLEAN_MIN_CASES,
+    DEFAULT_CLEAN_SELECTION,
     open_store,
     select_clean_cases,
 )
@@ -77,10 +82,10 @@ from noisyseg.storage.readahead import read_ahead
 from noisyseg.storage.reader import RegionReader
 from noisyseg.storage.store import VolumeStore
 
-#: Probability that a clean-stream patch is centred on a lesion voxel. Meta reweighting needs
-#: clean batches that carry the lesions (with lesion-poor clean batches the weights switch the
-#: lesion voxels off); shares measured on the brain phantom stores in the module docstring.
-DEFAULT_CLEAN_FOREGROUND_FRACTION = 2 / 3
+#: Probability that a clean-stream patch is centred on a lesion voxel: every one. Meta reweighting
+#: needs clean batches that carry the lesions (with lesion-poor clean batches the weights switch
+#: the lesion voxels off); shares measured on the brain phantom stores in the module docstring.
+DEFAULT_CLEAN_FOREGROUND_FRACTION = 1.0
 #: How foreground-centred patches pick their lesion (see the module docstring).
 FOREGROUND_SAMPLING: tuple[str, ...] = ("lesion", "voxel")
 #: The clean stream's rule: lesion voxels uniformly, so large lesions fill the clean batches.
@@ -439,6 +444,7 @@ def make_train_loaders(
     clean_fraction: float | None = None,
     clean_count: int | None = None,
     clean_min_cases: int = DEFAULT_CLEAN_MIN_CASES,
+    clean_selection: str = DEFAULT_CLEAN_SELECTION,
     clean_foreground_fraction: float = DEFAULT_CLEAN_FOREGROUND_FRACTION,
     clean_foreground_sampling: str = DEFAULT_CLEAN_FOREGROUND_SAMPLING,
     clean_batch_size: int | None = None,
@@ -458,7 +464,7 @@ def make_train_loaders(
 
     The clean stream exists when ``clean_fraction`` or ``clean_count`` is given
     (:func:`select_clean_cases`, at least ``clean_min_cases`` cases for a fraction when the data
-    allow); it reads the ``truth`` labels of the clean cases, centres a patch on a lesion with
+    allow, drawn by ``clean_selection``); it reads the ``truth`` labels of the clean cases, centres a patch on a lesion with
     probability ``clean_foreground_fraction`` (the lesion drawn by ``clean_foreground_sampling``,
     see :class:`PatchDataset`) and batches ``clean_batch_size`` patches (default and minimum:
     ``batch_size``). With ``exclude_clean_from_noisy`` the clean cases are left out
@@ -476,7 +482,9 @@ def make_train_loaders(
     """
     store = open_store(store_url)
     clean_batch = _check_loader_inputs(store, label_set, patch_size, batch_size, clean_batch_size)
-    clean = _clean_subset(store, clean_fraction, clean_count, seed, clean_min_cases)
+    clean = _clean_subset(
+        store, clean_fraction, clean_count, seed, clean_min_cases, clean_selection
+    )
     noisy, clean = _stream_cases(store, clean, train_subset, exclude_clean_from_noisy)
     common = {
         "patch_size": tuple(patch_size),
@@ -573,13 +581,20 @@ def _clean_subset(
     count: int | None,
     seed: int,
     min_count: int,
+    selection: str,
 ) -> list[str]:
     """The clean subset of the training split (:func:`select_clean_cases`); ``[]`` when neither
     ``fraction`` nor ``count`` is given."""
     if fraction is None and count is None:
         return []
     return select_clean_cases(
-        store, fraction=fraction, count=count, seed=seed, split="train", min_count=min_count
+        store,
+        fraction=fraction,
+        count=count,
+        seed=seed,
+        split="train",
+        min_count=min_count,
+        selection=selection,
     )
 
 

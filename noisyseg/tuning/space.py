@@ -31,7 +31,6 @@ from typing import Any
 
 from noisyseg.distributed.config import TrainConfig, check_against_store, make_config
 from noisyseg.errors import NoisysegInputError
-from noisyseg.storage.clean_subset import select_clean_cases
 
 # name -> (min args, max args or None)
 _ARITY: dict[str, tuple[int, int | None]] = {
@@ -176,12 +175,7 @@ class SearchSpace:
                     if config.reweight != "none":
                         # the clean subset must exist among the cases flagged clean
 
-                        select_clean_cases(
-                            config.store,
-                            fraction=config.clean_fraction,
-                            count=config.clean_count,
-                            seed=config.seed,
-                        )
+                        config.draw_clean_cases()
             except NoisysegInputError as error:
                 shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
                 raise NoisysegInputError(

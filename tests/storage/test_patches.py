@@ -15,7 +15,7 @@ import torch
 from scipy import ndimage
 
 from noisyseg.errors import NoisysegInputError
-from noisyseg.storage.clean_subset import select_clean_cases
+from noisyseg.storage.clean_subset import lesion_richest, select_clean_cases
 from noisyseg.storage.patches import PatchDataset, make_train_loaders, shard_cases
 from noisyseg.storage.store import VolumeStore
 
@@ -377,6 +377,30 @@ def test_select_clean_cases(store: dict) -> None:
         select_clean_cases(url, count=1, split="holdout")
 
 
+def test_lesion_rich_selection_draws_from_the_cases_with_most_lesion_voxels(store: dict) -> None:
+    """Default selection: uniform over the lesion-richer half of the flagged cases (voxels
+    counted here from the label arrays, not from the store's lesion table); random: over all."""
+    url = store["url"]
+    opened = VolumeStore.open(url)
+    flagged = opened.case_ids(split="train", clean=True)
+    voxels = {cid: int((np.asarray(opened.labels(cid)[...]) > 0).sum()) for cid in flagged}
+    assert len(set(voxels.values())) == len(flagged)  # no ties, so the ranking is unambiguous
+    ranked = sorted(flagged, key=voxels.get, reverse=True)
+    assert lesion_richest(opened, flagged, 2) == [c for c in flagged if c in ranked[:2]]
+    assert lesion_richest(opened, flagged, 1) == ranked[:1]
+    # 1 case from 3 flagged: the pool is the ceil(3 / 2) = 2 richest
+    rich = {select_clean_cases(url, count=1, seed=seed)[0] for seed in range(20)}
+    assert rich == set(ranked[:2])
+    uniform = {
+        select_clean_cases(url, count=1, seed=seed, selection="random")[0] for seed in range(20)
+    }
+    assert uniform == set(flagged)
+    # the pool grows to the size asked for: 3 of 3 flagged is all of them
+    assert select_clean_cases(url, count=3) == flagged
+    with pytest.raises(NoisysegInputError, match="clean selection must be one of"):
+        select_clean_cases(url, count=1, selection="largest")
+
+
 def test_make_train_loaders_clean_stream_reads_truth(store: dict) -> None:
     loaders = make_train_loaders(
         store["url"],
@@ -398,6 +422,25 @@ def test_make_train_loaders_clean_stream_reads_truth(store: dict) -> None:
                 ref = reference(store["full"][cid][name], origin, PATCH)
                 np.testing.assert_array_equal(batch["label"][b, 0].numpy(), ref)
     assert set(loaders.clean_case_ids) <= {"c0", "c1", "c2"}
+    # the training run's config names the same draw (the trainer logs and checks it)
+    from noisyseg.distributed.config import make_config
+
+    config = make_config(
+        {"store": store["url"], "reweight": "meta", "clean_count": 2, "patch_size": 8}
+    )
+    assert config.draw_clean_cases() == loaders.clean_case_ids
+    for seed in range(6):
+        random_draw = make_train_loaders(
+            store["url"],
+            label_set="noisy",
+            patch_size=PATCH,
+            batch_size=2,
+            clean_count=2,
+            clean_selection="random",
+            seed=seed,
+        ).clean_case_ids
+        config = config.model_copy(update={"clean_selection": "random", "seed": seed})
+        assert config.draw_clean_cases() == random_draw
     # the 'noisy' set differs from truth on c0/c2/c4: a clean stream reading it would fail above
     assert not np.array_equal(store["full"]["c0"]["truth"], store["full"]["c0"]["noisy"])
 
@@ -473,13 +516,14 @@ def test_clean_only_subset_and_stream_seed(tmp_path) -> None:
 def test_train_config_clean_stream_fields() -> None:
     """The TrainConfig fields default to the loader's defaults and refuse what meta cannot do."""
     from noisyseg.distributed.config import make_config
-    from noisyseg.storage import patches
+    from noisyseg.storage import clean_subset, patches
 
     config = make_config({"store": "/s.zarr", "reweight": "meta", "clean_fraction": 0.05})
     assert config.clean_min_cases == patches.DEFAULT_CLEAN_MIN_CASES
     assert config.clean_foreground_fraction == patches.DEFAULT_CLEAN_FOREGROUND_FRACTION
     assert config.clean_foreground_sampling == patches.DEFAULT_CLEAN_FOREGROUND_SAMPLING
     assert config.clean_batch_size is None and config.class_balanced_clean is False
+    assert config.clean_selection == clean_subset.DEFAULT_CLEAN_SELECTION
     with pytest.raises(NoisysegInputError, match="voxel-separable"):
         make_config({"store": "/s.zarr", "reweight": "meta", "clean_count": 1, "loss": "dicebce"})
     with pytest.raises(NoisysegInputError, match="clean_batch_size"):
