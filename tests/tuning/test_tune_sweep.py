@@ -3,14 +3,18 @@
 One Ray head (8 logical CPUs on this 2-core machine) and one MLflow server for the module, the
 shared fixtures of conftest.py.
 
-* A 2 x 2 grid over entropy_weight x clean_fraction (lopsided loss + meta reweighting) with ASHA
-  on ``train_loss`` (min), built so ASHA stops trials: a report every 2 steps, grace period 2
-  steps, reduction factor 2, 12 steps (rungs at 2, 4, 8), two trials at a time. Every trial but
-  the first to reach a rung is stopped there unless it beats the median of the trials recorded
-  before it, so with 4 trials a stop is all but certain (observed: one trial stopped at step 2
-  in one run, at step 8 in another).
-* An interrupted sweep (the driver killed with SIGKILL mid-trial) resumed by re-running the same
-  command, with one MLflow child run per trial.
+* A 2 x 2 grid over entropy_weight x output_prior (lopsided loss) with ASHA on ``train_loss``
+  (min), built so ASHA must stop a trial: a report every 2 steps, grace period 2 steps,
+  reduction factor 2, 12 steps (rungs at 2, 4, 8), two trials at a time. A trial reaching a rung
+  is stopped when it is worse than the median of the trials recorded there before it. The
+  output prior sets the loss's scale: p = 0.5 everywhere starts near 0.69 per voxel, p = 0.01
+  near 0.25 on these stores, and 8 steps move it little. So a prior-0.5 trial that reaches a
+  rung after a prior-0.01 one is stopped, and with two of each and two at a time one of them
+  must. (The former grid, meta reweighting's weighted loss over clean fractions, stopped one
+  trial in most runs and none in one CI run: a weighted loss has no predictable order.)
+* An interrupted sweep of meta reweighting (the driver killed with SIGKILL mid-trial) resumed by
+  re-running the same command, with one MLflow child run per trial; its best configuration
+  keeps the reweighting and the clean fraction.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ def cluster(tmp_path_factory, ray_head, mlflow_server):
 
     root = tmp_path_factory.mktemp("tune")
     store = make_ball_store(root / "s.zarr", train=6, val=1, size=16, seed=1)
-    # five of six flagged clean: clean_fraction 0.5 and 0.8 draw 3 and 5 cases (at least 3 are
-    # always drawn, DEFAULT_CLEAN_MIN_CASES), so the grid's points train on different data
+    # five of six flagged clean: the meta sweep's clean_fraction 0.2 draws 3 of them (at least 3
+    # are drawn when the store has them, DEFAULT_CLEAN_MIN_CASES)
     VolumeStore.open(store, mode="r+").set_clean([f"case{i:03d}" for i in range(5)])
     return {"root": root, "store": store, "head": ray_head, "server": mlflow_server}
 
@@ -69,8 +73,6 @@ def _command(cluster, name: str, *extra: str) -> list[str]:
         "noisy",
         "--loss",
         "lopsided",
-        "--reweight",
-        "meta",
         "--channels",
         "4",
         "8",
@@ -117,7 +119,7 @@ def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> N
         "--space",
         "entropy_weight=grid(0.05, 0.9)",
         "--space",
-        "clean_fraction=grid(0.5, 0.8)",
+        "output_prior=grid(0.01, 0.5)",
         "--metric",
         "train_loss",
         "--metric-mode",
@@ -145,11 +147,11 @@ def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> N
     assert parent.data.params["space.entropy_weight"] == "grid(0.05, 0.9)"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert len({c.data.tags["noisyseg.trial_id"] for c in children}) == 4
-    points = {(c.data.params["entropy_weight"], c.data.params["clean_fraction"]) for c in children}
-    assert points == {("0.05", "0.5"), ("0.05", "0.8"), ("0.9", "0.5"), ("0.9", "0.8")}
+    points = {(c.data.params["entropy_weight"], c.data.params["output_prior"]) for c in children}
+    assert points == {("0.05", "0.01"), ("0.05", "0.5"), ("0.9", "0.01"), ("0.9", "0.5")}
     for child in children:
         assert child.data.tags["noisyseg.sweep"] == "grid"
-        assert child.data.params["loss"] == "lopsided" and child.data.params["reweight"] == "meta"
+        assert child.data.params["loss"] == "lopsided" and child.data.params["reweight"] == "none"
         assert child.info.run_name == f"grid-{child.data.tags['noisyseg.trial_id']}"
 
     # metrics per step; ASHA stopped some trials: fewer steps, status KILLED, tag set
@@ -222,7 +224,7 @@ def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> N
 
     config = make_config(yaml.safe_load(shown.stdout))
     assert str(config.entropy_weight) == best[0].data.params["entropy_weight"]
-    assert str(config.clean_fraction) == best[0].data.params["clean_fraction"]
+    assert str(config.output_prior) == best[0].data.params["output_prior"]
     assert config.channels == (4, 8) and config.steps == STEPS
 
 
@@ -235,6 +237,8 @@ def test_killed_sweep_resumes_with_one_child_run_per_trial(cluster) -> None:
         "entropy_weight=grid(0.1, 0.6)",
         "--space",
         "clean_fraction=choice(0.2)",
+        "--reweight",
+        "meta",
         "--scheduler",
         "fifo",
         "--val-interval",
@@ -299,3 +303,18 @@ def test_killed_sweep_resumes_with_one_child_run_per_trial(cluster) -> None:
     # the interrupted trial continued from its Train checkpoint instead of starting over
     assert resumed_from and all(v > 0 for v in resumed_from)
     assert json.loads((sweep_dir / "noisyseg_sweep.json").read_text())["status"] == "finished"
+
+    # the best configuration keeps the sweep's fixed meta reweighting and its clean fraction
+    shown = subprocess.run(
+        [*NOISYSEG, "tune", "--best", name, "--storage-path", str(cluster["root"] / "sweeps")],
+        env=_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    from noisyseg.distributed.config import make_config
+
+    config = make_config(yaml.safe_load(shown.stdout))
+    assert config.reweight == "meta" and config.clean_fraction == 0.2
+    assert all(c.data.params["reweight"] == "meta" for c in children)
