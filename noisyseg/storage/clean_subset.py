@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -97,11 +98,10 @@ def select_clean_cases(
             f"only {len(clean)} {split} cases are flagged clean",
             path=str(store.url),
         )
-    pool = (
-        clean
-        if selection == "random"
-        else lesion_richest(store, clean, max(n, -(-len(clean) // 2)))
-    )
+    if selection == "random":
+        pool = clean
+    else:
+        pool = lesion_richest(store, clean, max(n, math.ceil(len(clean) / 2)))
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC1EA]))
     chosen = {pool[i] for i in rng.choice(len(pool), size=n, replace=False).tolist()}
     return [cid for cid in clean if cid in chosen]
