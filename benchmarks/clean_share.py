@@ -27,7 +27,11 @@ import re
 
 import numpy as np
 
-from noisyseg.storage.clean_subset import CLEAN_SELECTIONS, select_clean_cases
+from noisyseg.storage.clean_subset import (
+    CLEAN_SELECTIONS,
+    select_clean_cases,
+    truth_lesion_voxels,
+)
 from noisyseg.storage.patches import PatchDataset
 from noisyseg.storage.store import VolumeStore
 
@@ -39,13 +43,6 @@ def lesion_share(dataset: PatchDataset, patches: int) -> float:
     """Mean lesion share of ``patches`` patches of the stream (lesion voxels / patch voxels)."""
     labels = (item["label"] for item in itertools.islice(iter(dataset), patches))
     return float(np.mean([float(label.mean()) for label in labels]))
-
-
-def truth_voxels(store: VolumeStore, case_ids: list[str]) -> list[int]:
-    """Truth lesion voxels of each case (lesions not removed)."""
-    table = store.lesion_table("truth")
-    per_case = table[table["status"] != "removed"].groupby("case_id")["voxels"].sum()
-    return [int(per_case.get(cid, 0)) for cid in case_ids]
 
 
 def measure_store(url: str, patches: int) -> list[str]:
@@ -73,7 +70,7 @@ def measure_store(url: str, patches: int) -> list[str]:
             )
             share = lesion_share(clean_stream, patches)
             cells.append(f"{share:6.2%} ({share / noisy_share:4.2f}x)")
-        cells.append("/".join(str(v) for v in truth_voxels(store, clean)))
+        cells.append("/".join(str(v) for v in truth_lesion_voxels(store, clean)))
         rows.append(" | ".join(cells))
     return rows
 

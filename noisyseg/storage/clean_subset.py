@@ -107,13 +107,18 @@ def select_clean_cases(
     return [cid for cid in clean if cid in chosen]
 
 
-def lesion_richest(store: VolumeStore, case_ids: list[str], keep: int) -> list[str]:
-    """The ``keep`` cases of ``case_ids`` with the most ``truth`` lesion voxels (lesions whose
-    status is not ``removed``), in ``case_ids`` order; ties go to the earlier case."""
+def truth_lesion_voxels(store: VolumeStore, case_ids: list[str]) -> list[int]:
+    """``truth`` lesion voxels of each case of ``case_ids`` (lesions whose status is not
+    ``removed``, from the store's lesion table); 0 for a case without lesions."""
     table = store.lesion_table(TRUTH)
-    table = table[table["status"] != "removed"]
-    voxels = table.groupby("case_id")["voxels"].sum()
-    counts = np.array([int(voxels.get(cid, 0)) for cid in case_ids])
+    per_case = table[table["status"] != "removed"].groupby("case_id")["voxels"].sum()
+    return [int(per_case.get(cid, 0)) for cid in case_ids]
+
+
+def lesion_richest(store: VolumeStore, case_ids: list[str], keep: int) -> list[str]:
+    """The ``keep`` cases of ``case_ids`` with the most ``truth`` lesion voxels
+    (:func:`truth_lesion_voxels`), in ``case_ids`` order; ties go to the earlier case."""
+    counts = np.array(truth_lesion_voxels(store, case_ids))
     order = np.argsort(-counts, kind="stable")[:keep]
     kept = {case_ids[i] for i in order.tolist()}
     return [cid for cid in case_ids if cid in kept]
@@ -126,4 +131,5 @@ __all__ = [
     "lesion_richest",
     "open_store",
     "select_clean_cases",
+    "truth_lesion_voxels",
 ]

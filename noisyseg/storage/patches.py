@@ -464,10 +464,10 @@ def make_train_loaders(
 
     The clean stream exists when ``clean_fraction`` or ``clean_count`` is given
     (:func:`select_clean_cases`, at least ``clean_min_cases`` cases for a fraction when the data
-    allow, drawn by ``clean_selection``); it reads the ``truth`` labels of the clean cases, centres a patch on a lesion with
-    probability ``clean_foreground_fraction`` (the lesion drawn by ``clean_foreground_sampling``,
-    see :class:`PatchDataset`) and batches ``clean_batch_size`` patches (default and minimum:
-    ``batch_size``). With ``exclude_clean_from_noisy`` the clean cases are left out
+    allow, drawn by ``clean_selection``); it reads the ``truth`` labels of the clean cases,
+    centres a patch on a lesion with probability ``clean_foreground_fraction`` (the lesion drawn
+    by ``clean_foreground_sampling``, see :class:`PatchDataset`) and batches
+    ``clean_batch_size`` patches (default and minimum: ``batch_size``). With ``exclude_clean_from_noisy`` the clean cases are left out
     of the noisy stream.
 
     The lesion share this gives the batches is measured in the module docstring.

@@ -174,7 +174,6 @@ class SearchSpace:
                     check_against_store(config)
                     if config.reweight != "none":
                         # the clean subset must exist among the cases flagged clean
-
                         config.draw_clean_cases()
             except NoisysegInputError as error:
                 shown = ", ".join(f"{k}={v!r}" for k, v in point.items())

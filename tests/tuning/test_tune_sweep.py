@@ -112,6 +112,22 @@ def _runs(cluster, name: str):
     return client, experiment, client.search_runs([experiment.experiment_id], max_results=100)
 
 
+def _best_config(cluster, name: str):
+    """``noisyseg tune --best NAME``'s YAML, read back as a TrainConfig (so `train --config`
+    accepts it)."""
+    from noisyseg.distributed.config import make_config
+
+    shown = subprocess.run(
+        [*NOISYSEG, "tune", "--best", name, "--storage-path", str(cluster["root"] / "sweeps")],
+        env=_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    return make_config(yaml.safe_load(shown.stdout))
+
+
 def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> None:
     command = _command(
         cluster,
@@ -212,17 +228,7 @@ def test_grid_sweep_logs_parent_children_best_and_asha_stops_early(cluster) -> N
     assert (Path(local) / "metric_vs_search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # --best prints YAML that `noisyseg train --config` accepts
-    shown = subprocess.run(
-        [*NOISYSEG, "tune", "--best", "grid", "--storage-path", str(cluster["root"] / "sweeps")],
-        env=_env(cluster),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert shown.returncode == 0, shown.stderr
-    from noisyseg.distributed.config import make_config
-
-    config = make_config(yaml.safe_load(shown.stdout))
+    config = _best_config(cluster, "grid")
     assert str(config.entropy_weight) == best[0].data.params["entropy_weight"]
     assert str(config.output_prior) == best[0].data.params["output_prior"]
     assert config.channels == (4, 8) and config.steps == STEPS
@@ -305,16 +311,6 @@ def test_killed_sweep_resumes_with_one_child_run_per_trial(cluster) -> None:
     assert json.loads((sweep_dir / "noisyseg_sweep.json").read_text())["status"] == "finished"
 
     # the best configuration keeps the sweep's fixed meta reweighting and its clean fraction
-    shown = subprocess.run(
-        [*NOISYSEG, "tune", "--best", name, "--storage-path", str(cluster["root"] / "sweeps")],
-        env=_env(cluster),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert shown.returncode == 0, shown.stderr
-    from noisyseg.distributed.config import make_config
-
-    config = make_config(yaml.safe_load(shown.stdout))
+    config = _best_config(cluster, name)
     assert config.reweight == "meta" and config.clean_fraction == 0.2
     assert all(c.data.params["reweight"] == "meta" for c in children)
